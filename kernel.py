@@ -1,0 +1,691 @@
+"""The delta path of a compressed fine-tune, computed from the packed codes.
+
+For one linear layer with base weight W (out × in) and a compressed delta Δ̂ = Û diag(S) V̂ᵀ
+(deltacome.py's `CompressedMatrix`: bands of singular triplets, each band's Û, V̂ at one bit
+width), the fine-tune's output is
+
+    y = x Wᵀ + ((x V̂) ⊙ S) Ûᵀ          x: (batch, in), V̂: (in, r), Û: (out, r), y: (batch, out)
+
+The delta term is two skinny matmuls, memory-bound at decode batch sizes: the floor is the
+packed bytes over HBM bandwidth. This file holds, in the order to read them:
+
+    delta_matmul_reference  dequantize every band to the compute dtype, two torch matmuls:
+                            the ground truth, readable, runs anywhere
+    runtime layout          `prepare_delta`: a one-time repack of the stored codes into the
+                            layout the kernels read (the file format stays as it is)
+    Triton kernels          `_v_kernel`: z = (x V̂) ⊙ S over all bands in one launch;
+                            `_u_kernel`: y = z Ûᵀ (+ base output) over all bands in one launch.
+                            Codes are dequantized in registers, never written to memory.
+    delta_matmul            checks, picks Triton (CUDA, fp16/bf16) or the reference, launches
+    DeltaLinear             nn.Linear + compressed delta, forward = base + delta path
+    patch_model             swaps a model's Linear layers for DeltaLinear from a delta file
+
+Usage:
+    dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
+    model_names = patch_model(model, "delta.safetensors")      # serve without merging
+
+Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
+
+* Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
+  must consume ~50 codes per clock. An int->float conversion runs at 16/clock/SM, so codes
+  become floats by the exponent trick instead: OR-ing a code into the mantissa of 2^23 and
+  subtracting 2^23 gives it exactly, one logic op and one add. A code is masked *in place*
+  (q·2^off, off < 23 - c): no shift per code, one shift per word; the 2^-off goes into the
+  other factor (x in phase V, z·scale in phase U), which is per row, not per element.
+* Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group of g elements, so
+  the inner loop is one add (the exponent trick) and one FMA per code and the group's
+  scale/zero are applied once per group, not per element.
+* Layout. Both phases are "reduce over the packed dimension, outputs contiguous": phase V
+  reads V̂ as words (in/pw, r) (pw codes of consecutive `in` positions per word, vectors
+  contiguous), phase U reads Û as words (r/pw, out) (pw consecutive *vectors* per word,
+  outputs contiguous). A tile of 16 word rows × 128·warps columns then gives each thread 16
+  rows of 4 contiguous words (16-byte loads, warps side by side), so the row reductions are
+  in-thread. In phase V a 16-word-row block holds input position
+  blk·16·pw + k·16 + t in code k of row t, so the x slice each code meets is 16 contiguous
+  values (and, for batch ≥ 2, the K=16 operand of a tensor-core dot).
+* Launches. Two per matrix: phase U needs all of z. Each phase splits its reduction over
+  enough programs to fill the SMs; the partial sums go to a small fp32 buffer and the last
+  program of each output tile (an acq_rel counter, reset by that program) adds them in a
+  fixed order, scales by S or adds the base output, and writes the result: deterministic,
+  no memset, no extra epilogue launch.
+* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows and need a
+  layout shuffle per code); batch 2–64 pads to 16/32/64 rows and uses tl.dot in tf32 on
+  exact operands (codes ≤ 255, x in fp16/bf16 and powers of two are exact in tf32).
+
+A prepared delta owns two small work buffers (z and the counters), so one prepared delta must
+not be used by two CUDA streams at the same time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from deltacome import (Band, CompressedMatrix, DeltaComeError, QuantizedVectors, container_bits,
+                       dequantize_vectors, read_delta_file, unpack_codes)
+
+ROWS = 16              # word rows per block in both phases: the K=16 of a tensor-core dot
+MAX_BATCH = 64         # rows per launch; larger batches are cut into chunks of 64
+TILE = 128             # vectors per phase-V tile: 32 threads × 4 words, one warp wide
+# Kernels may only read globals that are constexpr.
+_ROWS = tl.constexpr(ROWS)
+_MAGIC = tl.constexpr(0x4B000000)   # bit pattern of 2^23 in fp32: (q | it) as float = 2^23 + q
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: dequantize, then two matmuls in the compute dtype. The ground truth.
+
+
+def dequantize_bands(cm: CompressedMatrix, dtype: torch.dtype, device):
+    """CompressedMatrix -> V̂ (r, in), S (r,), Û (r, out), all bands stacked, in `dtype`."""
+    V = torch.cat([dequantize_vectors(b.V) for b in cm.bands]).to(device, dtype)   # (r, in)
+    U = torch.cat([dequantize_vectors(b.U) for b in cm.bands]).to(device, dtype)   # (r, out)
+    S = torch.cat([b.S for b in cm.bands]).to(device, dtype)                       # (r,)
+    return V, S, U
+
+
+def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tensor:
+    """x (..., in) -> x Δ̂ᵀ (..., out) = ((x V̂) ⊙ S) Ûᵀ, computed in x.dtype."""
+    out_f, in_f = cm.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features, the delta expects in={in_f}")
+    if not cm.bands:
+        return x.new_zeros(*x.shape[:-1], out_f)
+    V, S, U = dequantize_bands(cm, x.dtype, x.device)
+    z = (x @ V.mT) * S                                                  # (..., r)
+    return z @ U                                                        # (..., out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime layout. A one-time repack of one matrix's bands into the layout the kernels read:
+#
+#   phase V, band of rank r at c-bit containers (pw = 32/c codes per word):
+#     words (nblk·16, r) int32: word row blk·16+t, column i, code k = V̂ code of vector i at
+#     input position blk·16·pw + k·16 + t (`in` padded with code 0 to nblk·16·pw);
+#     scale, zero (G, r) fp16 for G = ⌈nblk·16·pw / g⌉ groups (padding groups are 0).
+#   phase U, same band:
+#     words (nwr, out) int32, nwr = ⌈r/pw⌉: word row w, column o, code k = Û code of vector
+#     w·pw + k at output o (vectors padded with code 0);
+#     scale, zero (Gout, P) fp16, and z (batch, P) fp32, in "block order": vector
+#     i = w·pw + k with w = blk·16 + t sits at blk·16·pw + k·16 + t, so the 16 factors z·scale
+#     that code k of a block meets are contiguous. P = ⌈nwr/16⌉·16·pw; padding entries are 0.
+#
+# All bands of a matrix are concatenated into one buffer per kind; small int32 tables tell
+# each program where its band starts and how wide its codes are.
+
+
+def pack_last(codes: torch.Tensor, c: int) -> torch.Tensor:
+    """codes (..., 32/c) uint8 -> (...) int32, code k at bits [c·k, c·k + c)."""
+    shifts = torch.arange(32 // c, device=codes.device, dtype=torch.int64) * c
+    packed = (codes.to(torch.int64) << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def block_order(r: int, pw: int) -> torch.Tensor:
+    """Position of vector i (0..r-1) in phase U's block order (see above)."""
+    i = torch.arange(r)
+    w, k = i // pw, i % pw
+    return (w // ROWS) * (ROWS * pw) + k * ROWS + w % ROWS
+
+
+@dataclass
+class KernelDelta:
+    """One matrix's delta in the runtime layout, on one device, plus its work buffers."""
+    shape: tuple[int, int]          # (out, in)
+    group_size: int
+    containers: tuple[int, ...]     # container width c of each band
+    rank: int                       # Σ band ranks
+    nbytes: int                     # stored bytes of the CompressedMatrix (codes, scales, σ)
+    S: torch.Tensor                 # (rank,) fp32
+    v_words: torch.Tensor           # int32, all bands' phase-V words, flat
+    v_scale: torch.Tensor           # fp16, flat
+    v_zero: torch.Tensor
+    v_bands: list                   # per band [c, word base, rank, blocks, scale base, z base,
+                                    #           first vector]: rows of the phase-V tile table
+    u_words: torch.Tensor
+    u_scale: torch.Tensor
+    u_zero: torch.Tensor
+    u_blocks: torch.Tensor          # (blocks, 8) int32, see _u_kernel
+    z: torch.Tensor                 # (MAX_BATCH, P_total) fp32, block order, padding stays 0
+    locks: torch.Tensor             # int32 counters, all 0 between launches
+    _tiles: dict                    # phase-V tile tables by tile width
+
+    @property
+    def v_blocks(self) -> int:
+        return max((band[3] for band in self.v_bands), default=0)
+
+    def v_tiles(self, block_i: int) -> torch.Tensor:
+        """(tiles, 8) int32: [c, word base, rank, first column, blocks, scale base, z base,
+        first vector], one row per block_i vectors of a band."""
+        if block_i not in self._tiles:
+            rows = [[c, wb, r, col0, nblk, sb, zb, rb]
+                    for c, wb, r, nblk, sb, zb, rb in self.v_bands
+                    for col0 in range(0, r, block_i)]
+            self._tiles[block_i] = torch.tensor(rows or [[0] * 8], dtype=torch.int32,
+                                                device=self.S.device)
+        return self._tiles[block_i]
+
+
+def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
+    """CompressedMatrix -> KernelDelta on `device` (a one-time repack, see above)."""
+    out_f, in_f = cm.shape
+    device = torch.device(device)
+    g = cm.bands[0].V.group_size if cm.bands else 128
+    if g % 32:
+        raise ValueError(f"group size {g} is not a multiple of 32")
+    S, vw, vs, vz, v_bands, uw, us, uz, ub = ([] for _ in range(9))
+    v_off = vs_off = u_off = us_off = rank = zpos = 0
+    for band in cm.bands:
+        r, c = band.rank, container_bits(band.bits)
+        pw = 32 // c
+        # Phase V.
+        nblk = -(-in_f // (ROWS * pw))
+        codes = unpack_codes(band.V.codes.to(device), band.bits, in_f)            # (r, in)
+        codes = torch.nn.functional.pad(codes, (0, nblk * ROWS * pw - in_f))
+        codes = codes.view(r, nblk, pw, ROWS).permute(1, 3, 0, 2)                 # blk,t,i,k
+        vw.append(pack_last(codes, c).reshape(-1))                                # nblk·16·r
+        groups = -(-nblk * ROWS * pw // g)
+        for src, dst in ((band.V.scale, vs), (band.V.zero, vz)):
+            t = torch.zeros(groups, r, dtype=torch.float16, device=device)
+            t[: src.shape[1]] = src.to(device).mT
+            dst.append(t.reshape(-1))
+        v_bands.append([c, v_off, r, nblk, vs_off, zpos, rank])
+        v_off += nblk * ROWS * r
+        vs_off += groups * r
+        # Phase U.
+        nwr = -(-r // pw)
+        codes = unpack_codes(band.U.codes.to(device), band.bits, out_f)           # (r, out)
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, nwr * pw - r))
+        codes = codes.view(nwr, pw, out_f).permute(0, 2, 1)                      # w, o, k
+        uw.append(pack_last(codes, c).reshape(-1))                                # nwr·out
+        ublk = -(-nwr // ROWS)
+        P = ublk * ROWS * pw
+        order = block_order(r, pw).to(device)
+        for src, dst in ((band.U.scale, us), (band.U.zero, uz)):
+            t = torch.zeros(src.shape[1], P, dtype=torch.float16, device=device)
+            t[:, order] = src.to(device).mT
+            dst.append(t.reshape(-1))
+        ub += [[c, u_off, blk * ROWS, nwr, zpos + blk * ROWS * pw, us_off + blk * ROWS * pw,
+                P, 0] for blk in range(ublk)]
+        u_off += nwr * out_f
+        us_off += band.U.scale.shape[1] * P
+        S.append(band.S.to(device, torch.float32))
+        rank += r
+        zpos += P
+    for name, size in (("phase-V words", v_off), ("phase-U words", u_off)):
+        if size >= 2**31:
+            raise ValueError(f"{name}: {size} words do not fit int32 offsets")
+
+    def cat(parts, dtype):
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+
+    n_locks = max(sum(-(-b[2] // 32) for b in v_bands), -(-out_f // 32), 1)
+    return KernelDelta(
+        (out_f, in_f), g, tuple(container_bits(b.bits) for b in cm.bands), rank, cm.nbytes(),
+        cat(S, torch.float32), cat(vw, torch.int32), cat(vs, torch.float16),
+        cat(vz, torch.float16), v_bands, cat(uw, torch.int32), cat(us, torch.float16),
+        cat(uz, torch.float16),
+        torch.tensor(ub or [[0] * 8], dtype=torch.int32, device=device),
+        torch.zeros(MAX_BATCH, max(zpos, 1), dtype=torch.float32, device=device),
+        torch.zeros(n_locks, dtype=torch.int32, device=device), {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. Both phases: a tile is 16 word rows × BLOCK columns; code k of every word is
+# turned into an exact float by _code and meets a 16-long slice of the other factor.
+
+
+@triton.jit
+def _code(words, high, K: tl.constexpr, C: tl.constexpr):
+    """Code K of each c-bit container of `words`, as exact fp32 times 2^off.
+
+    Codes whose bits end at or below bit 23 are masked where they lie (off = c·K); the rest
+    come from `high` = words >> c·⌊23/c⌋, computed once per tile. The caller multiplies the
+    other factor by 2^-off (exact: a power of two)."""
+    IN_PLACE: tl.constexpr = 23 // C
+    OFF: tl.constexpr = C * (K % IN_PLACE)
+    MASK: tl.constexpr = ((1 << C) - 1) << OFF
+    if K < IN_PLACE:
+        bits = words & MASK
+    else:
+        bits = high & MASK
+    return (bits | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+            w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+            C: tl.constexpr, FOLD: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr):
+    """acc (BLOCK_B, BLOCK_I) += x[:, blocks blk_lo..blk_hi) · V̂ᵀ for one tile of one band.
+
+    Per group: part = Σ x·q (FMAs at batch 1, a tf32 dot otherwise), then
+    acc += scale · part + zero · Σ x, the affine fold."""
+    PW: tl.constexpr = 32 // C
+    t = tl.arange(0, _ROWS)
+    b = tl.arange(0, BLOCK_B)
+    cols = col0 + tl.arange(0, BLOCK_I)
+    cmask = cols < n_cols
+    for blk in range(blk_lo, blk_hi):
+        rows = blk * _ROWS + t
+        words = tl.load(words_ptr + w_base + rows[:, None] * n_cols + cols[None, :],
+                        mask=cmask[None, :], other=0)                        # (16, BLOCK_I)
+        high = words >> (C * (23 // C))
+        for k in tl.static_range(PW):
+            j = blk * (_ROWS * PW) + k * _ROWS + t                           # input positions
+            xk = tl.load(x_ptr + b[:, None] * stride_xb + j[None, :],
+                         mask=(b[:, None] < n_batch) & (j[None, :] < n_in),
+                         other=0.0).to(tl.float32)                           # (BLOCK_B, 16)
+            f = _code(words, high, k, C)                                     # (16, BLOCK_I)
+            unscale: tl.constexpr = 1.0 / (1 << (C * (k % (23 // C))))
+            if k % FOLD == 0:                                                # a group starts
+                if BLOCK_B == 1:
+                    part = tl.zeros((_ROWS, BLOCK_I), tl.float32)
+                else:
+                    part = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
+                xsum = tl.zeros((BLOCK_B,), tl.float32)
+            if BLOCK_B == 1:
+                part += (tl.sum(xk, 0) * unscale)[:, None] * f               # rows in-thread
+            else:
+                part = tl.dot(xk * unscale, f, part, input_precision="tf32")
+            xsum += tl.sum(xk, 1)
+            if k % FOLD == FOLD - 1:                                         # the group ends
+                grp = (blk * (_ROWS * PW) + k * _ROWS) // GROUP
+                s = tl.load(scale_ptr + s_base + grp * n_cols + cols, mask=cmask,
+                            other=0.0).to(tl.float32)
+                m = tl.load(zero_ptr + s_base + grp * n_cols + cols, mask=cmask,
+                            other=0.0).to(tl.float32)
+                if BLOCK_B == 1:
+                    acc += tl.sum(part, 0)[None, :] * s[None, :] + xsum[:, None] * m[None, :]
+                else:
+                    acc += part * s[None, :] + xsum[:, None] * m[None, :]
+    return acc
+
+
+@triton.jit
+def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
+              zpart_ptr, z_ptr, stride_z, locks_ptr, rank,
+              GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+              SPLIT: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr,
+              C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr,
+              F8: tl.constexpr):
+    """Phase V: z = (x V̂) ⊙ S for all bands, written to z in phase U's block order.
+
+    Grid (tiles, SPLIT); the tile table is KernelDelta.v_tiles. Program (tile, s) reduces
+    blocks [s·⌈nblk/SPLIT⌉, ...) of its band. C1..C8 say which container widths occur
+    (absent ones are not compiled); F1..F8 are how many consecutive codes of a block surely
+    share one quantization group, per width."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    meta = tiles_ptr + tile * 8
+    c = tl.load(meta)
+    w_base = tl.load(meta + 1)
+    n_cols = tl.load(meta + 2)
+    col0 = tl.load(meta + 3)
+    nblk = tl.load(meta + 4)
+    s_base = tl.load(meta + 5)
+    z_base = tl.load(meta + 6)
+    r_base = tl.load(meta + 7)
+    per = tl.cdiv(nblk, SPLIT)
+    blk_lo = split * per
+    blk_hi = tl.minimum(blk_lo + per, nblk)
+    acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
+    if C1:
+        if c == 1:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          1, F1, GROUP, BLOCK_B, BLOCK_I)
+    if C2:
+        if c == 2:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          2, F2, GROUP, BLOCK_B, BLOCK_I)
+    if C4:
+        if c == 4:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          4, F4, GROUP, BLOCK_B, BLOCK_I)
+    if C8:
+        if c == 8:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+
+    b = tl.arange(0, BLOCK_B)
+    i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
+    mask = (b[:, None] < n_batch) & (i[None, :] < n_cols)
+    pw = 32 // c
+    w = i // pw
+    dst = z_ptr + b[:, None] * stride_z + z_base + (w // _ROWS) * (_ROWS * pw) \
+        + (i % pw) * _ROWS + w % _ROWS                                       # block order
+    S = tl.load(S_ptr + r_base + i, mask=i < n_cols, other=0.0)
+    if SPLIT == 1:
+        tl.store(dst, acc * S[None, :], mask=mask)
+    else:
+        part = zpart_ptr + (split * n_batch + b[:, None]) * rank + r_base + i[None, :]
+        tl.store(part, acc, mask=mask)
+        tl.debug_barrier()                    # every thread's partial is written ...
+        count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")   # ... before the release
+        if count == SPLIT - 1:                # the last program of this tile sums them
+            total = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
+            for s in range(SPLIT):                                           # fixed order
+                total += tl.load(zpart_ptr + (s * n_batch + b[:, None]) * rank + r_base
+                                 + i[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(dst, total * S[None, :], mask=mask)
+            tl.atomic_xchg(locks_ptr + tile, 0)
+
+
+@triton.jit
+def _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr,
+            w_base, row0, n_rows, z_off, s_off, o, omask,
+            C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One 16-word-row block of one band: acc += (z·scale) · codes, cz += z · zero."""
+    PW: tl.constexpr = 32 // C
+    t = tl.arange(0, _ROWS)
+    b = tl.arange(0, BLOCK_B)
+    bmask = b[:, None] < n_batch
+    rows = row0 + t
+    words = tl.load(words_ptr + w_base + rows[:, None] * n_out + o[None, :],
+                    mask=(rows[:, None] < n_rows) & omask[None, :], other=0)   # (16, BLOCK_O)
+    high = words >> (C * (23 // C))
+    q = tl.arange(0, _ROWS * PW)                                             # the whole block
+    zb = tl.load(z_ptr + b[:, None] * stride_z + z_off + q[None, :], mask=bmask, other=0.0)
+    cz += tl.sum(zb * tl.load(zero_ptr + s_off + q).to(tl.float32)[None, :], 1)
+    for k in tl.static_range(PW):
+        f = _code(words, high, k, C)                                         # (16, BLOCK_O)
+        unscale: tl.constexpr = 1.0 / (1 << (C * (k % (23 // C))))
+        s = tl.load(scale_ptr + s_off + k * _ROWS + t).to(tl.float32) * unscale
+        zk = tl.load(z_ptr + b[:, None] * stride_z + z_off + k * _ROWS + t[None, :],
+                     mask=bmask, other=0.0)                                  # (BLOCK_B, 16)
+        if BLOCK_B == 1:
+            acc += (tl.sum(zk, 0) * s)[:, None] * f                          # rows in-thread
+        else:
+            acc = tl.dot(zk * s[None, :], f, acc, input_precision="tf32")
+    return acc, cz
+
+
+@triton.jit
+def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
+              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr,
+              HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, C1: tl.constexpr,
+              C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
+    """Phase U: y = z Ûᵀ (+ base) for all bands; z in block order, already scaled by S.
+
+    Grid (⌈out/BLOCK_O⌉, SPLIT). BLOCK_O divides the group size, so within a tile every
+    vector has one scale and one zero. Program (tile, s) reduces its share of the 16-row
+    blocks of all bands, listed in the table as [container bits, word base, first word row,
+    band word rows, z offset, scale offset in group 0, scale stride per group, unused]."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = o < n_out
+    grp = tile * BLOCK_O // GROUP
+    if BLOCK_B == 1:
+        acc = tl.zeros((_ROWS, BLOCK_O), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+    cz = tl.zeros((BLOCK_B,), tl.float32)
+    per = tl.cdiv(n_blocks, SPLIT)
+    for e in range(split * per, tl.minimum(split * per + per, n_blocks)):
+        meta = blocks_ptr + e * 8
+        c = tl.load(meta)
+        w_base = tl.load(meta + 1)
+        row0 = tl.load(meta + 2)
+        n_rows = tl.load(meta + 3)
+        z_off = tl.load(meta + 4)
+        s_off = tl.load(meta + 5) + grp * tl.load(meta + 6)
+        if C1:
+            if c == 1:
+                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
+                                  o, omask, 1, BLOCK_B)
+        if C2:
+            if c == 2:
+                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
+                                  o, omask, 2, BLOCK_B)
+        if C4:
+            if c == 4:
+                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
+                                  o, omask, 4, BLOCK_B)
+        if C8:
+            if c == 8:
+                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
+                                  o, omask, 8, BLOCK_B)
+    if BLOCK_B == 1:
+        y = tl.sum(acc, 0)[None, :] + cz[:, None]                            # (1, BLOCK_O)
+    else:
+        y = acc + cz[:, None]                                                # (BLOCK_B, BLOCK_O)
+
+    b = tl.arange(0, BLOCK_B)
+    mask = (b[:, None] < n_batch) & omask[None, :]
+    dst = y_ptr + b[:, None] * stride_y + o[None, :]
+    base = base_ptr + b[:, None] * stride_base + o[None, :]
+    if SPLIT == 1:
+        if HAS_BASE:
+            y += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ypart_ptr + (split * n_batch + b[:, None]) * n_out + o[None, :], y, mask=mask)
+        tl.debug_barrier()
+        count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")
+        if count == SPLIT - 1:
+            total = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+            for s in range(SPLIT):                                           # fixed order
+                total += tl.load(ypart_ptr + (s * n_batch + b[:, None]) * n_out + o[None, :],
+                                 mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BASE:
+                total += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(locks_ptr + tile, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration and the wrappers.
+
+
+@dataclass
+class KernelConfig:
+    """Tiling of one launch pair; `choose_config` picks one per shape and batch."""
+    split_v: int           # programs sharing one phase-V tile's reduction over `in`
+    split_u: int           # programs sharing one phase-U tile's reduction over the rank
+    warps_v: int = 1       # batch 1: the phase-V tile is 128·warps_v vectors wide
+    block_o: int = 128     # phase-U tile width, divides the group size
+    waves: int = 4         # only for the record: the program count choose_config aimed at
+
+
+def choose_config(kd: KernelDelta, batch: int, sm_count: int, waves: int = 4,
+                  warps_v: int = 1) -> KernelConfig:
+    """Split each reduction until there are ~`waves` programs per SM (small CTAs: 1 warp at
+    batch 1), and no further than one 16-row block per program."""
+    block_o = math.gcd(kd.group_size, 128)
+    block_i = TILE * warps_v if batch == 1 else TILE
+    v_tiles = kd.v_tiles(block_i).shape[0]
+    u_tiles = -(-kd.shape[0] // block_o)
+    target = waves * sm_count
+    split_v = max(1, min(kd.v_blocks, -(-target // v_tiles)))
+    split_u = max(1, min(kd.u_blocks.shape[0], -(-target // u_tiles)))
+    return KernelConfig(split_v, split_u, warps_v, block_o, waves)
+
+
+def fold_size(group_size: int, c: int) -> int:
+    """How many consecutive codes of a phase-V block surely lie in one quantization group:
+    a block is 16·pw positions starting at a multiple of 16·pw, groups start at multiples
+    of g, so runs of gcd(g, 16·pw) positions aligned to that never cross a group edge."""
+    return math.gcd(group_size, ROWS * (32 // c)) // ROWS
+
+
+def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | None = None,
+                        config: KernelConfig | None = None) -> torch.Tensor:
+    """x (B, in) fp16/bf16, B ≤ 64, contiguous -> x Δ̂ᵀ (+ base) (B, out) in x.dtype."""
+    B, in_f = x.shape
+    out_f = kd.shape[0]
+    y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
+    if kd.rank == 0:
+        return y.copy_(base) if base is not None else y.zero_()
+    if config is None:
+        sm = torch.cuda.get_device_properties(x.device).multi_processor_count \
+            if x.is_cuda else 4
+        config = choose_config(kd, B, sm)
+    if kd.group_size % config.block_o:
+        raise ValueError(f"block_o={config.block_o} must divide the group size {kd.group_size}")
+    block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
+    block_i = TILE * config.warps_v if B == 1 else TILE
+    tiles = kd.v_tiles(block_i)
+    u_tiles = -(-out_f // config.block_o)
+    if max(tiles.shape[0], u_tiles) > kd.locks.numel():
+        raise ValueError(f"{max(tiles.shape[0], u_tiles)} tiles but {kd.locks.numel()} "
+                         f"counters: use block_o ≥ 32")
+    has = {c: c in kd.containers for c in (1, 2, 4, 8)}
+    zpart = torch.empty(config.split_v if config.split_v > 1 else 0, B, kd.rank,
+                        dtype=torch.float32, device=x.device)
+    ypart = torch.empty(config.split_u if config.split_u > 1 else 0, B, out_f,
+                        dtype=torch.float32, device=x.device)
+    _v_kernel[(tiles.shape[0], config.split_v)](
+        x, x.stride(0), B, in_f, kd.v_words, kd.v_scale, kd.v_zero, kd.S, tiles,
+        zpart, kd.z, kd.z.stride(0), kd.locks, kd.rank,
+        GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_I=block_i, SPLIT=config.split_v,
+        C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+        F1=fold_size(kd.group_size, 1), F2=fold_size(kd.group_size, 2),
+        F4=fold_size(kd.group_size, 4), F8=fold_size(kd.group_size, 8),
+        num_warps=config.warps_v if B == 1 else 4)
+    base_arg = base if base is not None else y
+    _u_kernel[(u_tiles, config.split_u)](
+        kd.z, kd.z.stride(0), B, out_f, kd.u_words, kd.u_scale, kd.u_zero, kd.u_blocks,
+        kd.u_blocks.shape[0], ypart, y, y.stride(0), base_arg, base_arg.stride(0), kd.locks,
+        HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b,
+        BLOCK_O=config.block_o, SPLIT=config.split_u,
+        C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+        num_warps=max(1, config.block_o // 128) if B == 1 else 4)
+    return y
+
+
+def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
+                 base: torch.Tensor | None = None, backend: str = "auto",
+                 config: KernelConfig | None = None) -> torch.Tensor:
+    """x (..., in) -> x Δ̂ᵀ (..., out), plus `base` (..., out) if given, in x.dtype.
+
+    backend: "auto" = Triton for fp16/bf16 CUDA tensors, the reference otherwise;
+    "triton" = the kernels (also on CPU tensors under TRITON_INTERPRET=1); "reference".
+    A CompressedMatrix is repacked on every Triton call: prepare it once with
+    `prepare_delta` (DeltaLinear does) to serve it."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    out_f, in_f = delta.shape
+    if x.ndim == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the delta expects (..., {in_f})")
+    if base is not None and (base.shape != (*x.shape[:-1], out_f) or base.device != x.device):
+        raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
+                         f"{(*x.shape[:-1], out_f)} on {x.device}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
+            else "reference"
+    if backend == "reference":
+        if isinstance(delta, KernelDelta):
+            raise ValueError("the reference backend needs the CompressedMatrix, "
+                             "not a KernelDelta")
+        y = delta_matmul_reference(x, delta)
+        return y if base is None else base + y
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         "before triton is imported)")
+    kd = delta if isinstance(delta, KernelDelta) else prepare_delta(delta, x.device)
+    if kd.S.device != x.device:
+        raise ValueError(f"the prepared delta is on {kd.S.device}, x on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f).contiguous()                                   # (B, in)
+    b2 = None if base is None else base.reshape(-1, out_f).contiguous()
+    chunks = [delta_matmul_triton(x2[i:i + MAX_BATCH], kd,
+                                  None if b2 is None else b2[i:i + MAX_BATCH], config)
+              for i in range(0, x2.shape[0], MAX_BATCH)]
+    y = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+    return y.reshape(*lead, out_f) if x2.shape[0] else x.new_zeros(*lead, out_f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving a compressed fine-tune: one layer, then a whole model.
+
+
+def move_delta(cm: CompressedMatrix, device) -> CompressedMatrix:
+    """The same CompressedMatrix with every tensor on `device`."""
+    def qv(q):
+        return QuantizedVectors(q.codes.to(device), q.scale.to(device), q.zero.to(device),
+                                q.bits, q.n, q.group_size)
+    return CompressedMatrix(cm.shape, cm.dtype, [Band(b.bits, b.S.to(device), qv(b.U), qv(b.V))
+                                                 for b in cm.bands])
+
+
+class DeltaLinear(torch.nn.Module):
+    """A base nn.Linear plus one matrix's compressed delta: forward(x) = base(x) + x Δ̂ᵀ.
+
+    The delta is prepared for the kernels on first use on a CUDA device (a one-time repack);
+    the base layer's parameters are shared, not copied."""
+
+    def __init__(self, base: torch.nn.Linear, delta: CompressedMatrix, backend: str = "auto"):
+        super().__init__()
+        if tuple(base.weight.shape) != tuple(delta.shape):
+            raise ValueError(f"base weight is {tuple(base.weight.shape)}, delta is "
+                             f"{tuple(delta.shape)}")
+        self.base, self.delta, self.backend = base, delta, backend
+        self._prepared: KernelDelta | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        use_triton = self.backend == "triton" or (
+            self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
+        if not use_triton:
+            if self.delta.bands and self.delta.bands[0].S.device != x.device:
+                self.delta = move_delta(self.delta, x.device)
+            return delta_matmul(x, self.delta, y, backend="reference")
+        if self._prepared is None or self._prepared.S.device != x.device:
+            self._prepared = prepare_delta(self.delta, x.device)
+        return delta_matmul(x, self._prepared, y, backend="triton")
+
+    def extra_repr(self) -> str:
+        bands = ",".join(f"{b.bits}:{b.rank}" for b in self.delta.bands) or "empty"
+        return f"bands={bands}, backend={self.backend}"
+
+
+def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> list[str]:
+    """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
+    matrix NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
+    tensor is copied into the parameter or buffer of that name. Returns the patched names.
+    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight)."""
+    delta = read_delta_file(delta_path)
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in delta.carried.items():
+        if name not in state:
+            raise DeltaComeError(f"{delta_path}: carried tensor {name} is not in the model")
+        if state[name].shape != tensor.shape:
+            raise DeltaComeError(f"carried tensor {name}: {tuple(tensor.shape)} in the delta "
+                                 f"file, {tuple(state[name].shape)} in the model")
+        with torch.no_grad():
+            state[name].copy_(tensor)
+    patched = []
+    for name, cm in delta.matrices.items():
+        if not name.endswith(".weight"):
+            raise DeltaComeError(f"{delta_path}: matrix {name} is not a '.weight' tensor")
+        path = name.removesuffix(".weight")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise DeltaComeError(f"{delta_path}: the model has no module {path} (for {name})")
+        if isinstance(layer, DeltaLinear):
+            raise DeltaComeError(f"{path} is already patched")
+        if not isinstance(layer, torch.nn.Linear):
+            raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DeltaLinear(layer, cm, backend))
+        patched.append(name)
+    return patched
