@@ -66,7 +66,7 @@ class Config:
     quantizer: str = "mse"          # "mse" (clipping search + least squares) or "minmax"
     include: str = r"\.(layers|h|blocks|block|layer)\.\d+\..*\.weight$"  # matrices to compress
     device: str = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    svd: str = "full"               # "full", "gram" (fp64 Gram eigh) or "lowrank" (randomized)
+    svd: str = "gram"               # "gram" (fp64 Gram eigh), "full" or "lowrank" (randomized)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +181,8 @@ def svd_delta(delta: torch.Tensor, rank: int | None = None, method: str = "full"
         evals, evecs = torch.linalg.eigh(A @ A.mT)      # ascending
         S = evals.flip(0)[:rank].clamp_min(0).sqrt()
         small = evecs.flip(1)[:, :rank]                 # (k, rank) vectors of the small side
-        big = (A.mT @ small) / S.clamp_min(S[0] * 1e-12 if rank else 1)  # (other, rank)
+        big = A.mT @ small                              # (other, rank), norms σ_i
+        big = big / big.norm(dim=0).clamp_min(1e-300)   # unit, even where σ_i ≈ 0
         U, V = (big, small) if tall else (small, big)
         U, S, V = U.float(), S.float(), V.float()
     elif method == "lowrank":
@@ -394,8 +395,8 @@ def allocate_bits(S: torch.Tensor, eps: torch.Tensor, costs: list[int], widths: 
     (widths ascending, widths[0] = 0) -> bit width per vector, non-increasing, Σ cost ≤ budget."""
     assert widths[0] == 0 and costs[0] == 0 and list(widths) == sorted(widths)
     r = len(S)
-    weight = (S.double() ** 2).cpu()
-    eps = eps.cpu()
+    weight = (S.double() ** 2).tolist()
+    eps = eps.tolist()
     level = [0] * r               # index into widths, per vector
     spent = 0
     heap = []                     # (−gain per byte, vector, target level, stamp)
@@ -412,7 +413,7 @@ def allocate_bits(S: torch.Tensor, eps: torch.Tensor, costs: list[int], widths: 
             extra = costs[t] - costs[level[i]]
             if spent + extra > budget:
                 continue
-            gain = float(weight[i] * (eps[i, level[i]] - eps[i, t]))
+            gain = weight[i] * (eps[i][level[i]] - eps[i][t])
             if gain > 0 and (best is None or gain / extra > best[0]):
                 best = (gain / extra, t)
         if best is not None:
@@ -558,12 +559,12 @@ def compress_matrix(delta: torch.Tensor, cfg: Config = Config(), dtype: str = "f
 
 def decompress_matrix(cm: CompressedMatrix) -> torch.Tensor:
     """CompressedMatrix -> Δ̂ (out, in) fp32 = Û diag(S) V̂ᵀ."""
-    out_f, in_f = cm.shape
-    delta = torch.zeros(out_f, in_f)
+    device = cm.bands[0].S.device if cm.bands else "cpu"
+    delta = torch.zeros(cm.shape, device=device)                            # (out, in)
     for band in cm.bands:
         U = dequantize_vectors(band.U)                                      # (r, out)
         V = dequantize_vectors(band.V)                                      # (r, in)
-        delta = delta.to(U.device) + (U.mT * band.S) @ V
+        delta += (U.mT * band.S) @ V
     return delta
 
 
@@ -1083,6 +1084,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                            help="shapes of the generated pair (default tiny: 2 layers, "
                                 "hidden 256); llama-2-7b is 2 × 13.5 GB in fp16")
             p.add_argument("--layers", type=int, help="override the number of layers")
+            p.add_argument("--width", type=int, help="override the hidden size (intermediate "
+                                                     "= 2.6875 × width, as Llama-2)")
             p.add_argument("--pair-only", action="store_true",
                            help="only write base/ and ft/, do not compress or apply")
         p.add_argument("--budget", type=fraction, default=d.budget,
@@ -1105,9 +1108,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="regex on tensor names selecting the 2-D matrices to compress "
                             "(default: weights inside numbered transformer blocks)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
-                       help="full (exact LAPACK/cuSOLVER, default), gram (fp64 eigh of the "
-                            "smaller Gram matrix: same result, faster on GPU), lowrank "
-                            "(randomized: fastest, approximate tail)")
+                       help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
+                            "as full, ~3x faster on a GPU), full (LAPACK/cuSOLVER SVD), lowrank "
+                            "(randomized, approximate tail)")
     if command == "apply":
         p.add_argument("base", help="the base checkpoint the delta was made against")
         p.add_argument("delta", help="delta file written by the compress command")
@@ -1180,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
             directory = Path(args.dir)
             directory.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            base, ft = make_example(directory, args.model, args.layers,
+            base, ft = make_example(directory, args.model, args.layers, args.width,
                                     device=str(pick_device(cfg.device)), progress=not args.quiet)
             print(f"wrote example pair {base} and {ft} in {time.perf_counter() - t:.1f}s")
             if args.pair_only:

@@ -196,6 +196,16 @@ def test_refit_does_not_hurt():
     assert with_refit <= without
 
 
+@pytest.mark.parametrize("svd", ["gram", "full", "lowrank"])
+def test_low_rank_delta_is_nearly_exact(svd):
+    # A LoRA-merged fine-tune: rank 4. The budget could hold far more vectors than exist.
+    gen = torch.Generator().manual_seed(0)
+    delta = 0.01 * torch.randn(200, 4, generator=gen) @ torch.randn(4, 300, generator=gen)
+    cm = dc.compress_matrix(delta, dc.Config(svd=svd))
+    assert cm.bands[0].bits == 8 and cm.bands[0].rank >= 4     # the 4 real directions
+    assert dc.relative_error(delta, dc.decompress_matrix(cm)) < 0.01     # 8-bit rounding
+
+
 def test_zero_delta_is_an_empty_entry():
     cm = dc.compress_matrix(torch.zeros(64, 48), dc.Config())
     assert cm.bands == [] and cm.nbytes() == 0
