@@ -4,7 +4,7 @@ For one linear layer with base weight W (out × in) and a compressed delta Δ̂ 
 (deltacome.py's `CompressedMatrix`: bands of singular triplets, each band's Û, V̂ at one bit
 width), the fine-tune's output is
 
-    y = x Wᵀ + ((x V̂) ⊙ S) Ûᵀ          x: (batch, in), V̂: (in, r), Û: (out, r), y: (batch, out)
+    y = x Wᵀ + ((x V̂) ⊙ S) Ûᵀ      x: (batch, in), V̂: (in, r), Û: (out, r), y: (batch, out)
 
 The delta term is two skinny matmuls, memory-bound at decode batch sizes: the floor is the
 packed bytes over HBM bandwidth. This file holds, in the order to read them:
@@ -38,9 +38,9 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 * Layout. Both phases are "reduce over the packed dimension, outputs contiguous": phase V
   reads V̂ as words (in/pw, r) (pw codes of consecutive `in` positions per word, vectors
   contiguous), phase U reads Û as words (r/pw, out) (pw consecutive *vectors* per word,
-  outputs contiguous). A tile of 16 word rows × 128·warps columns then gives each thread 16
-  rows of 4 contiguous words (16-byte loads, warps side by side), so the row reductions are
-  in-thread. In phase V a 16-word-row block holds input position
+  outputs contiguous). A tile of 16 word rows × 128 columns per warp gives each thread all
+  16 rows of its columns, so the row reductions are in-thread. (The word loads come out as
+  coalesced 4-byte loads; Triton did not vectorize them to 16 bytes.) In phase V a 16-word-row block holds input position
   blk·16·pw + k·16 + t in code k of row t, so the x slice each code meets is 16 contiguous
   values (and, for batch ≥ 2, the K=16 operand of a tensor-core dot).
 * Launches. Two per matrix: phase U needs all of z. Each phase splits its reduction over
@@ -54,6 +54,13 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
 A prepared delta owns two small work buffers (z and the counters), so one prepared delta must
 not be used by two CUDA streams at the same time.
+
+Measured (bench.py, H100): correct at every shape and batch, 20–60× faster than the reference,
+but only 5–10 % of copy bandwidth on the 70B shapes at batch 1: the kernels are bound by
+instruction issue, not memory. The PTX spends ~7 instructions per 2-bit code, not ~3,
+mostly reloading, converting and scaling the 16 per-row factors (x, or z·scale) for every
+code, because each thread covers all 16 rows but only 4 columns. Next step: more columns
+per thread, or per-row factors held in registers across codes.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from deltacome import (Band, CompressedMatrix, DeltaComeError, QuantizedVectors,
 ROWS = 16              # word rows per block in both phases: the K=16 of a tensor-core dot
 MAX_BATCH = 64         # rows per launch; larger batches are cut into chunks of 64
 TILE = 128             # vectors per phase-V tile: 32 threads × 4 words, one warp wide
+MAX_SPLIT = 32         # programs per reduction: the last one adds this many partials
 # Kernels may only read globals that are constexpr.
 _ROWS = tl.constexpr(ROWS)
 _MAGIC = tl.constexpr(0x4B000000)   # bit pattern of 2^23 in fp32: (q | it) as float = 2^23 + q
@@ -105,12 +113,13 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 # Runtime layout. A one-time repack of one matrix's bands into the layout the kernels read:
 #
 #   phase V, band of rank r at c-bit containers (pw = 32/c codes per word):
-#     words (nblk·16, r) int32: word row blk·16+t, column i, code k = V̂ code of vector i at
-#     input position blk·16·pw + k·16 + t (`in` padded with code 0 to nblk·16·pw);
+#     words (nblk·16, ⌈r/4⌉·4) int32: word row blk·16+t, column i, code k = V̂ code of vector i
+#     at input position blk·16·pw + k·16 + t (`in` padded with code 0 to nblk·16·pw, rows
+#     padded to 16 bytes so a thread's 4 words are one aligned 16-byte load);
 #     scale, zero (G, r) fp16 for G = ⌈nblk·16·pw / g⌉ groups (padding groups are 0).
 #   phase U, same band:
 #     words (nwr, out) int32, nwr = ⌈r/pw⌉: word row w, column o, code k = Û code of vector
-#     w·pw + k at output o (vectors padded with code 0);
+#     w·pw + k at output o (vectors padded with code 0; each band starts 16-byte aligned);
 #     scale, zero (Gout, P) fp16, and z (batch, P) fp32, in "block order": vector
 #     i = w·pw + k with w = blk·16 + t sits at blk·16·pw + k·16 + t, so the 16 factors z·scale
 #     that code k of a block meets are contiguous. P = ⌈nwr/16⌉·16·pw; padding entries are 0.
@@ -188,21 +197,24 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
         codes = unpack_codes(band.V.codes.to(device), band.bits, in_f)            # (r, in)
         codes = torch.nn.functional.pad(codes, (0, nblk * ROWS * pw - in_f))
         codes = codes.view(r, nblk, pw, ROWS).permute(1, 3, 0, 2)                 # blk,t,i,k
-        vw.append(pack_last(codes, c).reshape(-1))                                # nblk·16·r
+        ld = -(-r // 4) * 4                                 # rows padded to 16-byte multiples
+        words = torch.nn.functional.pad(pack_last(codes, c), (0, ld - r))
+        vw.append(words.reshape(-1))                                              # nblk·16·ld
         groups = -(-nblk * ROWS * pw // g)
         for src, dst in ((band.V.scale, vs), (band.V.zero, vz)):
             t = torch.zeros(groups, r, dtype=torch.float16, device=device)
             t[: src.shape[1]] = src.to(device).mT
             dst.append(t.reshape(-1))
         v_bands.append([c, v_off, r, nblk, vs_off, zpos, rank])
-        v_off += nblk * ROWS * r
+        v_off += nblk * ROWS * ld
         vs_off += groups * r
         # Phase U.
         nwr = -(-r // pw)
         codes = unpack_codes(band.U.codes.to(device), band.bits, out_f)           # (r, out)
         codes = torch.nn.functional.pad(codes, (0, 0, 0, nwr * pw - r))
         codes = codes.view(nwr, pw, out_f).permute(0, 2, 1)                      # w, o, k
-        uw.append(pack_last(codes, c).reshape(-1))                                # nwr·out
+        words = pack_last(codes, c).reshape(-1)                                   # nwr·out
+        uw.append(torch.nn.functional.pad(words, (0, -words.numel() % 4)))       # 16-byte base
         ublk = -(-nwr // ROWS)
         P = ublk * ROWS * pw
         order = block_order(r, pw).to(device)
@@ -212,7 +224,7 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
             dst.append(t.reshape(-1))
         ub += [[c, u_off, blk * ROWS, nwr, zpos + blk * ROWS * pw, us_off + blk * ROWS * pw,
                 P, 0] for blk in range(ublk)]
-        u_off += nwr * out_f
+        u_off += -(-nwr * out_f // 4) * 4
         us_off += band.U.scale.shape[1] * P
         S.append(band.S.to(device, torch.float32))
         rank += r
@@ -225,6 +237,7 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
     n_locks = max(sum(-(-b[2] // 32) for b in v_bands), -(-out_f // 32), 1)
+    vw.append(torch.zeros(TILE * 4, dtype=torch.int32, device=device))  # slack, see _v_band
     return KernelDelta(
         (out_f, in_f), g, tuple(container_bits(b.bits) for b in cm.bands), rank, cm.nbytes(),
         cat(S, torch.float32), cat(vw, torch.int32), cat(vs, torch.float16),
@@ -258,6 +271,12 @@ def _code(words, high, K: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _unscale(K: tl.constexpr, C: tl.constexpr):
+    """2^-off for code K: undoes the position _code leaves it at (exact: a power of two)."""
+    return 1.0 / (1 << (C * (K % (23 // C))))
+
+
+@triton.jit
 def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
             w_base, s_base, n_cols, col0, blk_lo, blk_hi,
             C: tl.constexpr, FOLD: tl.constexpr, GROUP: tl.constexpr,
@@ -271,29 +290,34 @@ def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr
     b = tl.arange(0, BLOCK_B)
     cols = col0 + tl.arange(0, BLOCK_I)
     cmask = cols < n_cols
+    ld = tl.multiple_of((n_cols + 3) // 4 * 4, 4)       # word rows padded to 16 bytes
+    w_base = tl.multiple_of(w_base, 4)
     for blk in range(blk_lo, blk_hi):
         rows = blk * _ROWS + t
-        words = tl.load(words_ptr + w_base + rows[:, None] * n_cols + cols[None, :],
-                        mask=cmask[None, :], other=0)                        # (16, BLOCK_I)
+        # No mask (it would stop 16-byte loads): columns past the band's rank read the next
+        # row or the buffer's slack; their results are never stored.
+        words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])  # (16, BLOCK_I)
         high = words >> (C * (23 // C))
         for k in tl.static_range(PW):
             j = blk * (_ROWS * PW) + k * _ROWS + t                           # input positions
-            xk = tl.load(x_ptr + b[:, None] * stride_xb + j[None, :],
-                         mask=(b[:, None] < n_batch) & (j[None, :] < n_in),
-                         other=0.0).to(tl.float32)                           # (BLOCK_B, 16)
             f = _code(words, high, k, C)                                     # (16, BLOCK_I)
-            unscale: tl.constexpr = 1.0 / (1 << (C * (k % (23 // C))))
             if k % FOLD == 0:                                                # a group starts
                 if BLOCK_B == 1:
                     part = tl.zeros((_ROWS, BLOCK_I), tl.float32)
+                    xsum = tl.zeros((_ROWS,), tl.float32)
                 else:
                     part = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-                xsum = tl.zeros((BLOCK_B,), tl.float32)
-            if BLOCK_B == 1:
-                part += (tl.sum(xk, 0) * unscale)[:, None] * f               # rows in-thread
+                    xsum = tl.zeros((BLOCK_B,), tl.float32)
+            if BLOCK_B == 1:     # 1-D, so it is loaded straight into the tile's row layout
+                xk = tl.load(x_ptr + j, mask=j < n_in, other=0.0).to(tl.float32)   # (16,)
+                part += (xk * _unscale(k, C))[:, None] * f                   # rows in-thread
+                xsum += xk
             else:
-                part = tl.dot(xk * unscale, f, part, input_precision="tf32")
-            xsum += tl.sum(xk, 1)
+                xk = tl.load(x_ptr + b[:, None] * stride_xb + j[None, :],
+                             mask=(b[:, None] < n_batch) & (j[None, :] < n_in),
+                             other=0.0).to(tl.float32)                       # (BLOCK_B, 16)
+                part = tl.dot(xk * _unscale(k, C), f, part, input_precision="tf32")
+                xsum += tl.sum(xk, 1)
             if k % FOLD == FOLD - 1:                                         # the group ends
                 grp = (blk * (_ROWS * PW) + k * _ROWS) // GROUP
                 s = tl.load(scale_ptr + s_base + grp * n_cols + cols, mask=cmask,
@@ -301,7 +325,7 @@ def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr
                 m = tl.load(zero_ptr + s_base + grp * n_cols + cols, mask=cmask,
                             other=0.0).to(tl.float32)
                 if BLOCK_B == 1:
-                    acc += tl.sum(part, 0)[None, :] * s[None, :] + xsum[:, None] * m[None, :]
+                    acc += (tl.sum(part, 0) * s + tl.sum(xsum, 0) * m)[None, :]
                 else:
                     acc += part * s[None, :] + xsum[:, None] * m[None, :]
     return acc
@@ -309,29 +333,29 @@ def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr
 
 @triton.jit
 def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
-              zpart_ptr, z_ptr, stride_z, locks_ptr, rank,
+              zpart_ptr, z_ptr, stride_z, locks_ptr, rank, n_split,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
-              SPLIT: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr,
-              C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr,
-              F8: tl.constexpr):
+              SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+              C4: tl.constexpr, C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+              F4: tl.constexpr, F8: tl.constexpr):
     """Phase V: z = (x V̂) ⊙ S for all bands, written to z in phase U's block order.
 
-    Grid (tiles, SPLIT); the tile table is KernelDelta.v_tiles. Program (tile, s) reduces
-    blocks [s·⌈nblk/SPLIT⌉, ...) of its band. C1..C8 say which container widths occur
-    (absent ones are not compiled); F1..F8 are how many consecutive codes of a block surely
-    share one quantization group, per width."""
+    Grid (tiles, n_split); the tile table is KernelDelta.v_tiles. Program (tile, s) reduces
+    blocks [s·⌈nblk/n_split⌉, ...) of its band; SPLIT = n_split > 1. C1..C8 say which
+    container widths occur (absent ones are not compiled); F1..F8 are how many consecutive
+    codes of a block surely share one quantization group, per width."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     meta = tiles_ptr + tile * 8
     c = tl.load(meta)
     w_base = tl.load(meta + 1)
     n_cols = tl.load(meta + 2)
-    col0 = tl.load(meta + 3)
+    col0 = tl.multiple_of(tl.load(meta + 3), BLOCK_I)     # tiles start at multiples of it
     nblk = tl.load(meta + 4)
     s_base = tl.load(meta + 5)
     z_base = tl.load(meta + 6)
     r_base = tl.load(meta + 7)
-    per = tl.cdiv(nblk, SPLIT)
+    per = tl.cdiv(nblk, n_split)
     blk_lo = split * per
     blk_hi = tl.minimum(blk_lo + per, nblk)
     acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
@@ -364,18 +388,19 @@ def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S
     dst = z_ptr + b[:, None] * stride_z + z_base + (w // _ROWS) * (_ROWS * pw) \
         + (i % pw) * _ROWS + w % _ROWS                                       # block order
     S = tl.load(S_ptr + r_base + i, mask=i < n_cols, other=0.0)
-    if SPLIT == 1:
+    if not SPLIT:
         tl.store(dst, acc * S[None, :], mask=mask)
     else:
         part = zpart_ptr + (split * n_batch + b[:, None]) * rank + r_base + i[None, :]
         tl.store(part, acc, mask=mask)
         tl.debug_barrier()                    # every thread's partial is written ...
         count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")   # ... before the release
-        if count == SPLIT - 1:                # the last program of this tile sums them
+        if count == n_split - 1:              # the last program of this tile sums them
             total = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-            for s in range(SPLIT):                                           # fixed order
+            for s in tl.static_range(MAX_SPLIT):      # unrolled: all loads in flight at once
+                live = mask & (b[:, None] * 0 + s < n_split)
                 total += tl.load(zpart_ptr + (s * n_batch + b[:, None]) * rank + r_base
-                                 + i[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+                                 + i[None, :], mask=live, other=0.0, cache_modifier=".cg")
             tl.store(dst, total * S[None, :], mask=mask)
             tl.atomic_xchg(locks_ptr + tile, 0)
 
@@ -390,6 +415,7 @@ def _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero
     b = tl.arange(0, BLOCK_B)
     bmask = b[:, None] < n_batch
     rows = row0 + t
+    w_base = tl.multiple_of(w_base, 4)
     words = tl.load(words_ptr + w_base + rows[:, None] * n_out + o[None, :],
                     mask=(rows[:, None] < n_rows) & omask[None, :], other=0)   # (16, BLOCK_O)
     high = words >> (C * (23 // C))
@@ -398,29 +424,30 @@ def _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero
     cz += tl.sum(zb * tl.load(zero_ptr + s_off + q).to(tl.float32)[None, :], 1)
     for k in tl.static_range(PW):
         f = _code(words, high, k, C)                                         # (16, BLOCK_O)
-        unscale: tl.constexpr = 1.0 / (1 << (C * (k % (23 // C))))
-        s = tl.load(scale_ptr + s_off + k * _ROWS + t).to(tl.float32) * unscale
-        zk = tl.load(z_ptr + b[:, None] * stride_z + z_off + k * _ROWS + t[None, :],
-                     mask=bmask, other=0.0)                                  # (BLOCK_B, 16)
-        if BLOCK_B == 1:
-            acc += (tl.sum(zk, 0) * s)[:, None] * f                          # rows in-thread
+        s = tl.load(scale_ptr + s_off + k * _ROWS + t).to(tl.float32) * _unscale(k, C)
+        if BLOCK_B == 1:     # 1-D, so it is loaded straight into the tile's row layout
+            zk = tl.load(z_ptr + z_off + k * _ROWS + t)                      # (16,)
+            acc += (zk * s)[:, None] * f                                     # rows in-thread
         else:
+            zk = tl.load(z_ptr + b[:, None] * stride_z + z_off + k * _ROWS + t[None, :],
+                         mask=bmask, other=0.0)                              # (BLOCK_B, 16)
             acc = tl.dot(zk * s[None, :], f, acc, input_precision="tf32")
     return acc, cz
 
 
 @triton.jit
 def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr,
+              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr, n_split,
               HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, C1: tl.constexpr,
-              C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
+              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
+              C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
     """Phase U: y = z Ûᵀ (+ base) for all bands; z in block order, already scaled by S.
 
-    Grid (⌈out/BLOCK_O⌉, SPLIT). BLOCK_O divides the group size, so within a tile every
-    vector has one scale and one zero. Program (tile, s) reduces its share of the 16-row
-    blocks of all bands, listed in the table as [container bits, word base, first word row,
-    band word rows, z offset, scale offset in group 0, scale stride per group, unused]."""
+    Grid (⌈out/BLOCK_O⌉, n_split); SPLIT = n_split > 1. BLOCK_O divides the group size, so
+    within a tile every vector has one scale and one zero. Program (tile, s) reduces its
+    share of the 16-row blocks of all bands, listed in the table as [container bits, word
+    base, first word row, band word rows, z offset, scale offset in group 0, scale stride
+    per group, unused]."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -431,7 +458,7 @@ def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, b
     else:
         acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
     cz = tl.zeros((BLOCK_B,), tl.float32)
-    per = tl.cdiv(n_blocks, SPLIT)
+    per = tl.cdiv(n_blocks, n_split)
     for e in range(split * per, tl.minimum(split * per + per, n_blocks)):
         meta = blocks_ptr + e * 8
         c = tl.load(meta)
@@ -469,7 +496,7 @@ def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, b
     mask = (b[:, None] < n_batch) & omask[None, :]
     dst = y_ptr + b[:, None] * stride_y + o[None, :]
     base = base_ptr + b[:, None] * stride_base + o[None, :]
-    if SPLIT == 1:
+    if not SPLIT:
         if HAS_BASE:
             y += tl.load(base, mask=mask, other=0.0).to(tl.float32)
         tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -477,11 +504,12 @@ def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, b
         tl.store(ypart_ptr + (split * n_batch + b[:, None]) * n_out + o[None, :], y, mask=mask)
         tl.debug_barrier()
         count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT - 1:
+        if count == n_split - 1:
             total = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-            for s in range(SPLIT):                                           # fixed order
+            for s in tl.static_range(MAX_SPLIT):      # unrolled: all loads in flight at once
+                live = mask & (b[:, None] * 0 + s < n_split)
                 total += tl.load(ypart_ptr + (s * n_batch + b[:, None]) * n_out + o[None, :],
-                                 mask=mask, other=0.0, cache_modifier=".cg")
+                                 mask=live, other=0.0, cache_modifier=".cg")
             if HAS_BASE:
                 total += tl.load(base, mask=mask, other=0.0).to(tl.float32)
             tl.store(dst, total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -511,8 +539,8 @@ def choose_config(kd: KernelDelta, batch: int, sm_count: int, waves: int = 4,
     v_tiles = kd.v_tiles(block_i).shape[0]
     u_tiles = -(-kd.shape[0] // block_o)
     target = waves * sm_count
-    split_v = max(1, min(kd.v_blocks, -(-target // v_tiles)))
-    split_u = max(1, min(kd.u_blocks.shape[0], -(-target // u_tiles)))
+    split_v = max(1, min(kd.v_blocks, -(-target // v_tiles), MAX_SPLIT))
+    split_u = max(1, min(kd.u_blocks.shape[0], -(-target // u_tiles), MAX_SPLIT))
     return KernelConfig(split_v, split_u, warps_v, block_o, waves)
 
 
@@ -551,8 +579,9 @@ def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | N
                         dtype=torch.float32, device=x.device)
     _v_kernel[(tiles.shape[0], config.split_v)](
         x, x.stride(0), B, in_f, kd.v_words, kd.v_scale, kd.v_zero, kd.S, tiles,
-        zpart, kd.z, kd.z.stride(0), kd.locks, kd.rank,
-        GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_I=block_i, SPLIT=config.split_v,
+        zpart, kd.z, kd.z.stride(0), kd.locks, kd.rank, config.split_v,
+        GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_I=block_i, SPLIT=config.split_v > 1,
+        MAX_SPLIT=triton.next_power_of_2(config.split_v),
         C1=has[1], C2=has[2], C4=has[4], C8=has[8],
         F1=fold_size(kd.group_size, 1), F2=fold_size(kd.group_size, 2),
         F4=fold_size(kd.group_size, 4), F8=fold_size(kd.group_size, 8),
@@ -561,8 +590,9 @@ def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | N
     _u_kernel[(u_tiles, config.split_u)](
         kd.z, kd.z.stride(0), B, out_f, kd.u_words, kd.u_scale, kd.u_zero, kd.u_blocks,
         kd.u_blocks.shape[0], ypart, y, y.stride(0), base_arg, base_arg.stride(0), kd.locks,
-        HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b,
-        BLOCK_O=config.block_o, SPLIT=config.split_u,
+        config.split_u, HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b,
+        BLOCK_O=config.block_o, SPLIT=config.split_u > 1,
+        MAX_SPLIT=triton.next_power_of_2(config.split_u),
         C1=has[1], C2=has[2], C4=has[4], C8=has[8],
         num_warps=max(1, config.block_o // 128) if B == 1 else 4)
     return y
