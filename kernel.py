@@ -20,9 +20,22 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
     DeltaLinear             nn.Linear + compressed delta, forward = base + delta path
     patch_model             swaps a model's Linear layers for DeltaLinear from a delta file
 
+  Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row):
+    multi_delta_matmul_reference   a loop over tenants of delta_matmul_reference
+    plan_tenants            a batch's rows grouped by tenant, once per batch (host side)
+    prepare_multi_delta     N prepared deltas concatenated, with per-tenant tables
+    _multi_v_kernel, _multi_u_kernel   _v_band / _u_band over a (tenant segment, tile) grid
+    multi_delta_matmul      checks, plans, picks Triton or the reference, launches
+    MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
+    patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
+                            tenant of each sequence for one forward pass
+
 Usage:
     dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
     model_names = patch_model(model, "delta.safetensors")      # serve without merging
+    patch_model_tenants(model, ["math.safetensors", "code.safetensors"])  # N fine-tunes
+    with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
+        logits = model(input_ids).logits                      # input_ids: (4, seq)
 
 Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
@@ -67,7 +80,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import triton
@@ -719,3 +735,685 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> li
         setattr(parent, child, DeltaLinear(layer, cm, backend))
         patched.append(name)
     return patched
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-tenant serving: one base, N compressed fine-tunes of it, one batch. Row b of a batch
+# belongs to tenant t = tenant_idx[b]:
+#
+#     y[b] = x[b] Wᵀ + ((x[b] V̂ₜ) ⊙ Sₜ) Ûₜᵀ
+#
+# The base GEMM runs once for the whole batch; the delta paths of all tenants run in one
+# launch pair per matrix (or one per row-padding bucket present, see the plan), reusing
+# _v_band / _u_band, and each tenant's packed bytes are read once per batch however many of
+# its rows the batch holds (once per MAX_BATCH = 64 rows beyond that).
+#
+# * Plan. Rows are sorted by tenant (stable) and cut into segments of one tenant and ≤ 64
+#   rows. A 1-row segment takes the batch-1 FMA path, longer ones the tl.dot path padded to
+#   16/32/64 rows; one launch pair per padding present, so 64 tenants × 1 token is one pair
+#   and never pays for 64-row tensor-core tiles. The plan needs the indices on the host: a
+#   serving loop has them there; a CUDA index costs one sync, once per batch (use_tenants
+#   makes one plan per batch for every layer).
+# * Grid (segment, tile, split). Tile tables are per tenant, padded to the largest tenant's
+#   tile count with empty tiles (rank 0: no code loaded, nothing stored), so only the plan's
+#   segment table (tenant, first row, rows) changes per batch: no per-call table, no sync,
+#   capturable in a CUDA graph.
+# * Layout. The tenants' prepared buffers (codes, scales, zeros, S) are concatenated, their
+#   tables' word and scale offsets shifted into the concatenation. z has one row per batch
+#   row, in that row's tenant's block order. It is zeroed per call (one memset of B × P × 4
+#   bytes): phase U reads the padding entries of z's 16-row blocks (times a zero scale), and
+#   the padding of one tenant is a real entry of another, so a stale non-finite value from an
+#   earlier batch must not survive there.
+# * Rows not sorted by tenant are gathered into sorted order before phase V (one
+#   index_select, skipped when already sorted); phase U writes each output row back to its
+#   original position through the plan's order table and reads the fused base output the
+#   same way.
+# * Splits as choose_config: a tile's reduction is split until there are ~4 programs per SM;
+#   with 64 tenants the (segment, tile) grid alone fills an H100 (split 1).
+#
+# Tenants of one model share every tensor outside the compressed matrices (norms,
+# embeddings, lm_head): patch_model_tenants refuses files whose carried tensors differ.
+
+
+# Multi-tenant reference: one delta_matmul_reference per tenant present, rows scattered back.
+
+
+def check_tenant_idx(tenant_idx, lead: tuple, n_tenants: int) -> torch.Tensor:
+    """tenant_idx (tensor or sequence) -> int64 CPU tensor of shape `lead`, values checked."""
+    idx = torch.as_tensor(tenant_idx)
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
+        raise ValueError(f"tenant_idx must hold integers, got {idx.dtype}")
+    if tuple(idx.shape) != tuple(lead):
+        raise ValueError(f"tenant_idx has shape {tuple(idx.shape)}; expected one index per row "
+                         f"of x, shape {tuple(lead)}")
+    idx = idx.to("cpu", torch.int64)       # a CUDA index costs one sync here
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_tenants):
+        bad = idx[(idx < 0) | (idx >= n_tenants)][0]
+        raise ValueError(f"tenant_idx holds {int(bad)}, outside [0, {n_tenants}) "
+                         f"({n_tenants} deltas)")
+    return idx
+
+
+def multi_delta_matmul_reference(x: torch.Tensor, deltas: Sequence[CompressedMatrix],
+                                 tenant_idx) -> torch.Tensor:
+    """x (..., in), tenant_idx (...) -> (..., out), row b = delta_{tenant_idx[b]}(x[b]),
+    each tenant's rows through delta_matmul_reference in x.dtype."""
+    out_f, in_f = deltas[0].shape
+    idx = check_tenant_idx(tenant_idx, x.shape[:-1], len(deltas)).reshape(-1)
+    x2 = x.reshape(-1, in_f)                                                  # (B, in)
+    y = x2.new_zeros(x2.shape[0], out_f)                                      # (B, out)
+    for t in idx.unique().tolist():
+        rows = (idx == t).nonzero().squeeze(1).to(x.device)
+        y[rows] = delta_matmul_reference(x2[rows], deltas[t])
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: a batch's rows grouped by tenant, once per batch.
+
+
+@dataclass
+class TenantPlan:
+    """Rows of one batch grouped by tenant, on one device.
+
+    order (B,) int32: sorted position -> original row (stable sort by tenant).
+    groups: one (block_b, segments, n_seg) per row padding present; segments (n_seg, 3) int32
+    rows [tenant, first sorted row, rows], rows ≤ MAX_BATCH, every row in exactly one."""
+    n_rows: int
+    n_tenants: int
+    rows_per_tenant: tuple[int, ...]
+    order: torch.Tensor
+    is_sorted: bool
+    groups: list = field(default_factory=list)
+
+    @property
+    def used(self) -> int:
+        return sum(1 for n in self.rows_per_tenant if n)
+
+
+def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
+    """tenant_idx (B,) ints in [0, n_tenants) -> TenantPlan on `device`."""
+    shape = tuple(torch.as_tensor(tenant_idx).shape)
+    if len(shape) != 1:
+        raise ValueError(f"plan_tenants takes a 1-D tenant_idx, got shape {shape}")
+    idx = check_tenant_idx(tenant_idx, shape, n_tenants)                      # (B,)
+    order = torch.argsort(idx, stable=True)                                   # (B,)
+    counts = torch.bincount(idx, minlength=n_tenants).tolist()
+    buckets: dict[int, list] = {}
+    start = 0
+    for t, n in enumerate(counts):
+        for s in range(start, start + n, MAX_BATCH):
+            rows = min(MAX_BATCH, start + n - s)
+            block_b = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+            buckets.setdefault(block_b, []).append([t, s, rows])
+        start += n
+    groups = [(bb, torch.tensor(segs, dtype=torch.int32, device=device), len(segs))
+              for bb, segs in sorted(buckets.items())]
+    return TenantPlan(idx.numel(), n_tenants, tuple(counts),
+                      order.to(device, torch.int32),
+                      bool(torch.equal(order, torch.arange(idx.numel()))), groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-tenant runtime layout: N prepared deltas in one buffer per kind.
+
+V_COLS = 10            # columns of the phase-V tile table, see prepare_multi_delta
+U_COLS = 8             # columns of the phase-U block table (_u_kernel's layout)
+
+
+@dataclass
+class MultiKernelDelta:
+    """N deltas of one matrix shape in the runtime layout above, concatenated, on one device.
+
+    v_tiles (N·max_tiles, 10) int32, tenant t's tile j at row t·max_tiles + j:
+      [c, word base, band rank, first column, blocks, scale base, z base, first vector of the
+       band in its tenant, the same in the concatenated S, unused]; padding rows are all 0.
+    u_blocks (Σ blocks, 8) int32: _u_kernel's block table, word and scale offsets shifted;
+    u_range (N, 2) int32: [first row in u_blocks, rows] per tenant."""
+    shape: tuple[int, int]          # (out, in)
+    group_size: int
+    containers: tuple[int, ...]     # container widths present in any tenant
+    ranks: tuple[int, ...]          # Σ band ranks, per tenant
+    nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
+    device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
+    S: torch.Tensor                 # fp32, flat
+    v_words: torch.Tensor           # int32, flat
+    v_scale: torch.Tensor           # fp16, flat
+    v_zero: torch.Tensor
+    v_tiles: torch.Tensor
+    max_tiles: int
+    max_blocks: int                 # most 16-row blocks of any phase-V band
+    u_words: torch.Tensor
+    u_scale: torch.Tensor
+    u_zero: torch.Tensor
+    u_blocks: torch.Tensor
+    u_range: torch.Tensor
+    max_u_blocks: int
+    z_width: int                    # P of the widest tenant: z is (B, z_width) fp32
+    max_rank: int
+    locks: torch.Tensor             # int32 counters, all 0 between launches
+
+    @property
+    def n_tenants(self) -> int:
+        return len(self.ranks)
+
+
+def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> MultiKernelDelta:
+    """N CompressedMatrix of one shape and group size -> MultiKernelDelta on `device`."""
+    if not deltas:
+        raise ValueError("prepare_multi_delta needs at least one delta")
+    shape = tuple(deltas[0].shape)
+    groups = {b.V.group_size for cm in deltas for b in cm.bands}
+    for t, cm in enumerate(deltas):
+        if tuple(cm.shape) != shape:
+            raise ValueError(f"delta {t} has shape {tuple(cm.shape)}, delta 0 has {shape}")
+    if len(groups) > 1:
+        raise ValueError(f"the deltas use different group sizes {sorted(groups)}; the kernels "
+                         f"take one")
+    device = torch.device(device)
+    kds = [prepare_delta(cm, device) for cm in deltas]
+    S, vw, vs, vz, uw, us, uz, tiles, ublocks, urange, dev_bytes = ([] for _ in range(11))
+    off = dict(s=0, vw=0, vs=0, uw=0, us=0, ub=0)
+    max_tiles = max(1, max(sum(-(-b[2] // TILE) for b in kd.v_bands) for kd in kds))
+    for kd in kds:
+        rows = [[c, wb + off["vw"], r, col0, nblk, sb + off["vs"], zb, rb, rb + off["s"], 0]
+                for c, wb, r, nblk, sb, zb, rb in kd.v_bands for col0 in range(0, r, TILE)]
+        tiles += rows + [[0] * V_COLS] * (max_tiles - len(rows))
+        n_ub = kd.u_blocks.shape[0] if kd.rank else 0
+        ub = kd.u_blocks[:n_ub].clone()
+        ub[:, 1] += off["uw"]
+        ub[:, 5] += off["us"]
+        ublocks.append(ub)
+        urange.append([off["ub"], n_ub])
+        parts = (kd.S, kd.v_words, kd.v_scale, kd.v_zero, kd.u_words, kd.u_scale, kd.u_zero)
+        for lst, t in zip((S, vw, vs, vz, uw, us, uz), parts):
+            lst.append(t)
+        dev_bytes.append(sum(t.numel() * t.element_size() for t in parts)
+                         + 4 * (len(rows) * V_COLS + n_ub * U_COLS))
+        for k, t in zip(("s", "vw", "vs", "us", "ub"),
+                        (kd.S, kd.v_words, kd.v_scale, kd.u_scale, ub)):
+            off[k] += t.shape[0]
+        off["uw"] += kd.u_words.numel()
+        for name, size in (("phase-V words", off["vw"]), ("phase-U words", off["uw"])):
+            if size >= 2**31:
+                raise ValueError(f"{name} of {len(deltas)} deltas: {size} words do not fit "
+                                 f"int32 offsets; use fewer tenants per MultiKernelDelta")
+    block_o = math.gcd(kds[0].group_size, 128)
+    n_locks = (2 * len(kds) + 4) * max(max_tiles, -(-shape[0] // block_o))
+    u_blocks = torch.cat(ublocks)
+    return MultiKernelDelta(
+        shape, kds[0].group_size, tuple(sorted({c for kd in kds for c in kd.containers})),
+        tuple(kd.rank for kd in kds), tuple(kd.nbytes for kd in kds), tuple(dev_bytes),
+        torch.cat(S), torch.cat(vw), torch.cat(vs), torch.cat(vz),
+        torch.tensor(tiles, dtype=torch.int32, device=device), max_tiles,
+        max((band[3] for kd in kds for band in kd.v_bands), default=0),
+        torch.cat(uw), torch.cat(us), torch.cat(uz),
+        u_blocks if u_blocks.shape[0] else torch.zeros(1, U_COLS, dtype=torch.int32,
+                                                       device=device),
+        torch.tensor(urange, dtype=torch.int32, device=device),
+        max(n for _, n in urange), max(kd.z.shape[1] for kd in kds),
+        max(1, max(kd.rank for kd in kds)),
+        torch.zeros(n_locks, dtype=torch.int32, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-tenant Triton kernels: the per-band loops _v_band, _u_band, per tenant segment.
+
+
+@triton.jit
+def _multi_v_kernel(x_ptr, stride_xb, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
+                    max_tiles, segs_ptr, zpart_ptr, z_ptr, stride_z, locks_ptr, n_rows,
+                    max_rank, n_split,
+                    GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
+                    SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
+                    C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr,
+                    F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr, F8: tl.constexpr):
+    """Phase V for the rows of one tenant segment: z[rows] = (x[rows] V̂ₜ) ⊙ Sₜ, block order.
+
+    Grid (segments, max_tiles, n_split). x is in sorted row order; z (n_rows, ·) too."""
+    seg = tl.program_id(0)
+    tile = tl.program_id(1)
+    split = tl.program_id(2)
+    tenant = tl.load(segs_ptr + seg * 3)
+    row0 = tl.load(segs_ptr + seg * 3 + 1)
+    n_batch = tl.load(segs_ptr + seg * 3 + 2)
+    meta = tiles_ptr + (tenant * max_tiles + tile) * 10
+    c = tl.load(meta)
+    w_base = tl.load(meta + 1)
+    n_cols = tl.load(meta + 2)
+    col0 = tl.multiple_of(tl.load(meta + 3), BLOCK_I)
+    nblk = tl.load(meta + 4)
+    s_base = tl.load(meta + 5)
+    z_base = tl.load(meta + 6)
+    r_base = tl.load(meta + 7)
+    S_base = tl.load(meta + 8)
+    per = tl.cdiv(nblk, n_split)
+    blk_lo = split * per
+    blk_hi = tl.minimum(blk_lo + per, nblk)
+    x_seg = x_ptr + row0 * stride_xb
+    acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
+    if C1:
+        if c == 1:
+            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          1, F1, GROUP, BLOCK_B, BLOCK_I)
+    if C2:
+        if c == 2:
+            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          2, F2, GROUP, BLOCK_B, BLOCK_I)
+    if C4:
+        if c == 4:
+            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          4, F4, GROUP, BLOCK_B, BLOCK_I)
+    if C8:
+        if c == 8:
+            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+
+    b = tl.arange(0, BLOCK_B)
+    i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
+    mask = (b[:, None] < n_batch) & (i[None, :] < n_cols)     # padding tiles: n_cols = 0
+    pw = 32 // tl.maximum(c, 1)
+    w = i // pw
+    dst = z_ptr + (row0 + b[:, None]) * stride_z + z_base + (w // _ROWS) * (_ROWS * pw) \
+        + (i % pw) * _ROWS + w % _ROWS                                       # block order
+    S = tl.load(S_ptr + S_base + i, mask=i < n_cols, other=0.0)
+    if not SPLIT:
+        tl.store(dst, acc * S[None, :], mask=mask)
+    else:
+        lock = locks_ptr + seg * max_tiles + tile
+        part = zpart_ptr + (split * n_rows + row0 + b[:, None]) * max_rank + r_base + i[None, :]
+        tl.store(part, acc, mask=mask)
+        tl.debug_barrier()                    # every thread's partial is written ...
+        count = tl.atomic_add(lock, 1, sem="acq_rel")               # ... before the release
+        if count == n_split - 1:              # the last program of this tile sums them
+            total = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
+            for s in tl.static_range(MAX_SPLIT):
+                live = mask & (b[:, None] * 0 + s < n_split)
+                total += tl.load(zpart_ptr + (s * n_rows + row0 + b[:, None]) * max_rank
+                                 + r_base + i[None, :], mask=live, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(dst, total * S[None, :], mask=mask)
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _multi_u_kernel(z_ptr, stride_z, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
+                    range_ptr, segs_ptr, n_tiles, ypart_ptr, n_rows, y_ptr, stride_y, base_ptr,
+                    stride_base, order_ptr, locks_ptr, n_split,
+                    HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
+                    C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
+    """Phase U for the rows of one tenant segment: y[order[rows]] = z[rows] Ûₜᵀ (+ base).
+
+    Grid (segments, ⌈out/BLOCK_O⌉, n_split); the tenant's blocks are rows
+    u_range[t, 0] .. + u_range[t, 1] of the block table (_u_kernel's layout)."""
+    seg = tl.program_id(0)
+    tile = tl.program_id(1)
+    split = tl.program_id(2)
+    tenant = tl.load(segs_ptr + seg * 3)
+    row0 = tl.load(segs_ptr + seg * 3 + 1)
+    n_batch = tl.load(segs_ptr + seg * 3 + 2)
+    first = tl.load(range_ptr + tenant * 2)
+    n_blocks = tl.load(range_ptr + tenant * 2 + 1)
+    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = o < n_out
+    grp = tile * BLOCK_O // GROUP
+    z_seg = z_ptr + row0 * stride_z
+    if BLOCK_B == 1:
+        acc = tl.zeros((_ROWS, BLOCK_O), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+    cz = tl.zeros((BLOCK_B,), tl.float32)
+    per = tl.cdiv(n_blocks, n_split)
+    for e in range(first + split * per, first + tl.minimum(split * per + per, n_blocks)):
+        meta = blocks_ptr + e * 8
+        c = tl.load(meta)
+        w_base = tl.load(meta + 1)
+        r0 = tl.load(meta + 2)
+        n_wr = tl.load(meta + 3)
+        z_off = tl.load(meta + 4)
+        s_off = tl.load(meta + 5) + grp * tl.load(meta + 6)
+        if C1:
+            if c == 1:
+                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
+                                  o, omask, 1, BLOCK_B)
+        if C2:
+            if c == 2:
+                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
+                                  o, omask, 2, BLOCK_B)
+        if C4:
+            if c == 4:
+                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
+                                  o, omask, 4, BLOCK_B)
+        if C8:
+            if c == 8:
+                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
+                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
+                                  o, omask, 8, BLOCK_B)
+    if BLOCK_B == 1:
+        y = tl.sum(acc, 0)[None, :] + cz[:, None]                            # (1, BLOCK_O)
+    else:
+        y = acc + cz[:, None]                                                # (BLOCK_B, BLOCK_O)
+
+    b = tl.arange(0, BLOCK_B)
+    bmask = b < n_batch
+    row = tl.load(order_ptr + row0 + b, mask=bmask, other=0)                # original rows
+    mask = bmask[:, None] & omask[None, :]
+    dst = y_ptr + row[:, None] * stride_y + o[None, :]
+    base = base_ptr + row[:, None] * stride_base + o[None, :]
+    if not SPLIT:
+        if HAS_BASE:
+            y += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        lock = locks_ptr + seg * n_tiles + tile
+        tl.store(ypart_ptr + (split * n_rows + row0 + b[:, None]) * n_out + o[None, :], y,
+                 mask=mask)
+        tl.debug_barrier()
+        count = tl.atomic_add(lock, 1, sem="acq_rel")
+        if count == n_split - 1:
+            total = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+            for s in tl.static_range(MAX_SPLIT):
+                live = mask & (b[:, None] * 0 + s < n_split)
+                total += tl.load(ypart_ptr + (s * n_rows + row0 + b[:, None]) * n_out
+                                 + o[None, :], mask=live, other=0.0, cache_modifier=".cg")
+            if HAS_BASE:
+                total += tl.load(base, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-tenant launch configuration and wrappers.
+
+
+def choose_multi_config(md: MultiKernelDelta, n_seg: int, sm_count: int,
+                        waves: int = 4) -> KernelConfig:
+    """choose_config for a grid of n_seg segments: split each reduction until there
+    are ~`waves` programs per SM, no further than one 16-row block per program."""
+    block_o = math.gcd(md.group_size, 128)
+    target = waves * sm_count
+    u_tiles = -(-md.shape[0] // block_o)
+    split_v = max(1, min(md.max_blocks, -(-target // (n_seg * md.max_tiles)), MAX_SPLIT))
+    split_u = max(1, min(md.max_u_blocks, -(-target // (n_seg * u_tiles)), MAX_SPLIT))
+    return KernelConfig(split_v, split_u, 1, block_o, waves)
+
+
+def multi_delta_matmul_triton(x: torch.Tensor, md: MultiKernelDelta, plan: TenantPlan,
+                              base: torch.Tensor | None = None,
+                              config: KernelConfig | None = None) -> torch.Tensor:
+    """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out)."""
+    B, in_f = x.shape
+    out_f = md.shape[0]
+    xs = x if plan.is_sorted else x.index_select(0, plan.order)              # (B, in) sorted
+    y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
+    z = torch.zeros(B, md.z_width, dtype=torch.float32, device=x.device)    # see docstring
+    sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    has = {c: c in md.containers for c in (1, 2, 4, 8)}
+    g = md.group_size
+    base_arg = base if base is not None else y
+    for block_b, segs, n_seg in plan.groups:
+        cfg = config or choose_multi_config(md, n_seg, sm)
+        if g % cfg.block_o:
+            raise ValueError(f"block_o={cfg.block_o} must divide the group size {g}")
+        if cfg.warps_v != 1:
+            raise ValueError("the multi-tenant kernels use warps_v = 1 (128-vector tiles)")
+        u_tiles = -(-out_f // cfg.block_o)
+        need = n_seg * max(md.max_tiles, u_tiles)
+        if need > md.locks.numel():     # many segments (tenants with > 64 rows): more counters
+            md.locks = torch.zeros(need, dtype=torch.int32, device=x.device)
+        zpart = torch.empty(cfg.split_v if cfg.split_v > 1 else 0, B, md.max_rank,
+                            dtype=torch.float32, device=x.device)
+        ypart = torch.empty(cfg.split_u if cfg.split_u > 1 else 0, B, out_f,
+                            dtype=torch.float32, device=x.device)
+        _multi_v_kernel[(n_seg, md.max_tiles, cfg.split_v)](
+            xs, xs.stride(0), in_f, md.v_words, md.v_scale, md.v_zero, md.S, md.v_tiles,
+            md.max_tiles, segs, zpart, z, z.stride(0), md.locks, B, md.max_rank, cfg.split_v,
+            GROUP=g, BLOCK_B=block_b, BLOCK_I=TILE, SPLIT=cfg.split_v > 1,
+            MAX_SPLIT=triton.next_power_of_2(cfg.split_v),
+            C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+            F1=fold_size(g, 1), F2=fold_size(g, 2), F4=fold_size(g, 4), F8=fold_size(g, 8),
+            num_warps=1 if block_b == 1 else 4)
+        _multi_u_kernel[(n_seg, u_tiles, cfg.split_u)](
+            z, z.stride(0), out_f, md.u_words, md.u_scale, md.u_zero, md.u_blocks, md.u_range,
+            segs, u_tiles, ypart, B, y, y.stride(0), base_arg, base_arg.stride(0), plan.order,
+            md.locks, cfg.split_u,
+            HAS_BASE=base is not None, GROUP=g, BLOCK_B=block_b, BLOCK_O=cfg.block_o,
+            SPLIT=cfg.split_u > 1, MAX_SPLIT=triton.next_power_of_2(cfg.split_u),
+            C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+            num_warps=max(1, cfg.block_o // 128) if block_b == 1 else 4)
+    return y
+
+
+def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[CompressedMatrix],
+                       tenant_idx=None, base: torch.Tensor | None = None, backend: str = "auto",
+                       plan: TenantPlan | None = None,
+                       config: KernelConfig | None = None) -> torch.Tensor:
+    """x (..., in), tenant_idx (...) ints in [0, N) -> (..., out): row b gets
+    x[b] Δ̂_{tenant_idx[b]}ᵀ, plus `base` (..., out) if given, in x.dtype.
+
+    backend as delta_matmul: "auto" = Triton for fp16/bf16 CUDA tensors, else the
+    reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "reference" (needs the
+    CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
+    of tenant_idx to reuse one plan across the layers of a forward pass."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    n = deltas.n_tenants if isinstance(deltas, MultiKernelDelta) else len(deltas)
+    if n == 0:
+        raise ValueError("no deltas given")
+    out_f, in_f = deltas.shape if isinstance(deltas, MultiKernelDelta) else deltas[0].shape
+    if x.ndim == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the deltas expect (..., {in_f})")
+    lead = x.shape[:-1]
+    if base is not None and (base.shape != (*lead, out_f) or base.device != x.device):
+        raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
+                         f"{(*lead, out_f)} on {x.device}")
+    if (tenant_idx is None) == (plan is None):
+        raise ValueError("give exactly one of tenant_idx and plan")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
+            else "reference"
+    if backend == "reference":
+        if isinstance(deltas, MultiKernelDelta):
+            raise ValueError("the reference backend needs the CompressedMatrix list, "
+                             "not a MultiKernelDelta")
+        if tenant_idx is None:
+            raise ValueError("the reference backend takes tenant_idx, not a plan")
+        y = multi_delta_matmul_reference(x, deltas, tenant_idx)
+        return y if base is None else base + y
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         "before triton is imported)")
+    md = deltas if isinstance(deltas, MultiKernelDelta) else prepare_multi_delta(deltas,
+                                                                                 x.device)
+    if md.S.device != x.device:
+        raise ValueError(f"the prepared deltas are on {md.S.device}, x on {x.device}")
+    B = math.prod(lead)
+    if plan is None:
+        plan = plan_tenants(check_tenant_idx(tenant_idx, lead, n).reshape(-1), n, x.device)
+    if plan.n_rows != B or plan.n_tenants != n or plan.order.device != x.device:
+        raise ValueError(f"the plan is for {plan.n_rows} rows of {plan.n_tenants} tenants on "
+                         f"{plan.order.device}; x has {B} rows, there are {n} deltas, on "
+                         f"{x.device}")
+    if B == 0:
+        return x.new_zeros(*lead, out_f) if base is None else base.clone()
+    x2 = x.reshape(B, in_f).contiguous()
+    b2 = None if base is None else base.reshape(B, out_f).contiguous()
+    return multi_delta_matmul_triton(x2, md, plan, b2, config).reshape(*lead, out_f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving N fine-tunes of one base: one layer, then a whole model.
+
+
+class TenantBatch:
+    """The tenant of every sequence of one batch, with its plans cached by row layout: every
+    MultiDeltaLinear of a forward pass sees the same rows, so the plan is made once."""
+
+    def __init__(self, tenant_idx, n_tenants: int):
+        shape = tuple(torch.as_tensor(tenant_idx).shape)
+        if len(shape) != 1:
+            raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
+                             f"{shape}")
+        self.idx = check_tenant_idx(tenant_idx, shape, n_tenants)              # (batch,)
+        self.n_tenants = n_tenants
+        self._plans: dict = {}
+
+    def rows(self, lead: tuple) -> torch.Tensor:
+        """Per-sequence index -> one index per row of an input with leading shape `lead`."""
+        if not lead or lead[0] != self.idx.shape[0]:
+            raise ValueError(f"{self.idx.shape[0]} tenant indices for an input of leading "
+                             f"shape {tuple(lead)}: give one per sequence (dim 0)")
+        return self.idx.view(-1, *[1] * (len(lead) - 1)).expand(lead).reshape(-1)
+
+    def plan(self, lead: tuple, device) -> TenantPlan:
+        key = (tuple(lead), str(device))
+        if key not in self._plans:
+            self._plans[key] = plan_tenants(self.rows(lead), self.n_tenants, device)
+        return self._plans[key]
+
+
+class MultiDeltaLinear(torch.nn.Module):
+    """A base nn.Linear plus N compressed deltas of its weight:
+    forward(x, tenant_idx)[b] = base(x[b]) + x[b] Δ̂_{tenant_idx[b]}ᵀ.
+
+    tenant_idx: one index per row (shape x.shape[:-1]) or per sequence (shape x.shape[:1]);
+    None uses the batch set by `use_tenants` (how a patched model is called). The base GEMM
+    runs once for the whole batch; the deltas are prepared for the kernels on first use on a
+    CUDA device (a one-time repack); the base layer's parameters are shared, not copied."""
+
+    def __init__(self, base: torch.nn.Linear, deltas: Sequence[CompressedMatrix],
+                 backend: str = "auto"):
+        super().__init__()
+        if not deltas:
+            raise ValueError("MultiDeltaLinear needs at least one delta")
+        for t, cm in enumerate(deltas):
+            if tuple(base.weight.shape) != tuple(cm.shape):
+                raise ValueError(f"base weight is {tuple(base.weight.shape)}, delta {t} is "
+                                 f"{tuple(cm.shape)}")
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        self.base, self.deltas, self.backend = base, list(deltas), backend
+        self.tenants: TenantBatch | None = None
+        self._prepared: MultiKernelDelta | None = None
+
+    def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
+        y = self.base(x)
+        lead = tuple(x.shape[:-1])
+        n = len(self.deltas)
+        if tenant_idx is None and self.tenants is None:
+            raise ValueError("MultiDeltaLinear needs tenant_idx: pass it, or call the model "
+                             "inside `with use_tenants(model, tenant_idx):`")
+        if tenant_idx is None:
+            batch = self.tenants
+        elif tuple(torch.as_tensor(tenant_idx).shape) == lead:               # one per row
+            batch = None
+            rows = check_tenant_idx(tenant_idx, lead, n).reshape(-1)          # (B,)
+        else:                                                                # one per sequence
+            batch = TenantBatch(tenant_idx, n)
+        if batch is not None:
+            rows = batch.rows(lead)                                          # (B,)
+        use_triton = self.backend == "triton" or (
+            self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
+        if not use_triton:
+            if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
+                self.deltas = [move_delta(cm, x.device) for cm in self.deltas]
+            return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
+        if self._prepared is None or self._prepared.S.device != x.device:
+            self._prepared = prepare_multi_delta(self.deltas, x.device)
+        plan = batch.plan(lead, x.device) if batch is not None else \
+            plan_tenants(rows, n, x.device)
+        return multi_delta_matmul(x, self._prepared, None, y, backend="triton", plan=plan)
+
+    def extra_repr(self) -> str:
+        ranks = [sum(b.rank for b in cm.bands) for cm in self.deltas]
+        return f"tenants={len(self.deltas)}, ranks={ranks}, backend={self.backend}"
+
+
+def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
+                        backend: str = "auto") -> list[str]:
+    """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place: every
+    compressed matrix NAME.weight swaps the nn.Linear at NAME for a MultiDeltaLinear holding
+    the N deltas (tenant t = delta_paths[t]). Returns the patched names.
+
+    All files must compress the same matrices. Carried tensors (norms, embeddings, lm_head:
+    whatever the fine-tunes changed outside the compressed matrices) are shared by every
+    tenant of one model, so they must be equal in all N files; they are then copied into the
+    model. Tenants that differ there cannot share one model: that is an error, naming the
+    tensor. Call the model inside `use_tenants(model, tenant_idx)`."""
+    paths = [Path(p) for p in delta_paths]
+    if not paths:
+        raise DeltaComeError("patch_model_tenants needs at least one delta file")
+    files = [read_delta_file(p) for p in paths]
+    names = list(files[0].matrices)
+    for p, f in zip(paths[1:], files[1:]):
+        if set(f.matrices) != set(names):
+            odd = sorted(set(f.matrices) ^ set(names))[0]
+            raise DeltaComeError(f"{p} and {paths[0]} compress different matrices "
+                                 f"(e.g. {odd}): not fine-tunes of one base model?")
+    carried = sorted(set().union(*(f.carried for f in files)))
+    for name in carried:
+        owners = [t for t, f in enumerate(files) if name in f.carried]
+        if len(owners) != len(files) or any(not torch.equal(files[t].carried[name],
+                                                            files[0].carried[name])
+                                            for t in owners):
+            t = next(t for t in range(len(files)) if t not in owners or not torch.equal(
+                files[t].carried[name], files[owners[0]].carried[name]))
+            raise DeltaComeError(f"carried tensor {name} differs between {paths[owners[0]]} "
+                                 f"and {paths[t]}: tenants of one model must share every "
+                                 f"tensor outside the compressed matrices")
+    state = model.state_dict(keep_vars=True)
+    for name in carried:
+        tensor = files[0].carried[name]
+        if name not in state:
+            raise DeltaComeError(f"{paths[0]}: carried tensor {name} is not in the model")
+        if state[name].shape != tensor.shape:
+            raise DeltaComeError(f"carried tensor {name}: {tuple(tensor.shape)} in the delta "
+                                 f"files, {tuple(state[name].shape)} in the model")
+        with torch.no_grad():
+            state[name].copy_(tensor)
+    for name in names:
+        if not name.endswith(".weight"):
+            raise DeltaComeError(f"{paths[0]}: matrix {name} is not a '.weight' tensor")
+        path = name.removesuffix(".weight")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise DeltaComeError(f"{paths[0]}: the model has no module {path} (for {name})")
+        if isinstance(layer, (DeltaLinear, MultiDeltaLinear)):
+            raise DeltaComeError(f"{path} is already patched")
+        if not isinstance(layer, torch.nn.Linear):
+            raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MultiDeltaLinear(layer, [f.matrices[name] for f in files],
+                                                backend))
+    return names
+
+
+@contextmanager
+def use_tenants(model: torch.nn.Module, tenant_idx):
+    """Within the block, every MultiDeltaLinear of `model` serves sequence i of the batch with
+    tenant tenant_idx[i] (tenant_idx: (batch,) ints). The plan is made once for the batch."""
+    layers = [m for m in model.modules() if isinstance(m, MultiDeltaLinear)]
+    if not layers:
+        raise ValueError("the model has no MultiDeltaLinear layers: patch_model_tenants first")
+    batch = TenantBatch(tenant_idx, len(layers[0].deltas))
+    for m in layers:
+        if len(m.deltas) != batch.n_tenants:
+            raise ValueError(f"layers hold {len(m.deltas)} and {batch.n_tenants} deltas")
+        m.tenants = batch
+    try:
+        yield batch
+    finally:
+        for m in layers:
+            m.tenants = None

@@ -1,22 +1,35 @@
-"""Property tests for deltacome: quantizer bounds, packing round trips, allocation invariants,
-reconstruction bounds, the file format, the CLI end to end, and its errors on bad input.
+"""Tests for deltacome: the quantizer's bounds, packing round trips, allocation invariants,
+reconstruction bounds, the file format, the CLI end to end and its errors on bad input
+(deltacome.py); the Triton kernels against their PyTorch reference and a patched model
+against the merged one (kernel.py); baselines and the evaluation pipeline (eval.py).
+
+The Triton kernels run here under TRITON_INTERPRET=1 on CPU tensors. It must be set before
+triton is first imported; it only changes how @triton.jit functions run.
 
 Run: python -m pytest -q
 """
 
-import json
-import math
-import subprocess
-import sys
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+os.environ["TRITON_INTERPRET"] = "1"
 
-import deltacome as dc
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import deltacome as dc  # noqa: E402
+import eval as ev  # noqa: E402
+import kernel  # noqa: E402
+from deltacome import (Band, CompressedMatrix, Config, apply, compress,  # noqa: E402
+                       decompress_matrix, make_example, quantize_vectors, read_delta_file)
 
 SETTINGS = settings(deadline=None, max_examples=40,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -421,3 +434,287 @@ def test_example_delta_is_long_tailed():
     S = torch.linalg.svdvals(long_tailed(256, 256))
     energy = (S**2).cumsum(0) / (S**2).sum()
     assert energy[15] > 0.8 and math.isclose(float(energy[-1]), 1.0, rel_tol=1e-5)
+
+
+# =============================================================================================
+# kernel.py: reference vs dense, Triton (interpreted on CPU) vs reference, patched vs merged.
+
+# Tolerances, as ‖y − y_ref‖ / ‖y_ref‖ (norm-wise: an elementwise relative error means
+# nothing where outputs cancel to ~0):
+# * Triton vs the exact product x·Δ̂ᵀ in float64: the kernel accumulates in fp32 with exact
+#   products (codes, x and powers of two are exact in fp32/tf32) and rounds once, at the
+#   output, to x.dtype: relative error ≈ unit roundoff u (fp16 2^-11 ≈ 4.9e-4, bf16 2^-8 ≈
+#   3.9e-3) averaged over elements; we allow 2u.
+# * Triton vs the reference in x.dtype: the reference also rounds Û, V̂, S, z and y to x.dtype,
+#   so each side carries a few u; we allow 8u (fp16 3.9e-3, bf16 3.1e-2).
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float(a.norm())
+
+
+def random_matrix(out_f: int, in_f: int, ranks: dict[int, int], seed: int,
+                  group_size: int = 128) -> CompressedMatrix:
+    """A CompressedMatrix with the given {bits: rank} bands (widest first), random unit
+    vectors and a decaying S: every code value and band mix, no SVD needed."""
+    gen = torch.Generator().manual_seed(seed)
+    bands, k = [], 0
+    for bits, r in sorted(ranks.items(), reverse=True):
+        if r == 0:
+            continue
+        U = torch.randn(r, out_f, generator=gen)
+        V = torch.randn(r, in_f, generator=gen)
+        U, V = U / U.norm(dim=1, keepdim=True), V / V.norm(dim=1, keepdim=True)
+        S = 1.0 / (1.0 + torch.arange(k, k + r, dtype=torch.float32))
+        bands.append(Band(bits, S, quantize_vectors(U, bits, group_size),
+                          quantize_vectors(V, bits, group_size)))
+        k += r
+    return CompressedMatrix((out_f, in_f), "float16", bands)
+
+
+def test_reference_matches_dense_product():
+    """delta_matmul_reference in fp32 vs x·Δ̂ᵀ with Δ̂ from deltacome's decompress_matrix:
+    the same sums in another order, so fp32 rounding only (≈1e-7 relative)."""
+    cm = random_matrix(300, 257, {8: 2, 4: 5, 3: 4, 2: 30, 1: 9}, seed=1)
+    x = torch.randn(5, 257, dtype=torch.float64)
+    dense = x @ decompress_matrix(cm).double().mT                          # (5, 300)
+    assert rel(kernel.delta_matmul_reference(x.float(), cm), dense) < 1e-5
+
+
+def test_reference_empty_matrix_is_zero():
+    cm = CompressedMatrix((7, 5), "float16", [])
+    x = torch.randn(3, 5)
+    assert torch.equal(kernel.delta_matmul_reference(x, cm), torch.zeros(3, 7))
+    assert torch.equal(kernel.delta_matmul(x.half(), cm, backend="triton"),
+                       torch.zeros(3, 7, dtype=torch.float16))
+
+
+def check_triton(out_f, in_f, ranks, batch, dtype, splits, seed, group_size=128):
+    cm = random_matrix(out_f, in_f, ranks, seed, group_size)
+    x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    config = None if splits is None else kernel.KernelConfig(*splits,
+                                                             block_o=math.gcd(group_size, 128))
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
+                            config=config)
+    assert y.dtype == dtype and y.shape == (batch, out_f)
+    exact = x.double() @ decompress_matrix(cm).double().mT
+    ref = kernel.delta_matmul_reference(x, cm)
+    if not cm.bands:
+        assert not y.any()
+        return
+    assert torch.isfinite(y).all()
+    assert rel(y, exact) < 2 * UNIT[dtype], (rel(y, exact), rel(ref, exact))
+    assert rel(y, ref) < 8 * UNIT[dtype]
+
+
+WIDTH_RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 40),
+                              min_size=1, max_size=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_f=st.integers(1, 300), in_f=st.integers(1, 300), ranks=WIDTH_RANKS,
+       batch=st.integers(1, 5), bf16=st.booleans(),
+       splits=st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(1, 4))),
+       seed=st.integers(0, 2**16))
+@example(out_f=1, in_f=1, ranks={2: 1}, batch=1, bf16=False, splits=None, seed=0)
+@example(out_f=129, in_f=127, ranks={8: 3, 3: 17, 2: 33}, batch=1, bf16=False,
+         splits=(3, 2), seed=1)
+@example(out_f=127, in_f=129, ranks={1: 40, 4: 0}, batch=5, bf16=True, splits=(2, 3), seed=2)
+@example(out_f=300, in_f=257, ranks={8: 2, 2: 40}, batch=2, bf16=False, splits=(4, 4), seed=3)
+def test_triton_matches_reference(out_f, in_f, ranks, batch, bf16, splits, seed):
+    """Interpreted Triton kernels vs the float64 product and the reference, over awkward
+    shapes (1, 127, 129, 257: not multiples of 16, 32, 128 or the tile widths), every width,
+    ranks including 0 and 1, batch 1 (the FMA path) and 2–5 (the tl.dot path), and forced
+    splits (the partial-sum + counter path)."""
+    check_triton(out_f, in_f, ranks, batch, torch.bfloat16 if bf16 else torch.float16,
+                 splits, seed)
+
+
+@pytest.mark.parametrize("group_size", [32, 96])
+def test_triton_other_group_sizes(group_size):
+    """Group sizes that do not divide a 16-row block (96) or are smaller than it (32)."""
+    check_triton(100, 300, {8: 2, 2: 20, 1: 10}, 1, torch.float16, (3, 2), 4, group_size)
+    check_triton(100, 300, {4: 5, 2: 20}, 3, torch.float16, (2, 2), 5, group_size)
+
+
+def test_triton_counters_reset_and_base_fused():
+    """Two calls in a row on one prepared delta (the split counters must be back at 0),
+    the fused base output, and leading batch dimensions."""
+    cm = random_matrix(150, 200, {8: 2, 3: 6, 2: 20}, seed=6)
+    kd = kernel.prepare_delta(cm, "cpu")
+    x = torch.randn(2, 3, 200).half()
+    base = torch.randn(2, 3, 150).half()
+    config = kernel.KernelConfig(3, 4)
+    for _ in range(2):
+        y = kernel.delta_matmul(x, kd, base, backend="triton", config=config)
+        assert not kd.locks.any()
+    want = base.double() + x.double() @ decompress_matrix(cm).double().mT
+    assert y.shape == (2, 3, 150) and rel(y, want) < 2 * UNIT[torch.float16]
+
+
+def test_wrapper_errors():
+    cm = random_matrix(10, 20, {2: 3}, seed=7)
+    with pytest.raises(ValueError, match="expects"):
+        kernel.delta_matmul(torch.randn(2, 21).half(), cm)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        kernel.delta_matmul(torch.randn(2, 20), cm, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        kernel.delta_matmul(torch.randn(2, 20), cm, backend="cuda")
+    with pytest.raises(ValueError, match="base"):
+        kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_patched_model_matches_merged(tmp_path, backend):
+    """A Llama made from BASE and patched with DeltaLinear gives the merged model's logits.
+
+    The merged checkpoint is fp16 (W_base + Δ̂ rounded once); the patched model keeps W_base
+    in fp16 and adds the delta path in the compute dtype, so the two differ by fp16 weight
+    rounding, ≈ 2^-11 relative per weight: logits agree to ~1e-3 relative; we allow 1e-2."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, ft_dir = make_example(tmp_path / "pair", layers=1, width=64)
+    compress(base_dir, ft_dir, tmp_path / "delta.safetensors", Config(device="cpu"),
+             progress=False)
+    apply(base_dir, tmp_path / "delta.safetensors", tmp_path / "merged", "cpu", progress=False)
+    dtype = torch.float32 if backend == "reference" else torch.float16
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    merged = load(tmp_path / "merged", dtype=dtype).eval()
+    patched = load(base_dir, dtype=dtype).eval()
+    names = kernel.patch_model(patched, tmp_path / "delta.safetensors", backend=backend)
+    assert len(names) == 7 and all(isinstance(patched.get_submodule(n[:-7]), kernel.DeltaLinear)
+                                   for n in names)
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = merged(ids).logits.double()
+        got = patched(ids).logits.double()
+        unpatched = load(base_dir, dtype=dtype).eval()(ids).logits.double()
+    assert rel(got, want) < 1e-2
+    assert rel(got, want) < 0.1 * rel(unpatched, want)       # the delta path does matter
+
+
+def test_patch_model_errors(tmp_path):
+    base_dir, ft_dir = make_example(tmp_path / "pair", layers=1, width=64)
+    compress(base_dir, ft_dir, tmp_path / "delta.safetensors", Config(device="cpu"),
+             progress=False)
+    model = torch.nn.Module()
+    with pytest.raises(Exception, match="not in the model|no module"):
+        kernel.patch_model(model, tmp_path / "delta.safetensors")
+    assert read_delta_file(tmp_path / "delta.safetensors").matrices
+
+
+# =============================================================================================
+# eval.py: baselines at their byte budgets, the matrix table, the model-level pipeline on a
+# tiny random model.
+
+def awkward_delta(out_f, in_f, seed=0):
+    return dc.synthetic_delta(out_f, in_f, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (129, 127), (48, 300)])
+@pytest.mark.parametrize("budget", [1 / 8, 1 / 16, 1 / 32])
+@pytest.mark.parametrize("method", ev.METHODS)
+def test_methods_fit_their_byte_budget(method, budget, shape):
+    delta = awkward_delta(*shape)
+    rec = ev.reconstruct(method, delta, budget)
+    limit = dc.budget_bytes(*shape, budget)
+    if rec is None:
+        return                                   # "cannot fit" is an honest answer
+    assert rec.delta_hat.shape == delta.shape and torch.isfinite(rec.delta_hat).all()
+    slack = 2 if method == "BitDelta" else 0     # BitDelta: 1 bit/weight + its fp16 scale
+    assert rec.nbytes <= limit + slack
+    if method != "plain low-bit":    # 1-bit min-max (Config.quantizer="minmax") rounds to min or
+        assert dc.relative_error(delta, rec.delta_hat) < 1.0 + 1e-6     # max: worse than Δ̂ = 0
+
+
+def test_baseline_byte_counts_are_exact():
+    delta = awkward_delta(100, 200)
+    lr = ev.lowrank_fp16(delta, 1 / 16)
+    k = int(lr.note.removeprefix("k="))
+    assert k == dc.budget_bytes(100, 200, 1 / 16) // (2 * 300 + 4)
+    assert lr.nbytes == k * (2 * 300 + 4)
+    assert torch.linalg.matrix_rank(lr.delta_hat) == k
+    bd = ev.bitdelta(delta, 1 / 16)
+    assert bd.nbytes == 100 * 200 // 8 + 2
+    assert len(bd.delta_hat.abs().unique()) == 1
+    assert ev.bitdelta(delta, 1 / 32) is None
+    # plain low-bit: 1 bit plus a 4-byte scale/zero per 128 weights exceeds 1/16 ...
+    assert ev.plain_lowbit(delta, 1 / 16) is None
+    # ... fits at 1/8, where codes are 200 bits = 7 words and two groups' scale+zero per row
+    pl = ev.plain_lowbit(delta, 1 / 8)
+    assert pl.note == "1-bit" and pl.nbytes == 100 * (4 * 7 + 4 * 2)
+
+
+def test_deltacome_methods_match_compress_matrix():
+    delta = awkward_delta(64, 192)
+    rec = ev.reconstruct("greedy", delta, 1 / 16)
+    cm = dc.compress_matrix(delta, dc.Config(budget=1 / 16, device="cpu"))
+    assert rec.nbytes == cm.nbytes()
+    assert torch.allclose(rec.delta_hat, dc.decompress_matrix(cm))
+
+
+def test_output_error_matches_direct_computation():
+    gen = torch.Generator().manual_seed(1)
+    delta, approx = torch.randn(20, 30, generator=gen), torch.randn(20, 30, generator=gen)
+    x = torch.randn(50, 30, generator=gen)
+    direct = float((x @ (delta - approx).mT).norm() / (x @ delta.mT).norm())
+    assert math.isclose(ev.output_error(delta, approx, x.mT @ x), direct, rel_tol=1e-4)
+    assert ev.output_error(delta, delta, x.mT @ x) < 1e-3
+
+
+def test_matrix_table_runs_and_ranks_methods():
+    rows = ev.matrix_rows(ev.synthetic_matrices(seed=0, tokens=256, shrink=4))
+    table = ev.matrix_table(rows, "synthetic")
+    for method in ev.METHODS:
+        assert method in table
+    fro = {m: sum(r["fro"] for r in rows if r["method"] == m and "fro" in r) for m in ev.METHODS}
+    # the method's premise on long-tailed spectra: mixed precision beats one width and low-rank
+    assert fro["greedy"] < fro["single 2-bit"] and fro["greedy"] < fro["low-rank fp16"]
+    assert all(r["bytes"] <= r["fp16"] / 16 + 2 for r in rows if "bytes" in r)   # BitDelta: +2
+
+
+def test_kind_of():
+    assert ev.kind_of("model.layers.3.self_attn.q_proj.weight") == "q"
+    assert ev.kind_of("model.layers.3.mlp.down_proj.weight") == "down"
+
+
+def test_smoke_pipeline_on_tiny_model(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("reasoning_gym")
+    cfg = ev.RunConfig(tasks=("chain_sum",), train=ev.TrainConfig(steps=8, batch=8, warmup=2),
+                       n_test=8, text_windows=2, gram_windows=2, tiny=True,
+                       budgets=(1 / 16, 1 / 32), main_budget=1 / 16,
+                       methods=("low-rank fp16", "BitDelta", "plain low-bit", "paper 8/3/2",
+                                "greedy"))
+    results = ev.run_pipeline(tmp_path / "work", tmp_path / "out", cfg, log=lambda m: None)
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert saved["results"].keys() == results.keys()
+    assert "chain_sum: matrix level" in (tmp_path / "out" / "eval_tables.txt").read_text()
+    for method, budget in ev.plan(cfg):
+        r = results[f"chain_sum|{method}|{budget:.6g}"]
+        if method == "plain low-bit" or (method in ("BitDelta", "low-rank fp16") and budget < 1 / 16):
+            assert not r["fits"]
+            continue
+        assert r["fits"] and r["bytes"] <= budget * r["fp16"] + 2 * len(r["matrices"])
+        assert 0 <= r["acc"] <= 1 and r["ppl_answer"] > 1 and r["ppl_text"] > 1
+    ft = results["chain_sum|fine-tune"]
+    assert ft["ppl_answer"] < results["chain_sum|base"]["ppl_answer"]   # the fine-tune learned
+    # rerunning finds every stage done and changes nothing
+    again = ev.run_pipeline(tmp_path / "work", tmp_path / "out", cfg, log=lambda m: None)
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN-safe
+
+
+def test_compressed_model_equals_deltacome_file_round_trip(tmp_path):
+    """The pipeline builds W_base + Δ̂ in memory; deltacome's compress + apply on disk must give
+    the same weights (same math), so accuracies measured either way agree."""
+    from safetensors.torch import load_file
+    base, ft = dc.make_example(tmp_path, layers=1, width=64, sharded=False, dtype=torch.float32)
+    dc.compress(base, ft, tmp_path / "d.safetensors", dc.Config(device="cpu"), progress=False)
+    dc.apply(base, tmp_path / "d.safetensors", tmp_path / "merged", "cpu", progress=False)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    b, f = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    for name in b:
+        if b[name].ndim == 2 and "layers" in name:
+            rec = ev.reconstruct("greedy", f[name] - b[name], 1 / 16)
+            assert torch.allclose(merged[name], b[name] + rec.delta_hat, atol=1e-6)
