@@ -13,6 +13,13 @@ zeros, σ), % of the device copy bandwidth measured in the same run, speed-up ov
 reference, and delta/dense time. A whole-layer row per model runs all 7 projections of one
 transformer block in sequence in one CUDA graph, base only vs base + delta.
 
+Multi-tenant (--tenants 1,4,16,64): one token for each of N tenants (fine-tunes of one base)
+through the 7 projections of one block, three ways: (a) N separate fp16 models (N GEMVs on N
+distinct weights per projection), (b) the base GEMM for the batch plus a loop of N
+single-delta kernels, (c) the base GEMM plus one batched multi_delta_matmul; reported as
+time, tokens/s, GB/s on the bytes each way must read, and the memory per tenant, from which
+how many fine-tunes fit beside one base in 80 GB.
+
 Timing: every measured call is captured in a CUDA graph (launch gaps as in a served forward
 pass) and replayed with triton.testing.do_bench, median. Each measurement cycles through
 enough distinct copies of the operands to exceed the L2 cache twice, so small deltas are
@@ -22,6 +29,7 @@ Usage:
     python bench.py                      # full table (CUDA), or a small CPU table
     python bench.py --check              # the GPU equivalence matrix of issue 4
     python bench.py --models llama-2-7b --batches 1,16 --json runs/bench.json
+    python bench.py --tenants 1,4,16,64 --models llama-2-7b      # multi-tenant scenario
 """
 
 from __future__ import annotations
@@ -36,16 +44,22 @@ import time
 import torch
 
 from deltacome import Config, compress_matrix, synthetic_delta
-from kernel import choose_config, delta_matmul, delta_matmul_reference, prepare_delta
+from kernel import (choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
+                    multi_delta_matmul_reference, plan_tenants, prepare_delta,
+                    prepare_multi_delta)
 
 # (out, in) of the projections, PyTorch Linear layout.
 MODELS = {
-    "llama-2-7b": {"hidden": 4096, "kv": 4096, "inter": 11008},
-    "llama-3-8b": {"hidden": 4096, "kv": 1024, "inter": 14336},
-    "llama-2/3-70b": {"hidden": 8192, "kv": 1024, "inter": 28672},
+    "llama-2-7b": {"hidden": 4096, "kv": 4096, "inter": 11008, "layers": 32, "vocab": 32000},
+    "llama-3-8b": {"hidden": 4096, "kv": 1024, "inter": 14336, "layers": 32, "vocab": 128256},
+    "llama-2/3-70b": {"hidden": 8192, "kv": 1024, "inter": 28672, "layers": 80,
+                      "vocab": 128256},
 }
-CPU_MODELS = {"tiny (CPU)": {"hidden": 512, "kv": 128, "inter": 1376}}
+CPU_MODELS = {"tiny (CPU)": {"hidden": 512, "kv": 128, "inter": 1376, "layers": 2,
+                             "vocab": 512}}
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+TENANTS = (1, 4, 16, 64)
+HBM_BYTES = 80e9       # one 80 GB H100; weights only (no KV cache, activations or workspace)
 CHECK_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672), (28672, 8192),
                 (4095, 11007)]
 
@@ -254,6 +268,119 @@ def layer_rows(models, batches, dtype, device, cache) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Multi-tenant serving (issue 8): N fine-tunes of one base, one token each, one block.
+
+
+def model_fp16_bytes(m: dict) -> int:
+    """fp16 bytes of the whole model: every block's 7 projections, the embedding and the
+    lm_head (norms: a few hidden-sized vectors, left out)."""
+    block = sum(o * i for o, i in projections(m).values())
+    return 2 * (m["layers"] * block + 2 * m["vocab"] * m["hidden"])
+
+
+def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> dict:
+    """One token for each of N tenants (row t = tenant t, rows sorted) through the 7
+    projections of one block, in one CUDA graph per way:
+
+        (a) separate  N fp16 models: N GEMVs on N distinct weights per projection
+        (b) loop      base GEMM (batch N) + N single-delta kernels (delta_matmul, batch 1)
+        (c) batched   base GEMM (batch N) + one multi_delta_matmul (one launch pair)
+
+    Bytes that must be read: (a) N × the block's fp16 weights; (b), (c) the base once plus
+    each tenant's packed delta once. Tenant deltas are copies_of one compressed delta per
+    projection (same band layout, fresh random codes: timing does not depend on the values).
+    On CPU: the reference (a loop over tenants) instead of the kernels, at a small shape."""
+    cuda = device.type == "cuda"
+    projs = projections(m)
+    n_max = max(tenant_counts)
+    protos = {s: make_delta(s, device) for s in unique_shapes(m)}
+    cms = {p: copies_of(protos[s], n_max) for p, s in projs.items()}         # p -> N deltas
+    Ws = {p: (torch.randn(s, device=device) * 0.02).to(dtype) for p, s in projs.items()}
+    kds = {p: [prepare_delta(c, device) for c in cms[p]] for p in projs} if cuda else {}
+    base_bytes = sum(2 * o * i for o, i in projs.values())
+    tenant_bytes = sum(cms[p][0].nbytes() for p in projs)                   # stored, per tenant
+    rows = []
+    print(f"\n{'tenants':<15}{'N':>4} {'way':<13}{'MB read':>9}{'µs':>10}{'tokens/s':>11}"
+          f"{'GB/s':>8}" + (f"{'%copy':>7}{'×(a)':>7}{'×(b)':>7}" if cuda else ""))
+    for N in tenant_counts:
+        xs = {p: torch.randn(N, s[1], device=device).to(dtype) for p, s in projs.items()}
+        idx = torch.arange(N)
+        must = {"separate": N * base_bytes, "loop": base_bytes + N * tenant_bytes,
+                "batched": base_bytes + N * tenant_bytes}
+        fail = False
+        Wn = {p: [Ws[p]] + [torch.empty_like(Ws[p]).normal_(0, 0.02) for _ in range(N - 1)]
+              for p in projs}                                       # N distinct weights
+        if cuda:
+            mds = {p: prepare_multi_delta(cms[p][:N], device) for p in projs}
+            plan = plan_tenants(idx, N, device)
+            for p in projs:                                         # correctness before timing
+                y = multi_delta_matmul(xs[p], mds[p], plan=plan, backend="triton")
+                err = rel_err(y, multi_delta_matmul_reference(xs[p], cms[p][:N], idx))
+                if not err < (2e-2 if dtype == torch.bfloat16 else 4e-3):
+                    print(f"FAIL tenants {model} {p} N={N}: rel. error {err:.2e}")
+                    fail = True
+
+            def separate():
+                for p in projs:
+                    for t in range(N):
+                        xs[p][t:t + 1] @ Wn[p][t].mT
+
+            def loop():
+                for p in projs:
+                    y = xs[p] @ Ws[p].mT
+                    for t in range(N):
+                        delta_matmul(xs[p][t:t + 1], kds[p][t], y[t:t + 1], backend="triton")
+
+            def batched():
+                for p in projs:
+                    multi_delta_matmul(xs[p], mds[p], None, xs[p] @ Ws[p].mT,
+                                       backend="triton", plan=plan)
+            ways = {"separate": separate, "loop": loop, "batched": batched}
+            times = {w: time_us([f], graph=True) for w, f in ways.items()}
+            del mds
+        else:
+            times = {
+                "separate": cpu_time_us(lambda: [xs[p][t:t + 1] @ Wn[p][t].mT
+                                                 for p in projs for t in range(N)]),
+                "loop": cpu_time_us(lambda: [xs[p] @ Ws[p].mT + multi_delta_matmul_reference(
+                    xs[p], cms[p][:N], idx) for p in projs])}
+        Wn = None                                   # N × the block's weights: free them now
+        if cuda:
+            torch.cuda.empty_cache()
+        for way, us in times.items():
+            row = dict(model=model, tenants=N, way=way, bytes_read=must[way], us=us,
+                       tokens_per_s=N / (us * 1e-6), gbs=must[way] / (us * 1e-6) / 1e9,
+                       backend="triton" if cuda else "reference (CPU)", fail=fail)
+            line = (f"{model:<15}{N:>4} {way if cuda else way + ' ref':<13}"
+                    f"{must[way] / 1e6:>9.1f}{us:>10.1f}{row['tokens_per_s']:>11.0f}"
+                    f"{row['gbs']:>8.0f}")
+            if cuda:
+                row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                row["x_separate"] = times["separate"] / us
+                row["x_loop"] = times["loop"] / us
+                line += f"{row['pct_copy']:>7.1f}{row['x_separate']:>7.2f}{row['x_loop']:>7.2f}"
+            print(line, flush=True)
+            rows.append(row)
+    device_bytes = sum(prepare_multi_delta(cms[p][:1], device).device_bytes[0] for p in projs)
+    memory = dict(model=model, block_fp16_bytes=base_bytes, tenant_block_bytes=tenant_bytes,
+                  tenant_block_device_bytes=device_bytes, model_fp16_bytes=model_fp16_bytes(m),
+                  tenant_model_bytes=m["layers"] * tenant_bytes,
+                  tenant_model_device_bytes=m["layers"] * device_bytes)
+    spare = HBM_BYTES - memory["model_fp16_bytes"]
+    memory["fit_delta_tenants"] = max(0, int(spare // memory["tenant_model_device_bytes"]))
+    memory["fit_fp16_finetunes"] = max(0, int(spare // memory["model_fp16_bytes"]))
+    print(f"memory per tenant: {tenant_bytes / 1e6:.2f} MB per block stored "
+          f"({device_bytes / 1e6:.2f} MB in the kernels' layout), "
+          f"{memory['tenant_model_device_bytes'] / 1e6:.1f} MB per {m['layers']}-block "
+          f"fine-tune (7 projections per block; its other tensors are the base's, see "
+          f"patch_model_tenants), vs {memory['model_fp16_bytes'] / 1e6:.1f} MB per fp16 model")
+    print(f"beside one fp16 base in {HBM_BYTES / 1e9:.0f} GB (weights only): "
+          f"{memory['fit_delta_tenants']} compressed fine-tunes, or "
+          f"{memory['fit_fp16_finetunes']} fp16 fine-tunes", flush=True)
+    return dict(rows=rows, memory=memory)
+
+
 def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
     """Times a few launch configurations per shape/batch, for tuning choose_config."""
     rows = []
@@ -301,6 +428,9 @@ def main(argv=None) -> int:
                         "and bf16) instead of the timing table")
     p.add_argument("--sweep", action="store_true", help="time launch configurations")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
+    p.add_argument("--tenants", metavar="N,N,...",
+                   help=f"run the multi-tenant scenario instead of the table, for these tenant "
+                        f"counts (e.g. {','.join(map(str, TENANTS))}), on the first of --models")
     p.add_argument("--json", help="also write every number to this JSON file")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -321,6 +451,18 @@ def main(argv=None) -> int:
             return 2
         out["check"] = check(CHECK_SHAPES, (1, 7, 16, 64), (torch.float16, torch.bfloat16),
                              device)
+    elif args.tenants:
+        counts = [int(n) for n in args.tenants.split(",")]
+        if device.type == "cuda":
+            name = args.models.split(",")[0]
+            out["tenants"] = tenant_rows(name, MODELS[name], counts, dtype, device,
+                                         out["copy_gbs"])
+        else:
+            print("CPU: no CUDA device, so the reference (a loop over tenants) and dense only, "
+                  "at a small shape")
+            name = next(iter(CPU_MODELS))
+            out["tenants"] = tenant_rows(name, CPU_MODELS[name], counts, torch.float32, device,
+                                         None)
     elif args.sweep:
         out["sweep"] = sweep([(4096, 4096), (28672, 8192), (8192, 28672)], (1, 16), dtype,
                              device, l2)
@@ -337,7 +479,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
-    return 1 if any(r.get("fail") for r in out.get("rows", [])) else 0
+    rows = out.get("rows", []) + out.get("tenants", {}).get("rows", [])
+    return 1 if any(r.get("fail") for r in rows) else 0
 
 
 if __name__ == "__main__":

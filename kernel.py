@@ -773,6 +773,7 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> li
 #
 # Tenants of one model share every tensor outside the compressed matrices (norms,
 # embeddings, lm_head): patch_model_tenants refuses files whose carried tensors differ.
+# Like a KernelDelta, a MultiKernelDelta owns its split counters: one stream at a time.
 
 
 # Multi-tenant reference: one delta_matmul_reference per tenant present, rows scattered back.

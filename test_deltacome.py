@@ -1,7 +1,9 @@
 """Tests for deltacome: the quantizer's bounds, packing round trips, allocation invariants,
 reconstruction bounds, the file format, the CLI end to end and its errors on bad input
 (deltacome.py); the Triton kernels against their PyTorch reference and a patched model
-against the merged one (kernel.py); baselines and the evaluation pipeline (eval.py).
+against the merged one (kernel.py); the multi-tenant batched kernels and a model serving N
+fine-tunes against each merged fine-tune (kernel.py, bench.py --tenants); baselines and the
+evaluation pipeline (eval.py).
 
 The Triton kernels run here under TRITON_INTERPRET=1 on CPU tensors. It must be set before
 triton is first imported; it only changes how @triton.jit functions run.
@@ -15,6 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,8 +31,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import deltacome as dc  # noqa: E402
 import eval as ev  # noqa: E402
 import kernel  # noqa: E402
-from deltacome import (Band, CompressedMatrix, Config, apply, compress,  # noqa: E402
-                       decompress_matrix, make_example, quantize_vectors, read_delta_file)
+from deltacome import (Band, CompressedMatrix, Config, DeltaComeError, apply,  # noqa: E402
+                       compress, decompress_matrix, make_example, quantize_vectors,
+                       read_delta_file, synthetic_delta)
 
 SETTINGS = settings(deadline=None, max_examples=40,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -602,6 +606,232 @@ def test_patch_model_errors(tmp_path):
     with pytest.raises(Exception, match="not in the model|no module"):
         kernel.patch_model(model, tmp_path / "delta.safetensors")
     assert read_delta_file(tmp_path / "delta.safetensors").matrices
+
+
+# =============================================================================================
+# kernel.py, multi-tenant: batched kernels vs the per-tenant reference, the row plan, and a
+# model carrying N fine-tunes vs each merged fine-tune run on its own. Tolerances as above:
+# each row runs exactly the single-delta kernels' arithmetic for its tenant.
+
+def exact(x, cms, idx, base=None):
+    """float64 x[b] Δ̂_{idx[b]}ᵀ (+ base), row by row."""
+    rows = [x[b].double() @ decompress_matrix(cms[t]).double().mT for b, t in enumerate(idx)]
+    y = torch.stack(rows)
+    return y if base is None else y + base.double()
+
+
+def check_multi(out_f, in_f, tenant_ranks, idx, dtype, splits, with_base, seed):
+    cms = [random_matrix(out_f, in_f, r, seed + t) for t, r in enumerate(tenant_ranks)]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(idx), in_f, generator=gen).to(dtype)
+    base = torch.randn(len(idx), out_f, generator=gen).to(dtype) if with_base else None
+    config = None if splits is None else kernel.KernelConfig(*splits)
+    md = kernel.prepare_multi_delta(cms, "cpu")
+    y = kernel.multi_delta_matmul(x, md, torch.tensor(idx), base, backend="triton", config=config)
+    assert y.dtype == dtype and y.shape == (len(idx), out_f) and torch.isfinite(y).all()
+    assert not md.locks.any()                          # counters back at 0 for the next call
+    want = exact(x, cms, idx, base)
+    ref = kernel.multi_delta_matmul(x, cms, torch.tensor(idx), base, backend="reference")
+    if want.norm() == 0:                               # every used tenant has rank 0
+        assert not y.any()
+        return
+    assert rel(y, want) < 2 * UNIT[dtype], (rel(y, want), rel(ref, want))
+    assert rel(y, ref) < 8 * UNIT[dtype]
+
+
+RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 24), max_size=3)
+
+
+@st.composite
+def batches(draw):
+    n = draw(st.integers(1, 4))
+    idx = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=9))
+    return [draw(RANKS) for _ in range(n)], idx
+
+
+@settings(max_examples=20, deadline=None)
+@given(out_f=st.integers(1, 160), in_f=st.integers(1, 160), tenants=batches(),
+       bf16=st.booleans(), with_base=st.booleans(),
+       splits=st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))),
+       seed=st.integers(0, 2**16))
+@example(out_f=1, in_f=1, tenants=([{2: 1}], [0]), bf16=False, with_base=False, splits=None,
+         seed=0)
+@example(out_f=129, in_f=127, tenants=([{8: 2, 2: 20}, {3: 17, 1: 9}, {4: 5}],
+                                       [2, 0, 2, 2, 0, 1, 0, 2, 2]),   # repeated, unsorted
+         bf16=False, with_base=True, splits=(3, 2), seed=1)
+@example(out_f=100, in_f=140, tenants=([{2: 24}, {}, {8: 3, 2: 10}, {1: 20}], [3, 1, 3]),
+         bf16=True, with_base=False, splits=None, seed=2)   # unused tenants, a rank-0 tenant
+@example(out_f=70, in_f=90, tenants=([{2: 12}, {4: 7}], [1] * 9), bf16=False,
+         with_base=True, splits=(2, 3), seed=3)             # one tenant, 9 rows: tl.dot path
+def test_multi_matches_reference(out_f, in_f, tenants, bf16, with_base, splits, seed):
+    """Batched kernels vs float64 and the reference: 1–4 tenants of mixed band layouts
+    (every width, ranks 0–24), random per-row tenants (repeated, unused, unsorted), batch
+    1–9 (1-row segments: FMA path; longer: tl.dot path), forced splits, fused base."""
+    ranks, idx = tenants
+    check_multi(out_f, in_f, ranks, idx,
+                torch.bfloat16 if bf16 else torch.float16, splits, with_base, seed)
+
+
+def test_plan_groups_rows_by_tenant():
+    plan = kernel.plan_tenants(torch.tensor([2, 0, 2, 2, 3] + [1] * 70), 5, "cpu")
+    assert plan.rows_per_tenant == (1, 70, 3, 1, 0) and plan.used == 4 and not plan.is_sorted
+    idx = torch.tensor([2, 0, 2, 2, 3] + [1] * 70)
+    assert idx[plan.order.long()].tolist() == sorted(idx.tolist())
+    segs = {bb: s.tolist() for bb, s, _ in plan.groups}
+    # tenant 1's 70 rows: one 64-row segment and one 6-row segment
+    assert segs == {1: [[0, 0, 1], [3, 74, 1]], 16: [[1, 65, 6], [2, 71, 3]],
+                    64: [[1, 1, 64]]}
+    assert kernel.plan_tenants([0, 0, 1], 2, "cpu").is_sorted
+
+
+def test_multi_more_rows_than_max_batch():
+    """A tenant with 66 rows (two segments, so its delta is read twice) beside 1-row ones."""
+    check_multi(40, 50, [{2: 9, 8: 1}, {3: 5}], [0] * 33 + [1] + [0] * 33, torch.float16,
+                None, True, 11)
+
+
+def test_multi_leading_dims_and_plan_reuse():
+    cms = [random_matrix(30, 40, {2: 8}, 20 + t) for t in range(3)]
+    md = kernel.prepare_multi_delta(cms, "cpu")
+    x = torch.randn(2, 3, 40).half()
+    idx = torch.tensor([[2, 2, 2], [0, 0, 0]])
+    plan = kernel.plan_tenants(idx.reshape(-1), 3, "cpu")
+    y1 = kernel.multi_delta_matmul(x, md, idx, backend="triton")
+    y2 = kernel.multi_delta_matmul(x, md, plan=plan, backend="triton")
+    assert y1.shape == (2, 3, 30) and torch.equal(y1, y2)
+    assert rel(y1.reshape(6, 30), exact(x.reshape(6, 40), cms, idx.reshape(-1).tolist())) \
+        < 2 * UNIT[torch.float16]
+
+
+def test_multi_errors():
+    cms = [random_matrix(10, 20, {2: 3}, 30), random_matrix(10, 20, {2: 3}, 31)]
+    x = torch.randn(3, 20).half()
+    with pytest.raises(ValueError, match="outside"):
+        kernel.multi_delta_matmul(x, cms, torch.tensor([0, 2, 1]), backend="triton")
+    with pytest.raises(ValueError, match="one index per row"):
+        kernel.multi_delta_matmul(x, cms, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integers"):
+        kernel.multi_delta_matmul(x, cms, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="expect"):
+        kernel.multi_delta_matmul(torch.randn(3, 21).half(), cms, torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="backend"):
+        kernel.multi_delta_matmul(x, cms, torch.tensor([0, 1, 1]), backend="cuda")
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        kernel.multi_delta_matmul(x.float(), cms, torch.tensor([0, 1, 1]), backend="triton")
+    with pytest.raises(ValueError, match="exactly one"):
+        kernel.multi_delta_matmul(x, cms)
+    md = kernel.prepare_multi_delta(cms, "cpu")
+    with pytest.raises(ValueError, match="reference backend needs"):
+        kernel.multi_delta_matmul(x, md, torch.tensor([0, 1, 1]), backend="reference")
+    with pytest.raises(ValueError, match="plan is for"):
+        kernel.multi_delta_matmul(x, md, plan=kernel.plan_tenants([0, 1], 2, "cpu"), backend="triton")
+    with pytest.raises(ValueError, match="shape"):
+        kernel.prepare_multi_delta([cms[0], random_matrix(10, 21, {2: 3}, 32)], "cpu")
+    lin = kernel.MultiDeltaLinear(torch.nn.Linear(20, 10), cms, backend="reference")
+    with pytest.raises(ValueError, match="use_tenants"):
+        lin(x.float())
+    with torch.no_grad():
+        assert rel(lin(x.float(), [1, 0, 1]) - lin.base(x.float()),
+                   exact(x.float(), cms, [1, 0, 1])) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# A model carrying N fine-tunes vs each merged fine-tune on its own.
+
+
+def make_tenants(tmp_path, n: int):
+    """One tiny Llama base (deltacome.make_example) and n fine-tunes of it that differ only in
+    the 7 projections of its block (synthetic long-tailed deltas, seeds 100+k, mean |Δ| ≈ 5 %
+    of mean |W| so that tenants differ far beyond fp16 rounding), compressed at
+    different budgets (so their band layouts differ) and merged with deltacome.apply.
+    Returns base_dir, [delta file], [merged dir]."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, _ = make_example(tmp_path / "pair", layers=1, width=64)
+    deltas, merged = [], []
+    for k in range(n):
+        ft = tmp_path / f"ft{k}"
+        shutil.copytree(base_dir, ft)
+        gen = torch.Generator().manual_seed(100 + k)
+        for shard in sorted(ft.glob("*.safetensors")):
+            tensors = load_file(shard)
+            for name, w in tensors.items():
+                if ".layers." in name and w.ndim == 2:
+                    delta = synthetic_delta(*w.shape, gen, scale=0.5)
+                    tensors[name] = (w.float() + delta).to(w.dtype)
+            save_file(tensors, shard, {"format": "pt"})
+        deltas.append(tmp_path / f"delta{k}.safetensors")
+        compress(base_dir, ft, deltas[-1], Config(device="cpu", budget=(1 / 16, 1 / 8)[k % 2]),
+                 progress=False)
+        merged.append(apply(base_dir, deltas[-1], tmp_path / f"merged{k}", "cpu",
+                            progress=False))
+    return base_dir, deltas, merged
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_multi_tenant_model_matches_merged(tmp_path, backend):
+    """One base model patched with 3 tenants' deltas, a batch of 4 sequences for tenants
+    [2, 0, 2, 0] (tenant 1 unused; rows unsorted), one forward pass: each sequence's logits
+    vs its tenant's merged checkpoint run alone. The merged weights are fp16 (W_base + Δ̂
+    rounded once), the patched model adds the delta path to the fp16 base output, so in fp16
+    they differ by weight rounding ≈ 2^-11 per weight: ~1e-3 relative in the logits; we
+    allow 1e-2 (measured: ~1.2e-3 in fp16, ~5e-4 in fp32, where only the merged side is
+    rounded; the base model alone is ~1e-1 away)."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, deltas, merged = make_tenants(tmp_path, 3)
+    dtype = torch.float32 if backend == "reference" else torch.float16
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(base_dir, dtype=dtype).eval()
+    names = kernel.patch_model_tenants(model, deltas, backend=backend)
+    assert len(names) == 7 and all(isinstance(model.get_submodule(n[:-7]), kernel.MultiDeltaLinear)
+                                   for n in names)
+    tenants = torch.tensor([2, 0, 2, 0])
+    ids = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with kernel.use_tenants(model, tenants):
+            got = model(ids).logits.double()                                  # (4, 6, vocab)
+        base_logits = load(base_dir, dtype=dtype).eval()(ids).logits.double()
+        for t in (0, 2):
+            rows = (tenants == t).nonzero().squeeze(1)
+            want = load(merged[t], dtype=dtype).eval()(ids[rows]).logits.double()
+            assert rel(got[rows], want) < 1e-2, (t, rel(got[rows], want))
+            assert rel(got[rows], want) < 0.1 * rel(base_logits[rows], want)  # Δ matters
+    with pytest.raises(ValueError, match="use_tenants"):
+        model(ids)                                        # the tenants are cleared on exit
+
+
+def test_patch_model_tenants_errors(tmp_path):
+    """Tenants that changed a carried tensor differently cannot share one model."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, deltas, _ = make_tenants(tmp_path, 1)
+    own_ft = tmp_path / "pair" / "ft"                  # make_example's ft: norms, lm_head differ
+    compress(base_dir, own_ft, tmp_path / "own.safetensors", Config(device="cpu"),
+             progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with pytest.raises(DeltaComeError, match="carried tensor .* differs"):
+        kernel.patch_model_tenants(model, [deltas[0], tmp_path / "own.safetensors"])
+    with pytest.raises(DeltaComeError, match="not in the model|no module"):
+        kernel.patch_model_tenants(torch.nn.Module(), deltas)
+    with pytest.raises(ValueError, match="no MultiDeltaLinear"):
+        with kernel.use_tenants(model, [0]):
+            pass
+
+
+def test_bench_tenants_runs_on_cpu(tmp_path):
+    """bench.py --tenants on CPU: the reference ways at the small shape, and the memory lines."""
+    import json
+
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA this is the GPU benchmark, not a test")
+    assert bench.main(["--tenants", "1,3", "--json", str(tmp_path / "t.json")]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())["tenants"]
+    assert [(r["tenants"], r["way"]) for r in result["rows"]] == [
+        (1, "separate"), (1, "loop"), (3, "separate"), (3, "loop")]
+    mem = result["memory"]
+    assert 0 < mem["tenant_block_bytes"] <= mem["tenant_block_device_bytes"]
+    assert mem["fit_delta_tenants"] > mem["fit_fp16_finetunes"]
 
 
 # =============================================================================================
