@@ -507,23 +507,29 @@ def choose_widths(delta: torch.Tensor, cfg: Config):
     out_f, in_f = delta.shape
     g = cfg.group_size
     budget = budget_bytes(out_f, in_f, cfg.budget)
-    candidates = sorted({0, *cfg.widths})
-    cheapest = min(vector_bytes(out_f, in_f, b, g) for b in (candidates[1:] or [8]))
     if not delta.any():
         return [], *svd_delta(delta, 0)
+    if cfg.method == "greedy":
+        candidates = sorted({0, *cfg.widths})
+        costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
+        cheapest = min(costs[1:], default=budget + 1)
+        max_rank = min(budget // cheapest, out_f, in_f)
+        if max_rank > 0:
+            U, S, V = svd_delta(delta, max_rank, cfg.svd)
+            eps = vector_errors(U, V, candidates, g, cfg.quantizer == "mse")
+            widths = [b for b in allocate_bits(S, eps, costs, candidates, budget) if b > 0]
+    else:
+        spec = parse_bands(PAPER_BANDS if cfg.method == "paper" else cfg.method)
+        cheapest = min(vector_bytes(out_f, in_f, bits, g) for bits, _ in spec)
+        widths = bands_to_widths(spec, out_f, in_f, budget, g)
+        if widths:
+            U, S, V = svd_delta(delta, len(widths), cfg.svd)
     if budget < cheapest:
         raise DeltaComeError(f"budget {cfg.budget:g} of a {out_f}x{in_f} delta is {budget} bytes, "
                              f"less than one singular vector costs ({cheapest} bytes)")
-    max_rank = min(budget // cheapest, out_f, in_f)
-    U, S, V = svd_delta(delta, max_rank, cfg.svd)
-    if cfg.method == "greedy":
-        eps = vector_errors(U, V, candidates, g, cfg.quantizer == "mse")
-        costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
-        widths = allocate_bits(S, eps, costs, candidates, budget)
-    else:
-        spec = PAPER_BANDS if cfg.method == "paper" else cfg.method
-        widths = bands_to_widths(parse_bands(spec), out_f, in_f, budget, g)
-    return [b for b in widths if b > 0], U, S, V
+    if not widths:
+        return [], *svd_delta(delta, 0)
+    return widths, U, S, V
 
 
 def bands_of(widths: list[int]) -> list[tuple[int, int, int]]:
@@ -711,7 +717,8 @@ def check_writable(out: Path, directory_ok: bool = False):
     except OSError as e:
         raise DeltaComeError(f"{out}: directory {parent} is not writable ({e.strerror})") from None
     if out.is_dir() and not directory_ok:
-        raise DeltaComeError(f"{out}: is a directory; the delta is written as one .safetensors file")
+        raise DeltaComeError(f"{out}: is a directory; the delta is written as one "
+                             f".safetensors file")
 
 
 def prefetched(fn, items, depth: int = 2):
@@ -1137,7 +1144,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def fraction(text: str) -> float:
     try:
-        value = float(text.split("/")[0]) / float(text.split("/")[1]) if "/" in text else float(text)
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
     if not 0 < value <= 1:

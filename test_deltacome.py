@@ -161,6 +161,16 @@ def test_allocate_bits_prefers_large_singular_values():
     assert widths == [8, 2, 2, 2]          # 8 bits where S² pays for it, never more than 70 bytes
 
 
+@pytest.mark.parametrize("method", ["1:*", "8:3,1:*", "2:5"])
+def test_band_specs_narrower_than_greedy_candidates(method):
+    delta = long_tailed(200, 150, seed=4)
+    cm = dc.compress_matrix(delta, dc.Config(method=method, budget=1 / 16))
+    spec = dc.parse_bands(method)
+    assert [b.bits for b in cm.bands] == [bits for bits, _ in spec]
+    assert 0 < cm.nbytes() <= dc.budget_bytes(200, 150, 1 / 16)
+    assert dc.relative_error(delta, dc.decompress_matrix(cm)) < 1
+
+
 def test_band_spec_parsing():
     assert dc.parse_bands("8:2,3:32,2:*") == [(8, 2), (3, 32), (2, None)]
     for bad in ("8", "9:2", "2:x", "2:-1"):
@@ -306,7 +316,8 @@ def test_cli_compress_info_apply(pair, tmp_path, layout, monkeypatch):
 def test_cli_methods_and_budgets(pair, tmp_path):
     base, ft = pair["sharded"]
     for extra in (["--method", "paper"], ["--method", "8:1,2:*", "--budget", "1/8"],
-                  ["--budget", "0.03", "--widths", "1,2,4", "--no-refit"], ["--svd", "lowrank"], ["--svd", "gram"],
+                  ["--budget", "0.03", "--widths", "1,2,4", "--no-refit"],
+                  ["--svd", "lowrank"], ["--svd", "gram"],
                   ["--quantizer", "minmax", "--group-size", "64"]):
         out = tmp_path / "d.safetensors"
         assert run_cli(base, ft, out, *extra) == (0, ""), extra
@@ -724,7 +735,8 @@ def test_multi_errors():
     with pytest.raises(ValueError, match="reference backend needs"):
         kernel.multi_delta_matmul(x, md, torch.tensor([0, 1, 1]), backend="reference")
     with pytest.raises(ValueError, match="plan is for"):
-        kernel.multi_delta_matmul(x, md, plan=kernel.plan_tenants([0, 1], 2, "cpu"), backend="triton")
+        kernel.multi_delta_matmul(x, md, plan=kernel.plan_tenants([0, 1], 2, "cpu"),
+                                  backend="triton")
     with pytest.raises(ValueError, match="shape"):
         kernel.prepare_multi_delta([cms[0], random_matrix(10, 21, {2: 3}, 32)], "cpu")
     lin = kernel.MultiDeltaLinear(torch.nn.Linear(20, 10), cms, backend="reference")
@@ -923,7 +935,8 @@ def test_smoke_pipeline_on_tiny_model(tmp_path):
     assert "chain_sum: matrix level" in (tmp_path / "out" / "eval_tables.txt").read_text()
     for method, budget in ev.plan(cfg):
         r = results[f"chain_sum|{method}|{budget:.6g}"]
-        if method == "plain low-bit" or (method in ("BitDelta", "low-rank fp16") and budget < 1 / 16):
+        if method == "plain low-bit" or (method in ("BitDelta", "low-rank fp16")
+                                         and budget < 1 / 16):
             assert not r["fits"]
             continue
         assert r["fits"] and r["bytes"] <= budget * r["fp16"] + 2 * len(r["matrices"])
