@@ -348,6 +348,38 @@ def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr
 
 
 @triton.jit
+def _v_bands(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c, w_base,
+             s_base, n_cols, col0, blk_lo, blk_hi, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_I: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr,
+             C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr,
+             F8: tl.constexpr):
+    """_v_band at the tile's container width c. The width must be a compile-time constant
+    inside _v_band (its unrolled code loop), hence one branch per width; C1..C8 leave out
+    the widths a launch does not have."""
+    if C1:
+        if c == 1:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          1, F1, GROUP, BLOCK_B, BLOCK_I)
+    if C2:
+        if c == 2:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          2, F2, GROUP, BLOCK_B, BLOCK_I)
+    if C4:
+        if c == 4:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          4, F4, GROUP, BLOCK_B, BLOCK_I)
+    if C8:
+        if c == 8:
+            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
+                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
+                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+    return acc
+
+
+@triton.jit
 def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
               zpart_ptr, z_ptr, stride_z, locks_ptr, rank, n_split,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -375,26 +407,9 @@ def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S
     blk_lo = split * per
     blk_hi = tl.minimum(blk_lo + per, nblk)
     acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-    if C1:
-        if c == 1:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          1, F1, GROUP, BLOCK_B, BLOCK_I)
-    if C2:
-        if c == 2:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          2, F2, GROUP, BLOCK_B, BLOCK_I)
-    if C4:
-        if c == 4:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          4, F4, GROUP, BLOCK_B, BLOCK_I)
-    if C8:
-        if c == 8:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+    acc = _v_bands(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c,
+                   w_base, s_base, n_cols, col0, blk_lo, blk_hi, GROUP, BLOCK_B, BLOCK_I,
+                   C1, C2, C4, C8, F1, F2, F4, F8)
 
     b = tl.arange(0, BLOCK_B)
     i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
@@ -452,30 +467,18 @@ def _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero
 
 
 @triton.jit
-def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr, n_split,
-              HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
-              C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
-    """Phase U: y = z Ûᵀ (+ base) for all bands; z in block order, already scaled by S.
-
-    Grid (⌈out/BLOCK_O⌉, n_split); SPLIT = n_split > 1. BLOCK_O divides the group size, so
-    within a tile every vector has one scale and one zero. Program (tile, s) reduces its
-    share of the 16-row blocks of all bands, listed in the table as [container bits, word
-    base, first word row, band word rows, z offset, scale offset in group 0, scale stride
-    per group, unused]."""
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = o < n_out
-    grp = tile * BLOCK_O // GROUP
+def _u_tile(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
+            e_lo, e_hi, grp, o, omask, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+            C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
+    """One output tile's y = z Ûᵀ (BLOCK_B, BLOCK_O) fp32, summed over the 16-row blocks
+    e_lo..e_hi of the block table. _u_band needs its container width as a compile-time
+    constant, hence one branch per width; C1..C8 leave out the widths a launch lacks."""
     if BLOCK_B == 1:
         acc = tl.zeros((_ROWS, BLOCK_O), tl.float32)
     else:
         acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
     cz = tl.zeros((BLOCK_B,), tl.float32)
-    per = tl.cdiv(n_blocks, n_split)
-    for e in range(split * per, tl.minimum(split * per + per, n_blocks)):
+    for e in range(e_lo, e_hi):
         meta = blocks_ptr + e * 8
         c = tl.load(meta)
         w_base = tl.load(meta + 1)
@@ -507,6 +510,31 @@ def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, b
         y = tl.sum(acc, 0)[None, :] + cz[:, None]                            # (1, BLOCK_O)
     else:
         y = acc + cz[:, None]                                                # (BLOCK_B, BLOCK_O)
+    return y
+
+
+@triton.jit
+def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
+              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr, n_split,
+              HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
+              C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
+    """Phase U: y = z Ûᵀ (+ base) for all bands; z in block order, already scaled by S.
+
+    Grid (⌈out/BLOCK_O⌉, n_split); SPLIT = n_split > 1. BLOCK_O divides the group size, so
+    within a tile every vector has one scale and one zero. Program (tile, s) reduces its
+    share of the 16-row blocks of all bands, listed in the table as [container bits, word
+    base, first word row, band word rows, z offset, scale offset in group 0, scale stride
+    per group, unused]."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = o < n_out
+    grp = tile * BLOCK_O // GROUP
+    per = tl.cdiv(n_blocks, n_split)
+    y = _u_tile(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
+                split * per, tl.minimum(split * per + per, n_blocks), grp, o, omask,
+                BLOCK_B, BLOCK_O, C1, C2, C4, C8)                           # (BLOCK_B, BLOCK_O)
 
     b = tl.arange(0, BLOCK_B)
     mask = (b[:, None] < n_batch) & omask[None, :]
@@ -993,26 +1021,9 @@ def _multi_v_kernel(x_ptr, stride_xb, n_in, words_ptr, scale_ptr, zero_ptr, S_pt
     blk_hi = tl.minimum(blk_lo + per, nblk)
     x_seg = x_ptr + row0 * stride_xb
     acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-    if C1:
-        if c == 1:
-            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          1, F1, GROUP, BLOCK_B, BLOCK_I)
-    if C2:
-        if c == 2:
-            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          2, F2, GROUP, BLOCK_B, BLOCK_I)
-    if C4:
-        if c == 4:
-            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          4, F4, GROUP, BLOCK_B, BLOCK_I)
-    if C8:
-        if c == 8:
-            acc = _v_band(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+    acc = _v_bands(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c,
+                   w_base, s_base, n_cols, col0, blk_lo, blk_hi, GROUP, BLOCK_B, BLOCK_I,
+                   C1, C2, C4, C8, F1, F2, F4, F8)
 
     b = tl.arange(0, BLOCK_B)
     i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
@@ -1063,45 +1074,11 @@ def _multi_u_kernel(z_ptr, stride_z, n_out, words_ptr, scale_ptr, zero_ptr, bloc
     o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = o < n_out
     grp = tile * BLOCK_O // GROUP
-    z_seg = z_ptr + row0 * stride_z
-    if BLOCK_B == 1:
-        acc = tl.zeros((_ROWS, BLOCK_O), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-    cz = tl.zeros((BLOCK_B,), tl.float32)
     per = tl.cdiv(n_blocks, n_split)
-    for e in range(first + split * per, first + tl.minimum(split * per + per, n_blocks)):
-        meta = blocks_ptr + e * 8
-        c = tl.load(meta)
-        w_base = tl.load(meta + 1)
-        r0 = tl.load(meta + 2)
-        n_wr = tl.load(meta + 3)
-        z_off = tl.load(meta + 4)
-        s_off = tl.load(meta + 5) + grp * tl.load(meta + 6)
-        if C1:
-            if c == 1:
-                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
-                                  o, omask, 1, BLOCK_B)
-        if C2:
-            if c == 2:
-                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
-                                  o, omask, 2, BLOCK_B)
-        if C4:
-            if c == 4:
-                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
-                                  o, omask, 4, BLOCK_B)
-        if C8:
-            if c == 8:
-                acc, cz = _u_band(acc, cz, z_seg, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, r0, n_wr, z_off, s_off,
-                                  o, omask, 8, BLOCK_B)
-    if BLOCK_B == 1:
-        y = tl.sum(acc, 0)[None, :] + cz[:, None]                            # (1, BLOCK_O)
-    else:
-        y = acc + cz[:, None]                                                # (BLOCK_B, BLOCK_O)
+    y = _u_tile(z_ptr + row0 * stride_z, stride_z, n_batch, n_out, words_ptr, scale_ptr,
+                zero_ptr, blocks_ptr, first + split * per,
+                first + tl.minimum(split * per + per, n_blocks), grp, o, omask,
+                BLOCK_B, BLOCK_O, C1, C2, C4, C8)                           # (BLOCK_B, BLOCK_O)
 
     b = tl.arange(0, BLOCK_B)
     bmask = b < n_batch
