@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from deltacome import Config, compress_matrix, synthetic_delta
+from deltacome import Config, block_shapes, compress_matrix, synthetic_delta
 from kernel import (choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
                     multi_delta_matmul_reference, plan_tenants, prepare_delta,
                     prepare_multi_delta)
@@ -65,9 +65,7 @@ CHECK_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672), (2867
 
 
 def projections(m: dict) -> dict[str, tuple[int, int]]:
-    h, kv, inter = m["hidden"], m["kv"], m["inter"]
-    return {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h),
-            "gate": (inter, h), "up": (inter, h), "down": (h, inter)}
+    return block_shapes(m["hidden"], m["kv"], m["inter"])
 
 
 def unique_shapes(m: dict) -> list[tuple[int, int]]:

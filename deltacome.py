@@ -30,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import heapq
 import json
@@ -164,7 +165,7 @@ def svd_delta(delta: torch.Tensor, rank: int | None = None, method: str = "full"
     "full": the exact LAPACK / cuSOLVER SVD. "gram": eigendecomposition of the smaller Gram
     matrix (ΔΔᵀ or ΔᵀΔ) in fp64, then the other side's vectors as Δᵀu/σ: exact to fp32
     precision for every triplet the budget can keep (σ_i ≥ 1e-6·σ_1 — the squaring costs
-    fp64 half its digits, leaving ~8), and several times faster than "full" on a GPU.
+    fp64 half its digits, leaving ~8), and faster than "full" on a GPU.
     "lowrank": randomized SVD of just the `rank` leading triplets (Halko et al., 2 power
     iterations, rank/4 + 16 extra columns): fastest, approximate in the tail.
     The README measures the final compression error of each against "full".
@@ -245,7 +246,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int = 128, search: b
             p = p.view(-1, 1, 1)                                # candidates (P, 1, 1)
             z, s = mid - p * half, (2 * p * half / levels).clamp_min(1e-12)      # (P, m, G)
             for _ in range(2):                      # least-squares refit of (s, z) to the codes
-                q = ((xg - z.unsqueeze(-1)) / s.unsqueeze(-1)).round().clamp(0, levels)
+                q = grid_codes(xg, s, z, levels)
                 q_mean, x_mean = (w * q).sum(-1) / count, (w * xg).sum(-1) / count
                 var = (w * (q - q_mean.unsqueeze(-1)) ** 2).sum(-1)
                 cov = (w * (q - q_mean.unsqueeze(-1)) * (xg - x_mean.unsqueeze(-1))).sum(-1)
@@ -297,17 +298,22 @@ def container_bits(bits: int) -> int:
     return 1 << (bits - 1).bit_length()
 
 
+def pack_words(codes: torch.Tensor, c: int) -> torch.Tensor:
+    """codes (..., 32/c) < 2^c -> (...) int32 words, code k at bits [c·k, c·k + c)."""
+    shifts = torch.arange(32 // c, device=codes.device, dtype=torch.int64) * c
+    packed = (codes.to(torch.int64) << shifts).sum(-1)                  # (...) < 2^32
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes (m, n) uint8 < 2^bits -> words (m, ⌈n / (32/c)⌉) int32."""
     c = container_bits(bits)
     per_word = 32 // c
     m, n = codes.shape
     words = -(-n // per_word)
-    padded = torch.zeros(m, words * per_word, dtype=torch.int64, device=codes.device)
-    padded[:, :n] = codes.to(torch.int64)
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * c
-    packed = (padded.view(m, words, per_word) << shifts).sum(-1)        # (m, words) < 2^32
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    padded = torch.zeros(m, words * per_word, dtype=torch.uint8, device=codes.device)
+    padded[:, :n] = codes
+    return pack_words(padded.view(m, words, per_word), c)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -348,15 +354,18 @@ def dequantize_vectors(qv: QuantizedVectors) -> torch.Tensor:
 # the packed codes of u and v, their fp16 scales and zeros, and its fp32 singular value.
 
 
+def packed_bytes(n: int, bits: int, group_size: int = 128) -> int:
+    """Bytes one vector of length n takes at `bits`: int32 words + fp16 scale and zero."""
+    per_word = 32 // container_bits(bits)
+    return 4 * -(-n // per_word) + 2 * 2 * -(-n // group_size)
+
+
 def vector_bytes(out_features: int, in_features: int, bits: int, group_size: int = 128) -> int:
     """Bytes one singular triplet costs when u and v are stored at `bits` (0 = dropped)."""
     if bits == 0:
         return 0
-    per_word = 32 // container_bits(bits)
-
-    def one(n):
-        return 4 * -(-n // per_word) + 2 * 2 * -(-n // group_size)     # codes + scale + zero
-    return one(out_features) + one(in_features) + 4                       # + fp32 σ
+    return (packed_bytes(out_features, bits, group_size)
+            + packed_bytes(in_features, bits, group_size) + 4)                # + fp32 σ
 
 
 def budget_bytes(out_features: int, in_features: int, budget: float) -> int:
@@ -501,14 +510,23 @@ class CompressedMatrix:
                                                   b.V.codes, b.V.scale, b.V.zero)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def to(self, device) -> CompressedMatrix:
+        """The same matrix with every tensor on `device`."""
+        def qv(q):
+            return QuantizedVectors(q.codes.to(device), q.scale.to(device), q.zero.to(device),
+                                    q.bits, q.n, q.group_size)
+        return CompressedMatrix(self.shape, self.dtype, [Band(b.bits, b.S.to(device), qv(b.U),
+                                                              qv(b.V)) for b in self.bands])
+
 
 def choose_widths(delta: torch.Tensor, cfg: Config):
     """SVD of Δ and a bit width per kept singular triplet, by cfg.method under cfg.budget."""
     out_f, in_f = delta.shape
     g = cfg.group_size
     budget = budget_bytes(out_f, in_f, cfg.budget)
+    none = [], delta.new_zeros(out_f, 0), delta.new_zeros(0), delta.new_zeros(in_f, 0)
     if not delta.any():
-        return [], *svd_delta(delta, 0)
+        return none
     if cfg.method == "greedy":
         candidates = sorted({0, *cfg.widths})
         costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
@@ -527,9 +545,7 @@ def choose_widths(delta: torch.Tensor, cfg: Config):
     if budget < cheapest:
         raise DeltaComeError(f"budget {cfg.budget:g} of a {out_f}x{in_f} delta is {budget} bytes, "
                              f"less than one singular vector costs ({cheapest} bytes)")
-    if not widths:
-        return [], *svd_delta(delta, 0)
-    return widths, U, S, V
+    return (widths, U, S, V) if widths else none
 
 
 def bands_of(widths: list[int]) -> list[tuple[int, int, int]]:
@@ -726,13 +742,14 @@ def prefetched(fn, items, depth: int = 2):
     background thread (reading the next tensors while the GPU works on this one)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    items = iter(items)
     with ThreadPoolExecutor(1) as pool:
-        queue = [pool.submit(fn, item) for _, item in zip(range(depth), items)]
+        queue = collections.deque()
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            if len(queue) > depth:
+                yield queue.popleft().result()
         while queue:
-            result = queue.pop(0).result()
-            queue += [pool.submit(fn, item) for _, item in zip(range(1), items)]
-            yield result
+            yield queue.popleft().result()
 
 
 def peak_rss_mb() -> float:
@@ -875,7 +892,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                         if tuple(w.shape) != cm.shape:
                             raise DeltaComeError(f"tensor {name}: shape {tuple(w.shape)} in BASE "
                                                  f"but {cm.shape} in the delta file")
-                        dhat = decompress_matrix(_to(cm, dev))
+                        dhat = decompress_matrix(cm.to(dev))
                         w = (w.to(dev).float() + dhat).to(w.dtype)
                     elif name in delta.carried:
                         w = delta.carried[name]
@@ -901,14 +918,6 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     return out
 
 
-def _to(cm: CompressedMatrix, device) -> CompressedMatrix:
-    def qv(q):
-        return QuantizedVectors(q.codes.to(device), q.scale.to(device), q.zero.to(device),
-                                q.bits, q.n, q.group_size)
-    return CompressedMatrix(cm.shape, cm.dtype,
-                            [Band(b.bits, b.S.to(device), qv(b.U), qv(b.V)) for b in cm.bands])
-
-
 def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
            progress: bool = True) -> str:
     """Check a rebuilt checkpoint against BASE + Δ̂ recomputed here on the CPU, independently
@@ -916,31 +925,38 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
     summed on a GPU, whose matmul rounds differently), every other tensor exactly."""
     from tqdm import tqdm
 
-    base_r, merged_r = CheckpointReader(base), CheckpointReader(merged)
     delta = read_delta_file(delta_path)
-    if sorted(base_r.names()) != sorted(merged_r.names()):
-        raise DeltaComeError(f"{merged}: its tensor names differ from BASE {base}")
-    worst = 0.0
-    for name in tqdm(base_r.names(), desc="verify", unit="tensor", disable=not progress):
-        w_base, w = base_r.get(name), merged_r.get(name)
-        if w.dtype != w_base.dtype or w.shape != w_base.shape:
-            raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
-                                 f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
-        if name in delta.matrices:
-            expected = w_base.float() + decompress_matrix(delta.matrices[name])
-            ulp = torch.finfo(w.dtype).eps * expected.abs().clamp_min(torch.finfo(w.dtype).tiny)
-            excess = float(((w.float() - expected).abs() / ulp).max())
-            worst = max(worst, excess)
-            if excess > 1.0:
-                raise DeltaComeError(f"tensor {name}: differs from BASE + Δ̂ by {excess:.2f} "
-                                     f"ulp of {w.dtype}")
-        elif not torch.equal(w, delta.carried.get(name, w_base)):
+    with contextlib.closing(CheckpointReader(base)) as base_r, \
+            contextlib.closing(CheckpointReader(merged)) as merged_r:
+        if sorted(base_r.names()) != sorted(merged_r.names()):
+            raise DeltaComeError(f"{merged}: its tensor names differ from BASE {base}")
+        worst = max((verify_tensor(name, base_r.get(name), merged_r.get(name), delta, merged)
+                     for name in tqdm(base_r.names(), desc="verify", unit="tensor",
+                                      disable=not progress)), default=0.0)
+        count = len(base_r.names())
+    return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
+            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
+
+
+def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: DeltaFile,
+                  merged: str | Path) -> float:
+    """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
+    (at most 1, else an error); every other tensor must be exact (0)."""
+    if w.dtype != w_base.dtype or w.shape != w_base.shape:
+        raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
+                             f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
+    if name not in delta.matrices:
+        if not torch.equal(w, delta.carried.get(name, w_base)):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
-    base_r.close()
-    merged_r.close()
-    return (f"verified {len(base_r.names())} tensors: {len(delta.matrices)} rebuilt within "
-            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
+        return 0.0
+    expected = w_base.float() + decompress_matrix(delta.matrices[name])
+    ulp = torch.finfo(w.dtype).eps * expected.abs().clamp_min(torch.finfo(w.dtype).tiny)
+    excess = float(((w.float() - expected).abs() / ulp).max())
+    if excess > 1.0:
+        raise DeltaComeError(f"tensor {name}: differs from BASE + Δ̂ by {excess:.2f} "
+                             f"ulp of {w.dtype}")
+    return excess
 
 
 def info(delta_path: str | Path) -> str:
@@ -975,6 +991,18 @@ MODEL_SHAPES = {
 }
 
 
+def block_shapes(hidden: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of the 7 projections of a Llama block; kv = key/value heads × head size."""
+    return {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
+            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+
+
+# The projection modules of a Llama block (HF names), by the keys of block_shapes.
+LLAMA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                 "down": "mlp.down_proj"}
+
+
 def make_example(directory: str | Path, model: str = "tiny", layers: int | None = None,
                  width: int | None = None, seed: int = 0, sharded: bool = True,
                  dtype: torch.dtype = torch.float16, device: str = "cpu",
@@ -991,11 +1019,7 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
     if width is not None:
         hidden, inter = width, int(width * 2.6875)
     layers = n_layers if layers is None else layers
-    kv = hidden // heads * kv_heads
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-              "mlp.down_proj": (hidden, inter)}
+    shapes = block_shapes(hidden, hidden // heads * kv_heads, inter)
     gen = torch.Generator(device).manual_seed(seed)
 
     def randn(*shape):
@@ -1010,8 +1034,8 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
             base["lm_head.weight"] = randn(vocab, hidden) * 0.02
             ft["lm_head.weight"] = base["lm_head.weight"] + 0.001 * randn(vocab, hidden)
             return base, ft
-        for suffix, (o, n) in shapes.items():
-            name = f"model.layers.{i}.{suffix}.weight"
+        for kind, (o, n) in shapes.items():
+            name = f"model.layers.{i}.{LLAMA_MODULES[kind]}.weight"
             base[name] = randn(o, n) / math.sqrt(n)
             ft[name] = base[name] + synthetic_delta(o, n, gen)
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -1122,22 +1146,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "(default: weights inside numbered transformer blocks)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
                        help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
-                            "as full, ~3x faster on a GPU), full (LAPACK/cuSOLVER SVD), lowrank "
-                            "(randomized, approximate tail)")
-    if command == "apply":
+                            "as full, compression 2.5x faster on an H100), full "
+                            "(LAPACK/cuSOLVER SVD), lowrank (randomized, approximate tail)")
+    if command in ("apply", "verify"):
         p.add_argument("base", help="the base checkpoint the delta was made against")
+    if command in ("apply", "info", "verify"):
         p.add_argument("delta", help="delta file written by the compress command")
+    if command == "apply":
         p.add_argument("out", help="output: a file if BASE is a file, else a directory")
-    if command in ("info", "verify"):
-        if command == "verify":
-            p.add_argument("base", help="the base checkpoint the delta was made against")
-        p.add_argument("delta", help="delta file written by the compress command")
-        if command == "verify":
-            p.add_argument("merged", help="the checkpoint `apply` rebuilt")
     if command == "verify":
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    elif command != "info":
+        p.add_argument("merged", help="the checkpoint `apply` rebuilt")
+    if command in ("compress", "example", "apply"):
         p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:N")
+    if command != "info":
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 

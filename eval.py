@@ -106,8 +106,7 @@ def bitdelta(delta: torch.Tensor, budget: float) -> Reconstruction | None:
 
 def plain_bytes(out_f: int, in_f: int, bits: int, group_size: int = 128) -> int:
     """Bytes of Δ's rows stored like deltacome stores a vector: packed codes + scale + zero."""
-    per_word = 32 // dc.container_bits(bits)
-    return out_f * (4 * -(-in_f // per_word) + 4 * -(-in_f // group_size))
+    return out_f * dc.packed_bytes(in_f, bits, group_size)
 
 
 def plain_lowbit(delta: torch.Tensor, budget: float, group_size: int = 128) -> Reconstruction | None:
@@ -163,8 +162,7 @@ def output_error(delta: torch.Tensor, delta_hat: torch.Tensor, gram: torch.Tenso
 # activations; the real ones come from a checkpoint pair and hooks on the fine-tune's layers.
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
-                  "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}   # (out, in)
+SMOLLM2_SHAPES = dc.block_shapes(hidden=576, kv=192, inter=1536)               # (out, in)
 
 
 def kind_of(name: str) -> str:
