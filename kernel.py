@@ -89,8 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltacome import (Band, CompressedMatrix, DeltaComeError, QuantizedVectors, container_bits,
-                       dequantize_vectors, read_delta_file, unpack_codes)
+from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
+                       pack_words, read_delta_file, unpack_codes)
 
 ROWS = 16              # word rows per block in both phases: the K=16 of a tensor-core dot
 MAX_BATCH = 64         # rows per launch; larger batches are cut into chunks of 64
@@ -142,13 +142,6 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 #
 # All bands of a matrix are concatenated into one buffer per kind; small int32 tables tell
 # each program where its band starts and how wide its codes are.
-
-
-def pack_last(codes: torch.Tensor, c: int) -> torch.Tensor:
-    """codes (..., 32/c) uint8 -> (...) int32, code k at bits [c·k, c·k + c)."""
-    shifts = torch.arange(32 // c, device=codes.device, dtype=torch.int64) * c
-    packed = (codes.to(torch.int64) << shifts).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def block_order(r: int, pw: int) -> torch.Tensor:
@@ -214,7 +207,7 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
         codes = torch.nn.functional.pad(codes, (0, nblk * ROWS * pw - in_f))
         codes = codes.view(r, nblk, pw, ROWS).permute(1, 3, 0, 2)                 # blk,t,i,k
         ld = -(-r // 4) * 4                                 # rows padded to 16-byte multiples
-        words = torch.nn.functional.pad(pack_last(codes, c), (0, ld - r))
+        words = torch.nn.functional.pad(pack_words(codes, c), (0, ld - r))
         vw.append(words.reshape(-1))                                              # nblk·16·ld
         groups = -(-nblk * ROWS * pw // g)
         for src, dst in ((band.V.scale, vs), (band.V.zero, vz)):
@@ -229,7 +222,7 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
         codes = unpack_codes(band.U.codes.to(device), band.bits, out_f)           # (r, out)
         codes = torch.nn.functional.pad(codes, (0, 0, 0, nwr * pw - r))
         codes = codes.view(nwr, pw, out_f).permute(0, 2, 1)                      # w, o, k
-        words = pack_last(codes, c).reshape(-1)                                   # nwr·out
+        words = pack_words(codes, c).reshape(-1)                                  # nwr·out
         uw.append(torch.nn.functional.pad(words, (0, -words.numel() % 4)))       # 16-byte base
         ublk = -(-nwr // ROWS)
         P = ublk * ROWS * pw
@@ -595,6 +588,14 @@ def fold_size(group_size: int, c: int) -> int:
     return math.gcd(group_size, ROWS * (32 // c)) // ROWS
 
 
+def width_args(containers, group_size: int) -> tuple[dict, dict]:
+    """The kernels' per-width constexprs: C1..C8, which container widths occur (the others
+    are not compiled), and F1..F8, fold_size of each width."""
+    widths = (1, 2, 4, 8)
+    return ({f"C{c}": c in containers for c in widths},
+            {f"F{c}": fold_size(group_size, c) for c in widths})
+
+
 def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | None = None,
                         config: KernelConfig | None = None) -> torch.Tensor:
     """x (B, in) fp16/bf16, B ≤ 64, contiguous -> x Δ̂ᵀ (+ base) (B, out) in x.dtype."""
@@ -616,7 +617,7 @@ def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | N
     if max(tiles.shape[0], u_tiles) > kd.locks.numel():
         raise ValueError(f"{max(tiles.shape[0], u_tiles)} tiles but {kd.locks.numel()} "
                          f"counters: use block_o ≥ 32")
-    has = {c: c in kd.containers for c in (1, 2, 4, 8)}
+    flags, folds = width_args(kd.containers, kd.group_size)
     zpart = torch.empty(config.split_v if config.split_v > 1 else 0, B, kd.rank,
                         dtype=torch.float32, device=x.device)
     ypart = torch.empty(config.split_u if config.split_u > 1 else 0, B, out_f,
@@ -626,9 +627,7 @@ def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | N
         zpart, kd.z, kd.z.stride(0), kd.locks, kd.rank, config.split_v,
         GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_I=block_i, SPLIT=config.split_v > 1,
         MAX_SPLIT=triton.next_power_of_2(config.split_v),
-        C1=has[1], C2=has[2], C4=has[4], C8=has[8],
-        F1=fold_size(kd.group_size, 1), F2=fold_size(kd.group_size, 2),
-        F4=fold_size(kd.group_size, 4), F8=fold_size(kd.group_size, 8),
+        **flags, **folds,
         num_warps=config.warps_v if B == 1 else 4)
     base_arg = base if base is not None else y
     _u_kernel[(u_tiles, config.split_u)](
@@ -637,9 +636,34 @@ def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | N
         config.split_u, HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b,
         BLOCK_O=config.block_o, SPLIT=config.split_u > 1,
         MAX_SPLIT=triton.next_power_of_2(config.split_u),
-        C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+        **flags,
         num_warps=max(1, config.block_o // 128) if B == 1 else 4)
     return y
+
+
+def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor | None,
+                    backend: str) -> str:
+    """The checks both wrappers share: x (..., in) and base (..., out) against the delta's
+    (out, in) shape, then "auto" -> "triton" (fp16/bf16 CUDA tensors) or "reference", and
+    for Triton, x's dtype and device. Returns "triton" or "reference"."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    out_f, in_f = shape
+    if x.ndim == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the delta expects (..., {in_f})")
+    if base is not None and (base.shape != (*x.shape[:-1], out_f) or base.device != x.device):
+        raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
+                         f"{(*x.shape[:-1], out_f)} on {x.device}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
+            else "reference"
+    if backend == "triton":
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                             "before triton is imported)")
+    return backend
 
 
 def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
@@ -651,28 +675,13 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
     "triton" = the kernels (also on CPU tensors under TRITON_INTERPRET=1); "reference".
     A CompressedMatrix is repacked on every Triton call: prepare it once with
     `prepare_delta` (DeltaLinear does) to serve it."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     out_f, in_f = delta.shape
-    if x.ndim == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"x has shape {tuple(x.shape)}; the delta expects (..., {in_f})")
-    if base is not None and (base.shape != (*x.shape[:-1], out_f) or base.device != x.device):
-        raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
-                         f"{(*x.shape[:-1], out_f)} on {x.device}")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
-            else "reference"
-    if backend == "reference":
+    if resolve_backend(x, delta.shape, base, backend) == "reference":
         if isinstance(delta, KernelDelta):
             raise ValueError("the reference backend needs the CompressedMatrix, "
                              "not a KernelDelta")
         y = delta_matmul_reference(x, delta)
         return y if base is None else base + y
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                         "before triton is imported)")
     kd = delta if isinstance(delta, KernelDelta) else prepare_delta(delta, x.device)
     if kd.S.device != x.device:
         raise ValueError(f"the prepared delta is on {kd.S.device}, x on {x.device}")
@@ -688,15 +697,6 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
 
 # ----------------------------------------------------------------------------------------------
 # Serving a compressed fine-tune: one layer, then a whole model.
-
-
-def move_delta(cm: CompressedMatrix, device) -> CompressedMatrix:
-    """The same CompressedMatrix with every tensor on `device`."""
-    def qv(q):
-        return QuantizedVectors(q.codes.to(device), q.scale.to(device), q.zero.to(device),
-                                q.bits, q.n, q.group_size)
-    return CompressedMatrix(cm.shape, cm.dtype, [Band(b.bits, b.S.to(device), qv(b.U), qv(b.V))
-                                                 for b in cm.bands])
 
 
 class DeltaLinear(torch.nn.Module):
@@ -719,7 +719,7 @@ class DeltaLinear(torch.nn.Module):
             self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
         if not use_triton:
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
-                self.delta = move_delta(self.delta, x.device)
+                self.delta = self.delta.to(x.device)
             return delta_matmul(x, self.delta, y, backend="reference")
         if self._prepared is None or self._prepared.S.device != x.device:
             self._prepared = prepare_delta(self.delta, x.device)
@@ -736,33 +736,42 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> li
     tensor is copied into the parameter or buffer of that name. Returns the patched names.
     Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight)."""
     delta = read_delta_file(delta_path)
+    copy_carried(model, delta.carried, delta_path)
+    for name, cm in delta.matrices.items():
+        replace_linear(model, name, lambda layer: DeltaLinear(layer, cm, backend), delta_path)
+    return list(delta.matrices)
+
+
+def copy_carried(model: torch.nn.Module, carried: dict, source) -> None:
+    """Copy a delta file's carried tensors (FT's norms, embeddings, ...) into the model's
+    parameters or buffers of the same names; `source` names the file in errors."""
     state = model.state_dict(keep_vars=True)
-    for name, tensor in delta.carried.items():
+    for name, tensor in carried.items():
         if name not in state:
-            raise DeltaComeError(f"{delta_path}: carried tensor {name} is not in the model")
+            raise DeltaComeError(f"{source}: carried tensor {name} is not in the model")
         if state[name].shape != tensor.shape:
             raise DeltaComeError(f"carried tensor {name}: {tuple(tensor.shape)} in the delta "
                                  f"file, {tuple(state[name].shape)} in the model")
         with torch.no_grad():
             state[name].copy_(tensor)
-    patched = []
-    for name, cm in delta.matrices.items():
-        if not name.endswith(".weight"):
-            raise DeltaComeError(f"{delta_path}: matrix {name} is not a '.weight' tensor")
-        path = name.removesuffix(".weight")
-        try:
-            layer = model.get_submodule(path)
-        except AttributeError:
-            raise DeltaComeError(f"{delta_path}: the model has no module {path} (for {name})")
-        if isinstance(layer, DeltaLinear):
-            raise DeltaComeError(f"{path} is already patched")
-        if not isinstance(layer, torch.nn.Linear):
-            raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DeltaLinear(layer, cm, backend))
-        patched.append(name)
-    return patched
+
+
+def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
+    """Swap the nn.Linear that holds matrix `name` (NAME.weight) for make(that Linear)."""
+    if not name.endswith(".weight"):
+        raise DeltaComeError(f"{source}: matrix {name} is not a '.weight' tensor")
+    path = name.removesuffix(".weight")
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise DeltaComeError(f"{source}: the model has no module {path} (for {name})")
+    if isinstance(layer, (DeltaLinear, MultiDeltaLinear)):
+        raise DeltaComeError(f"{path} is already patched")
+    if not isinstance(layer, torch.nn.Linear):
+        raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, make(layer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1134,7 +1143,7 @@ def multi_delta_matmul_triton(x: torch.Tensor, md: MultiKernelDelta, plan: Tenan
     y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
     z = torch.zeros(B, md.z_width, dtype=torch.float32, device=x.device)    # see docstring
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    has = {c: c in md.containers for c in (1, 2, 4, 8)}
+    flags, folds = width_args(md.containers, md.group_size)
     g = md.group_size
     base_arg = base if base is not None else y
     for block_b, segs, n_seg in plan.groups:
@@ -1156,8 +1165,7 @@ def multi_delta_matmul_triton(x: torch.Tensor, md: MultiKernelDelta, plan: Tenan
             md.max_tiles, segs, zpart, z, z.stride(0), md.locks, B, md.max_rank, cfg.split_v,
             GROUP=g, BLOCK_B=block_b, BLOCK_I=TILE, SPLIT=cfg.split_v > 1,
             MAX_SPLIT=triton.next_power_of_2(cfg.split_v),
-            C1=has[1], C2=has[2], C4=has[4], C8=has[8],
-            F1=fold_size(g, 1), F2=fold_size(g, 2), F4=fold_size(g, 4), F8=fold_size(g, 8),
+            **flags, **folds,
             num_warps=1 if block_b == 1 else 4)
         _multi_u_kernel[(n_seg, u_tiles, cfg.split_u)](
             z, z.stride(0), out_f, md.u_words, md.u_scale, md.u_zero, md.u_blocks, md.u_range,
@@ -1165,7 +1173,7 @@ def multi_delta_matmul_triton(x: torch.Tensor, md: MultiKernelDelta, plan: Tenan
             md.locks, cfg.split_u,
             HAS_BASE=base is not None, GROUP=g, BLOCK_B=block_b, BLOCK_O=cfg.block_o,
             SPLIT=cfg.split_u > 1, MAX_SPLIT=triton.next_power_of_2(cfg.split_u),
-            C1=has[1], C2=has[2], C4=has[4], C8=has[8],
+            **flags,
             num_warps=max(1, cfg.block_o // 128) if block_b == 1 else 4)
     return y
 
@@ -1181,23 +1189,14 @@ def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[Comp
     reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "reference" (needs the
     CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
     of tenant_idx to reuse one plan across the layers of a forward pass."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     n = deltas.n_tenants if isinstance(deltas, MultiKernelDelta) else len(deltas)
     if n == 0:
         raise ValueError("no deltas given")
     out_f, in_f = deltas.shape if isinstance(deltas, MultiKernelDelta) else deltas[0].shape
-    if x.ndim == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"x has shape {tuple(x.shape)}; the deltas expect (..., {in_f})")
-    lead = x.shape[:-1]
-    if base is not None and (base.shape != (*lead, out_f) or base.device != x.device):
-        raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
-                         f"{(*lead, out_f)} on {x.device}")
+    backend = resolve_backend(x, (out_f, in_f), base, backend)
     if (tenant_idx is None) == (plan is None):
         raise ValueError("give exactly one of tenant_idx and plan")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
-            else "reference"
+    lead = x.shape[:-1]
     if backend == "reference":
         if isinstance(deltas, MultiKernelDelta):
             raise ValueError("the reference backend needs the CompressedMatrix list, "
@@ -1206,11 +1205,6 @@ def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[Comp
             raise ValueError("the reference backend takes tenant_idx, not a plan")
         y = multi_delta_matmul_reference(x, deltas, tenant_idx)
         return y if base is None else base + y
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                         "before triton is imported)")
     md = deltas if isinstance(deltas, MultiKernelDelta) else prepare_multi_delta(deltas,
                                                                                  x.device)
     if md.S.device != x.device:
@@ -1304,7 +1298,7 @@ class MultiDeltaLinear(torch.nn.Module):
             self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
         if not use_triton:
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
-                self.deltas = [move_delta(cm, x.device) for cm in self.deltas]
+                self.deltas = [cm.to(x.device) for cm in self.deltas]
             return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
         if self._prepared is None or self._prepared.S.device != x.device:
             self._prepared = prepare_multi_delta(self.deltas, x.device)
@@ -1338,43 +1332,18 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
             odd = sorted(set(f.matrices) ^ set(names))[0]
             raise DeltaComeError(f"{p} and {paths[0]} compress different matrices "
                                  f"(e.g. {odd}): not fine-tunes of one base model?")
-    carried = sorted(set().union(*(f.carried for f in files)))
-    for name in carried:
-        owners = [t for t, f in enumerate(files) if name in f.carried]
-        if len(owners) != len(files) or any(not torch.equal(files[t].carried[name],
-                                                            files[0].carried[name])
-                                            for t in owners):
-            t = next(t for t in range(len(files)) if t not in owners or not torch.equal(
-                files[t].carried[name], files[owners[0]].carried[name]))
-            raise DeltaComeError(f"carried tensor {name} differs between {paths[owners[0]]} "
-                                 f"and {paths[t]}: tenants of one model must share every "
-                                 f"tensor outside the compressed matrices")
-    state = model.state_dict(keep_vars=True)
-    for name in carried:
-        tensor = files[0].carried[name]
-        if name not in state:
-            raise DeltaComeError(f"{paths[0]}: carried tensor {name} is not in the model")
-        if state[name].shape != tensor.shape:
-            raise DeltaComeError(f"carried tensor {name}: {tuple(tensor.shape)} in the delta "
-                                 f"files, {tuple(state[name].shape)} in the model")
-        with torch.no_grad():
-            state[name].copy_(tensor)
+    for name in sorted(set().union(*(f.carried for f in files))):
+        first = next(t for t, f in enumerate(files) if name in f.carried)
+        for t, f in enumerate(files):
+            if name not in f.carried or not torch.equal(f.carried[name],
+                                                        files[first].carried[name]):
+                raise DeltaComeError(f"carried tensor {name} differs between {paths[first]} "
+                                     f"and {paths[t]}: tenants of one model must share every "
+                                     f"tensor outside the compressed matrices")
+    copy_carried(model, files[0].carried, paths[0])
     for name in names:
-        if not name.endswith(".weight"):
-            raise DeltaComeError(f"{paths[0]}: matrix {name} is not a '.weight' tensor")
-        path = name.removesuffix(".weight")
-        try:
-            layer = model.get_submodule(path)
-        except AttributeError:
-            raise DeltaComeError(f"{paths[0]}: the model has no module {path} (for {name})")
-        if isinstance(layer, (DeltaLinear, MultiDeltaLinear)):
-            raise DeltaComeError(f"{path} is already patched")
-        if not isinstance(layer, torch.nn.Linear):
-            raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MultiDeltaLinear(layer, [f.matrices[name] for f in files],
-                                                backend))
+        replace_linear(model, name, lambda layer: MultiDeltaLinear(
+            layer, [f.matrices[name] for f in files], backend), paths[0])
     return names
 
 
