@@ -35,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -42,6 +43,7 @@ import sys
 import time
 
 import torch
+import triton
 
 from deltacome import Config, block_shapes, compress_matrix, synthetic_delta
 from kernel import (choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
@@ -244,7 +246,7 @@ def layer_rows(models, batches, dtype, device, cache) -> list[dict]:
         Ws = {p: torch.randn(s, device=device).to(dtype) * 0.02 for p, s in projs.items()}
         kds = {p: prepare_delta(cache[s] if s in cache else make_delta(s, device), device)
                for p, s in projs.items()}
-        nbytes = sum(k.nbytes for k in kds.values())
+        nbytes = sum(sum(k.nbytes) for k in kds.values())
         for B in batches:
             xs = {p: torch.randn(B, s[1], device=device).to(dtype) for p, s in projs.items()}
 
@@ -380,7 +382,8 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
 
 
 def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
-    """Times a few launch configurations per shape/batch, for tuning choose_config."""
+    """Times launch configurations per shape/batch, for tuning choose_config: programs per
+    SM (waves) and, at batch 1, the tile widths."""
     rows = []
     sm = torch.cuda.get_device_properties(device).multi_processor_count
     for shape in shapes:
@@ -390,19 +393,23 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
         for B in batches:
             x = torch.randn(B, shape[1], device=device).to(dtype)
             ref = delta_matmul_reference(x, cm)
-            for waves in (1, 2, 4, 8, 16):
-                for warps_v in ((1, 2, 4) if B == 1 else (1,)):
-                    cfg = choose_config(kds[0], B, sm, waves=waves, warps_v=warps_v)
-                    err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
-                    us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
-                                  for k in kds], graph=True)
-                    gbs = cm.nbytes() / us / 1e3
-                    rows.append(dict(shape=list(shape), batch=B, waves=waves, warps_v=warps_v,
-                                     split_v=cfg.split_v, split_u=cfg.split_u, us=us, gbs=gbs,
-                                     err=err))
-                    print(f"sweep {shape} B={B} waves={waves} warps_v={warps_v} "
-                          f"split=({cfg.split_v},{cfg.split_u}) {us:8.1f} µs {gbs:7.0f} GB/s "
-                          f"err {err:.1e}", flush=True)
+            block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
+            tilings = [(64, 512), (128, 512), (64, 1024)] if B == 1 else [(64, 512)]
+            for waves, stages, (block_j, block_o) in itertools.product(
+                    (8, 16, 32, 64), (2, 3), tilings):
+                cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
+                                    block_o=block_o, stages=stages)
+                err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
+                us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
+                              for k in kds], graph=True)
+                gbs = cm.nbytes() / us / 1e3
+                rows.append(dict(shape=list(shape), batch=B, waves=waves, stages=stages,
+                                 block_j=block_j, block_o=block_o, split_v=cfg.split_v,
+                                 rows_u=cfg.rows_u, us=us, gbs=gbs, err=err))
+                print(f"sweep {shape} B={B} waves={waves} stages={stages} "
+                      f"block_j={block_j} block_o={block_o} split_v={cfg.split_v} "
+                      f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
+                      flush=True)
     return rows
 
 

@@ -23,9 +23,9 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
   Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row):
     multi_delta_matmul_reference   a loop over tenants of delta_matmul_reference
     plan_tenants            a batch's rows grouped by tenant, once per batch (host side)
-    prepare_multi_delta     N prepared deltas concatenated, with per-tenant tables
-    _multi_v_kernel, _multi_u_kernel   _v_band / _u_band over a (tenant segment, tile) grid
-    multi_delta_matmul      checks, plans, picks Triton or the reference, launches
+    prepare_multi_delta     N deltas in one runtime layout (a single delta is N = 1)
+    multi_delta_matmul      checks, plans, picks Triton or the reference, launches the same
+                            two kernels over a (tenant segment, work item) grid
     MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
@@ -40,40 +40,36 @@ Usage:
 Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
 * Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
-  must consume ~50 codes per clock. An int->float conversion runs at 16/clock/SM, so codes
-  become floats by the exponent trick instead: OR-ing a code into the mantissa of 2^23 and
-  subtracting 2^23 gives it exactly, one logic op and one add. A code is masked *in place*
-  (q·2^off, off < 23 - c): no shift per code, one shift per word; the 2^-off goes into the
-  other factor (x in phase V, z·scale in phase U), which is per row, not per element.
-* Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group of g elements, so
-  the inner loop is one add (the exponent trick) and one FMA per code and the group's
-  scale/zero are applied once per group, not per element.
-* Layout. Both phases are "reduce over the packed dimension, outputs contiguous": phase V
-  reads V̂ as words (in/pw, r) (pw codes of consecutive `in` positions per word, vectors
-  contiguous), phase U reads Û as words (r/pw, out) (pw consecutive *vectors* per word,
-  outputs contiguous). A tile of 16 word rows × 128 columns per warp gives each thread all
-  16 rows of its columns, so the row reductions are in-thread. (The word loads come out as
-  coalesced 4-byte loads; Triton did not vectorize them to 16 bytes.) In phase V a 16-word-row block holds input position
-  blk·16·pw + k·16 + t in code k of row t, so the x slice each code meets is 16 contiguous
-  values (and, for batch ≥ 2, the K=16 operand of a tensor-core dot).
-* Launches. Two per matrix: phase U needs all of z. Each phase splits its reduction over
-  enough programs to fill the SMs; the partial sums go to a small fp32 buffer and the last
-  program of each output tile (an acq_rel counter, reset by that program) adds them in a
-  fixed order, scales by S or adds the base output, and writes the result: deterministic,
-  no memset, no extra epilogue launch.
-* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows and need a
-  layout shuffle per code); batch 2–64 pads to 16/32/64 rows and uses tl.dot in tf32 on
-  exact operands (codes ≤ 255, x in fp16/bf16 and powers of two are exact in tf32).
+  must consume ~50 codes per clock, so the per-code work must be a few instructions. A code
+  becomes a float by the exponent trick instead of an int->float conversion (16/clock/SM):
+  OR-ing it into the mantissa of 2^23 gives 2^23 + q, one LOP3 with the code's mask as the
+  immediate (codes are masked where they lie, q·2^(c·k'), and the power of two is undone
+  once per row or output, not per code). In phase V, x·q is then one exact FFMA.
+* Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group, so a group's scale
+  and zero cost nothing per code in phase V; in phase U every thread owns whole words, whose
+  codes share one factor z·scale per (vector, word).
+* Layout. Phase V reads V̂ transposed, (positions/pw, vectors): a program's threads own a few
+  vectors and walk down the positions; phase U reads Û as stored, (vectors, outputs/pw): its
+  threads own output words and walk down the vectors. Both reductions stay in-thread. The
+  scale/zero pair of a group is one int32, so every load is 4 or 16 bytes and the main loops
+  are software-pipelined with async copies (`tl.range(num_stages=...)`).
+* Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
+  items (tile × chunk of the reduction) until there are ~32 one-warp programs per SM; a tile
+  with several items adds them into a zeroed fp32 workspace with atomics and the last item
+  (an acq_rel counter) reads the sum, resets the workspace and writes the result: no memset,
+  no extra launch, one L2 round trip at the tail. The order of the adds, and so the last
+  bits, can vary between runs.
+* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
+  2–32 pads to 16/32 rows and uses tl.dot in tf32 on exact operands (codes ≤ 255, x in
+  fp16/bf16, and z·scale rounded to tf32 like the reference rounds z to the compute dtype).
 
-A prepared delta owns two small work buffers (z and the counters), so one prepared delta must
-not be used by two CUDA streams at the same time.
+The fp32 workspace and the counters are shared by every prepared delta on a device
+(`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
-Measured (bench.py, H100): correct at every shape and batch, 20–60× faster than the reference,
-but only 5–10 % of copy bandwidth on the 70B shapes at batch 1: the kernels are bound by
-instruction issue, not memory. The PTX spends ~7 instructions per 2-bit code, not ~3,
-mostly reloading, converting and scaling the 16 per-row factors (x, or z·scale) for every
-code, because each thread covers all 16 rows but only 4 columns. Next step: more columns
-per thread, or per-row factors held in registers across codes.
+Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
+35–83× faster than the reference and 12.7 % / 18.2 % of copy bandwidth on the two 70B
+shapes (the previous design: 7–8 %). Phase U is the slow half: it streams at ~300 GB/s while
+its instruction count would allow several times that.
 """
 
 from __future__ import annotations
@@ -90,15 +86,12 @@ import triton
 import triton.language as tl
 
 from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
-                       pack_words, read_delta_file, unpack_codes)
+                       read_delta_file)
 
-ROWS = 16              # word rows per block in both phases: the K=16 of a tensor-core dot
-MAX_BATCH = 64         # rows per launch; larger batches are cut into chunks of 64
-TILE = 128             # vectors per phase-V tile: 32 threads × 4 words, one warp wide
-MAX_SPLIT = 32         # programs per reduction: the last one adds this many partials
+MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
+                       # 3.6 fails to compile the 64-row tl.dot path)
 # Kernels may only read globals that are constexpr.
-_ROWS = tl.constexpr(ROWS)
-_MAGIC = tl.constexpr(0x4B000000)   # bit pattern of 2^23 in fp32: (q | it) as float = 2^23 + q
+MAGIC = 0x4B000000     # bit pattern of 2^23 in fp32: (q | it) as a float is 2^23 + q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,518 +119,620 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Runtime layout. A one-time repack of one matrix's bands into the layout the kernels read:
+# Runtime layout: the stored codes, transposed where phase V needs it, with work tables.
 #
-#   phase V, band of rank r at c-bit containers (pw = 32/c codes per word):
-#     words (nblk·16, ⌈r/4⌉·4) int32: word row blk·16+t, column i, code k = V̂ code of vector i
-#     at input position blk·16·pw + k·16 + t (`in` padded with code 0 to nblk·16·pw, rows
-#     padded to 16 bytes so a thread's 4 words are one aligned 16-byte load);
-#     scale, zero (G, r) fp16 for G = ⌈nblk·16·pw / g⌉ groups (padding groups are 0).
-#   phase U, same band:
-#     words (nwr, out) int32, nwr = ⌈r/pw⌉: word row w, column o, code k = Û code of vector
-#     w·pw + k at output o (vectors padded with code 0; each band starts 16-byte aligned);
-#     scale, zero (Gout, P) fp16, and z (batch, P) fp32, in "block order": vector
-#     i = w·pw + k with w = blk·16 + t sits at blk·16·pw + k·16 + t, so the 16 factors z·scale
-#     that code k of a block meets are contiguous. P = ⌈nwr/16⌉·16·pw; padding entries are 0.
+# N ≥ 1 deltas of one matrix shape ("tenants"; a single fine-tune is N = 1) are concatenated
+# into one buffer per kind. Per band of rank r at c-bit containers (pw = 32/c codes a word):
 #
-# All bands of a matrix are concatenated into one buffer per kind; small int32 tables tell
-# each program where its band starts and how wide its codes are.
+#   phase V: words (⌈in/g⌉·g/pw, ldv) int32: word (t, j) holds the codes of vector j at input
+#            positions t·pw .. t·pw+pw-1 (the stored row of vector j, transposed, so a row of
+#            words is one position range for all vectors); ldv = r rounded up to 16;
+#            scale | zero << 16 (⌈in/g⌉, r) int32 (each fp16).
+#   phase U: words (r, ldu) int32: the stored rows as they are, word w of vector j holding its
+#            codes at outputs w·pw .. w·pw+pw-1; ldu = ⌈out/pw⌉ rounded up to 16;
+#            scale | zero << 16 (r, ⌈out/g⌉) int32 (each fp16); r padded to a multiple of 16.
+#   S (r,) fp32.
+#
+# Padding codes are 0 and padding scales 0. Every band starts 16-word aligned, so a thread's
+# 4 consecutive words are one 16-byte load.
+#
+# Work tables. A program of phase V reduces one column tile of one band (BLOCK_J vectors)
+# over a chunk of its quantization groups; a program of phase U reduces one output tile
+# (BLOCK_O outputs) over a chunk of one band's vectors. A tile with several such programs
+# ("items") sums them in a shared fp32 workspace (see _reduce). Item rows (ITEM_COLS int32):
+#
+#   [c, word base, ld, band rank, first column (V) / output tile (U), lo, hi, scale base,
+#    S base, z column of the band, tile, items of the tile, 0, 0, 0, 0]
+#
+# lo..hi are group indices (V) or band-local vector indices (U). Tables are per tenant,
+# padded to the largest tenant's item count with empty rows (0 items: the program returns),
+# built once per tiling and cached.
 
-
-def block_order(r: int, pw: int) -> torch.Tensor:
-    """Position of vector i (0..r-1) in phase U's block order (see above)."""
-    i = torch.arange(r)
-    w, k = i // pw, i % pw
-    return (w // ROWS) * (ROWS * pw) + k * ROWS + w % ROWS
+ITEM_COLS = 16
+_ITEM_COLS = tl.constexpr(ITEM_COLS)   # kernels may only read constexpr globals
 
 
 @dataclass
 class KernelDelta:
-    """One matrix's delta in the runtime layout, on one device, plus its work buffers."""
+    """N ≥ 1 deltas of one matrix shape in the runtime layout above, on one device."""
     shape: tuple[int, int]          # (out, in)
     group_size: int
-    containers: tuple[int, ...]     # container width c of each band
-    rank: int                       # Σ band ranks
-    nbytes: int                     # stored bytes of the CompressedMatrix (codes, scales, σ)
-    S: torch.Tensor                 # (rank,) fp32
-    v_words: torch.Tensor           # int32, all bands' phase-V words, flat
-    v_scale: torch.Tensor           # fp16, flat
-    v_zero: torch.Tensor
-    v_bands: list                   # per band [c, word base, rank, blocks, scale base, z base,
-                                    #           first vector]: rows of the phase-V tile table
+    containers: tuple[int, ...]     # container widths present in any tenant
+    ranks: tuple[int, ...]          # Σ band ranks, per tenant
+    nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
+    device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
+    bands: list                     # per tenant, per band: [c, rank, v word base, ldv,
+                                    #   v scale base, u word base, ldu, u scale base, S base,
+                                    #   z column]
+    S: torch.Tensor                 # fp32, flat
+    v_words: torch.Tensor           # int32, flat
+    v_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
     u_words: torch.Tensor
-    u_scale: torch.Tensor
-    u_zero: torch.Tensor
-    u_blocks: torch.Tensor          # (blocks, 8) int32, see _u_kernel
-    z: torch.Tensor                 # (MAX_BATCH, P_total) fp32, block order, padding stays 0
-    locks: torch.Tensor             # int32 counters, all 0 between launches
-    _tiles: dict                    # phase-V tile tables by tile width
+    u_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
+    _tables: dict = field(default_factory=dict)
 
     @property
-    def v_blocks(self) -> int:
-        return max((band[3] for band in self.v_bands), default=0)
+    def n_tenants(self) -> int:
+        return len(self.ranks)
 
-    def v_tiles(self, block_i: int) -> torch.Tensor:
-        """(tiles, 8) int32: [c, word base, rank, first column, blocks, scale base, z base,
-        first vector], one row per block_i vectors of a band."""
-        if block_i not in self._tiles:
-            rows = [[c, wb, r, col0, nblk, sb, zb, rb]
-                    for c, wb, r, nblk, sb, zb, rb in self.v_bands
-                    for col0 in range(0, r, block_i)]
-            self._tiles[block_i] = torch.tensor(rows or [[0] * 8], dtype=torch.int32,
-                                                device=self.S.device)
-        return self._tiles[block_i]
+    @property
+    def max_rank(self) -> int:
+        return max(1, max(self.ranks))
+
+    def v_items(self, block_j: int, split: int) -> tuple[torch.Tensor, int, int]:
+        """Phase-V items for tiles of block_j vectors, each tile's groups cut into `split`
+        chunks: (table (N·n, ITEM_COLS), n items per tenant, most tiles of a tenant)."""
+        key = ("v", block_j, split)
+        if key not in self._tables:
+            n_groups = -(-self.shape[1] // self.group_size)
+            per = -(-n_groups // split)
+            tables = []
+            for bands in self.bands:
+                rows, tile = [], 0
+                for c, r, vwb, ldv, vsb, _, _, _, sb, zc in bands:
+                    for col0 in range(0, r, block_j):
+                        chunks = range(0, n_groups, per)
+                        rows += [[c, vwb, ldv, r, col0, lo, min(lo + per, n_groups), vsb, sb,
+                                  zc, tile, len(chunks)] for lo in chunks]
+                        tile += 1
+                tables.append((rows, tile))
+            self._tables[key] = self._pad(tables)
+        return self._tables[key]
+
+    def u_items(self, block_o: int, rows: int) -> tuple[torch.Tensor, int, int]:
+        """Phase-U items for tiles of block_o outputs, each band cut into chunks of `rows`
+        vectors: (table, n items per tenant, most tiles). A tenant without bands gets one
+        empty item per tile, so its rows still get the base output."""
+        key = ("u", block_o, rows)
+        if key not in self._tables:
+            n_tiles = -(-self.shape[0] // block_o)
+            tables = []
+            for bands in self.bands:
+                chunks = [(c, uwb, ldu, r, usb, sb, zc, lo)
+                          for c, r, _, _, _, uwb, ldu, usb, sb, zc in bands
+                          for lo in range(0, r, rows)] or [(self.containers[0], 0, 16, 0, 0,
+                                                             0, 0, 0)]
+                tables.append(([[c, uwb, ldu, r, tile, lo, min(lo + rows, r), usb, sb, zc, tile,
+                                 len(chunks)]
+                                for tile in range(n_tiles)
+                                for c, uwb, ldu, r, usb, sb, zc, lo in chunks], n_tiles))
+            self._tables[key] = self._pad(tables)
+        return self._tables[key]
+
+    def _pad(self, tables):
+        n = max(1, max(len(rows) for rows, _ in tables))
+        flat = [row + [0] * (ITEM_COLS - len(row)) for rows, _ in tables
+                for row in rows + [[0] * ITEM_COLS] * (n - len(rows))]
+        return (torch.tensor(flat, dtype=torch.int32, device=self.S.device), n,
+                max(1, max(tiles for _, tiles in tables)))
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    """fp16 tensor -> its bit patterns in the low 16 bits of int32."""
+    return t.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDelta:
+    """N CompressedMatrix of one shape and group size -> KernelDelta on `device` (a one-time
+    repack, see above). Tenant t is deltas[t]."""
+    if not deltas:
+        raise ValueError("prepare_multi_delta needs at least one delta")
+    shape = tuple(deltas[0].shape)
+    for t, cm in enumerate(deltas):
+        if tuple(cm.shape) != shape:
+            raise ValueError(f"delta {t} has shape {tuple(cm.shape)}, delta 0 has {shape}")
+    groups = {b.V.group_size for cm in deltas for b in cm.bands}
+    if len(groups) > 1:
+        raise ValueError(f"the deltas use different group sizes {sorted(groups)}; the kernels "
+                         f"take one")
+    g = groups.pop() if groups else 128
+    if g % 32:
+        raise ValueError(f"group size {g} is not a multiple of 32")
+    out_f, in_f = shape
+    device = torch.device(device)
+    n_gin, n_gout = -(-in_f // g), -(-out_f // g)
+    parts = {k: [] for k in ("S", "vw", "vsz", "uw", "usz")}
+    size = dict.fromkeys(parts, 0)
+    all_bands, dev_bytes = [], []
+
+    def add(kind, t):
+        parts[kind].append(t.reshape(-1))
+        size[kind] += t.numel()
+
+    for cm in deltas:
+        bands, zc, start = [], 0, dict(size)
+        for band in cm.bands:
+            r, c = band.rank, container_bits(band.bits)
+            pw = 32 // c
+            row = [c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
+                   _pad16(-(-out_f // pw)), size["usz"], size["S"], zc]
+            # Phase V: the stored words (r, ⌈in/pw⌉) transposed to (positions/pw, ldv).
+            vw = torch.zeros(n_gin * g // pw, row[3], dtype=torch.int32, device=device)
+            vw[: band.V.codes.shape[1], :r] = band.V.codes.to(device).mT
+            add("vw", vw)
+            sz = torch.zeros(n_gin, r, dtype=torch.int32, device=device)
+            sz[: band.V.scale.shape[1]] = (_bits16(band.V.scale.to(device))
+                                           | _bits16(band.V.zero.to(device)) << 16).mT
+            add("vsz", sz)
+            # Phase U: the stored words (r, ⌈out/pw⌉) in rows of ldu, r padded to 16 rows.
+            uw = torch.zeros(_pad16(r), row[6], dtype=torch.int32, device=device)
+            uw[:r, : band.U.codes.shape[1]] = band.U.codes.to(device)
+            add("uw", uw)
+            sz = torch.zeros(_pad16(r), n_gout, dtype=torch.int32, device=device)
+            sz[:r] = _bits16(band.U.scale.to(device)) | _bits16(band.U.zero.to(device)) << 16
+            add("usz", sz)
+            add("S", band.S.to(device, torch.float32))
+            bands.append(row)
+            zc += r
+        all_bands.append(bands)
+        dev_bytes.append(4 * sum(size[k] - start[k] for k in size))
+    for name, kind in (("phase-V words", "vw"), ("phase-U words", "uw")):
+        if size[kind] >= 2**31:
+            raise ValueError(f"{name} of {len(deltas)} deltas: {size[kind]} words do not fit "
+                             f"int32 offsets; use fewer tenants per KernelDelta")
+
+    # Slack: the kernels read whole tiles unmasked past a band's last column (see _v_fma,
+    # _u_fma); those lanes are never stored.
+    add("vw", torch.zeros(1024, dtype=torch.int32, device=device))
+    add("uw", torch.zeros(1024, dtype=torch.int32, device=device))
+    add("usz", torch.zeros(64, dtype=torch.int32, device=device))
+
+    def cat(kind, dtype):
+        return torch.cat(parts[kind]) if parts[kind] else torch.zeros(0, dtype=dtype,
+                                                                      device=device)
+    return KernelDelta(
+        shape, g, tuple(sorted({b[0] for bands in all_bands for b in bands})),
+        tuple(sum(b[1] for b in bands) for bands in all_bands),
+        tuple(cm.nbytes() for cm in deltas), tuple(dev_bytes), all_bands,
+        cat("S", torch.float32), cat("vw", torch.int32), cat("vsz", torch.int32),
+        cat("uw", torch.int32), cat("usz", torch.int32))
 
 
 def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
-    """CompressedMatrix -> KernelDelta on `device` (a one-time repack, see above)."""
-    out_f, in_f = cm.shape
-    device = torch.device(device)
-    g = cm.bands[0].V.group_size if cm.bands else 128
-    if g % 32:
-        raise ValueError(f"group size {g} is not a multiple of 32")
-    S, vw, vs, vz, v_bands, uw, us, uz, ub = ([] for _ in range(9))
-    v_off = vs_off = u_off = us_off = rank = zpos = 0
-    for band in cm.bands:
-        r, c = band.rank, container_bits(band.bits)
-        pw = 32 // c
-        # Phase V.
-        nblk = -(-in_f // (ROWS * pw))
-        codes = unpack_codes(band.V.codes.to(device), band.bits, in_f)            # (r, in)
-        codes = torch.nn.functional.pad(codes, (0, nblk * ROWS * pw - in_f))
-        codes = codes.view(r, nblk, pw, ROWS).permute(1, 3, 0, 2)                 # blk,t,i,k
-        ld = -(-r // 4) * 4                                 # rows padded to 16-byte multiples
-        words = torch.nn.functional.pad(pack_words(codes, c), (0, ld - r))
-        vw.append(words.reshape(-1))                                              # nblk·16·ld
-        groups = -(-nblk * ROWS * pw // g)
-        for src, dst in ((band.V.scale, vs), (band.V.zero, vz)):
-            t = torch.zeros(groups, r, dtype=torch.float16, device=device)
-            t[: src.shape[1]] = src.to(device).mT
-            dst.append(t.reshape(-1))
-        v_bands.append([c, v_off, r, nblk, vs_off, zpos, rank])
-        v_off += nblk * ROWS * ld
-        vs_off += groups * r
-        # Phase U.
-        nwr = -(-r // pw)
-        codes = unpack_codes(band.U.codes.to(device), band.bits, out_f)           # (r, out)
-        codes = torch.nn.functional.pad(codes, (0, 0, 0, nwr * pw - r))
-        codes = codes.view(nwr, pw, out_f).permute(0, 2, 1)                      # w, o, k
-        words = pack_words(codes, c).reshape(-1)                                  # nwr·out
-        uw.append(torch.nn.functional.pad(words, (0, -words.numel() % 4)))       # 16-byte base
-        ublk = -(-nwr // ROWS)
-        P = ublk * ROWS * pw
-        order = block_order(r, pw).to(device)
-        for src, dst in ((band.U.scale, us), (band.U.zero, uz)):
-            t = torch.zeros(src.shape[1], P, dtype=torch.float16, device=device)
-            t[:, order] = src.to(device).mT
-            dst.append(t.reshape(-1))
-        ub += [[c, u_off, blk * ROWS, nwr, zpos + blk * ROWS * pw, us_off + blk * ROWS * pw,
-                P, 0] for blk in range(ublk)]
-        u_off += -(-nwr * out_f // 4) * 4
-        us_off += band.U.scale.shape[1] * P
-        S.append(band.S.to(device, torch.float32))
-        rank += r
-        zpos += P
-    for name, size in (("phase-V words", v_off), ("phase-U words", u_off)):
-        if size >= 2**31:
-            raise ValueError(f"{name}: {size} words do not fit int32 offsets")
-
-    def cat(parts, dtype):
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
-
-    n_locks = max(sum(-(-b[2] // 32) for b in v_bands), -(-out_f // 32), 1)
-    vw.append(torch.zeros(TILE * 4, dtype=torch.int32, device=device))  # slack, see _v_band
-    return KernelDelta(
-        (out_f, in_f), g, tuple(container_bits(b.bits) for b in cm.bands), rank, cm.nbytes(),
-        cat(S, torch.float32), cat(vw, torch.int32), cat(vs, torch.float16),
-        cat(vz, torch.float16), v_bands, cat(uw, torch.int32), cat(us, torch.float16),
-        cat(uz, torch.float16),
-        torch.tensor(ub or [[0] * 8], dtype=torch.int32, device=device),
-        torch.zeros(MAX_BATCH, max(zpos, 1), dtype=torch.float32, device=device),
-        torch.zeros(n_locks, dtype=torch.int32, device=device), {})
-
+    """One CompressedMatrix -> KernelDelta on `device` (one tenant)."""
+    return prepare_multi_delta([cm], device)
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels. Both phases: a tile is 16 word rows × BLOCK columns; code k of every word is
-# turned into an exact float by _code and meets a 16-long slice of the other factor.
+# Triton kernels. Grid (segment, item): a segment is the rows of one tenant in the batch (one
+# segment of all rows for a single delta), an item one row of that tenant's work table.
+# Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes' exponent trick; 2–32 rows
+# dequantize a tile into the compute dtype and use tl.dot.
 
 
 @triton.jit
-def _code(words, high, K: tl.constexpr, C: tl.constexpr):
-    """Code K of each c-bit container of `words`, as exact fp32 times 2^off.
-
-    Codes whose bits end at or below bit 23 are masked where they lie (off = c·K); the rest
-    come from `high` = words >> c·⌊23/c⌋, computed once per tile. The caller multiplies the
-    other factor by 2^-off (exact: a power of two)."""
-    IN_PLACE: tl.constexpr = 23 // C
-    OFF: tl.constexpr = C * (K % IN_PLACE)
-    MASK: tl.constexpr = ((1 << C) - 1) << OFF
-    if K < IN_PLACE:
-        bits = words & MASK
-    else:
-        bits = high & MASK
-    return (bits | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+def _code_floats(w, k, magic, C: tl.constexpr):
+    """Words w and code indices k (broadcastable int32 tensors) -> 2^23 + q·2^(C·k') as
+    fp32, exactly, for code q = code k of each word and k' = k mod 16/C. Codes in the low
+    half-word are masked where they lie, the others in w >> 16; OR-ing them into the mantissa
+    of 2^23 makes them floats in one logic op. k is held per thread, so the select and the
+    masks are compile-time constants. `magic` is 0x4B000000 (2^23 as fp32 bits), passed at
+    run time so that it stays in a register and each mask can be the LOP3's immediate."""
+    HALF: tl.constexpr = 16 // C
+    src = tl.where(k < HALF, w, w >> 16)
+    bits = src & (((1 << C) - 1) << (C * (k % HALF)))
+    return (bits | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _unscale(K: tl.constexpr, C: tl.constexpr):
-    """2^-off for code K: undoes the position _code leaves it at (exact: a power of two)."""
-    return 1.0 / (1 << (C * (K % (23 // C))))
+def _unscale(C: tl.constexpr):
+    """(32/C,) fp32: 2^-(C·k'), undoing the position _codes leaves code k at (exact)."""
+    k = tl.arange(0, 32 // C)
+    return ((127 - C * (k % (16 // C))) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-            w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-            C: tl.constexpr, FOLD: tl.constexpr, GROUP: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr):
-    """acc (BLOCK_B, BLOCK_I) += x[:, blocks blk_lo..blk_hi) · V̂ᵀ for one tile of one band.
+def _scale_zero(sz):
+    """A packed int32 (fp16 scale | fp16 zero << 16) -> (scale, zero) fp32. One 4-byte
+    load instead of two 2-byte ones, so it can be an async copy."""
+    s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    m = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return s.to(tl.float32), m.to(tl.float32)
 
-    Per group: part = Σ x·q (FMAs at batch 1, a tf32 dot otherwise), then
-    acc += scale · part + zero · Σ x, the affine fold."""
+
+@triton.jit
+def _int_codes(words, C: tl.constexpr):
+    """(R, N) int32 words -> (R, N, 32/C) fp32 codes, code k of word w at [., w, k]."""
+    k = tl.arange(0, 32 // C)[None, None, :]
+    return ((words[:, :, None] >> (C * k)) & ((1 << C) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
+           magic, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_J: tl.constexpr,
+           STAGES: tl.constexpr):
+    """Batch 1: (BLOCK_J,) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of one band.
+    Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A group is
+    read in steps of STEP input positions (64, or 32 where that does not divide it)."""
     PW: tl.constexpr = 32 // C
-    t = tl.arange(0, _ROWS)
-    b = tl.arange(0, BLOCK_B)
-    cols = col0 + tl.arange(0, BLOCK_I)
-    cmask = cols < n_cols
-    ld = tl.multiple_of((n_cols + 3) // 4 * 4, 4)       # word rows padded to 16 bytes
-    w_base = tl.multiple_of(w_base, 4)
-    for blk in range(blk_lo, blk_hi):
-        rows = blk * _ROWS + t
-        # No mask (it would stop 16-byte loads): columns past the band's rank read the next
-        # row or the buffer's slack; their results are never stored.
-        words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])  # (16, BLOCK_I)
-        high = words >> (C * (23 // C))
-        for k in tl.static_range(PW):
-            j = blk * (_ROWS * PW) + k * _ROWS + t                           # input positions
-            f = _code(words, high, k, C)                                     # (16, BLOCK_I)
-            if k % FOLD == 0:                                                # a group starts
-                if BLOCK_B == 1:
-                    part = tl.zeros((_ROWS, BLOCK_I), tl.float32)
-                    xsum = tl.zeros((_ROWS,), tl.float32)
-                else:
-                    part = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-                    xsum = tl.zeros((BLOCK_B,), tl.float32)
-            if BLOCK_B == 1:     # 1-D, so it is loaded straight into the tile's row layout
-                xk = tl.load(x_ptr + j, mask=j < n_in, other=0.0).to(tl.float32)   # (16,)
-                part += (xk * _unscale(k, C))[:, None] * f                   # rows in-thread
-                xsum += xk
-            else:
-                xk = tl.load(x_ptr + b[:, None] * stride_xb + j[None, :],
-                             mask=(b[:, None] < n_batch) & (j[None, :] < n_in),
-                             other=0.0).to(tl.float32)                       # (BLOCK_B, 16)
-                part = tl.dot(xk * _unscale(k, C), f, part, input_precision="tf32")
-                xsum += tl.sum(xk, 1)
-            if k % FOLD == FOLD - 1:                                         # the group ends
-                grp = (blk * (_ROWS * PW) + k * _ROWS) // GROUP
-                s = tl.load(scale_ptr + s_base + grp * n_cols + cols, mask=cmask,
-                            other=0.0).to(tl.float32)
-                m = tl.load(zero_ptr + s_base + grp * n_cols + cols, mask=cmask,
-                            other=0.0).to(tl.float32)
-                if BLOCK_B == 1:
-                    acc += (tl.sum(part, 0) * s + tl.sum(xsum, 0) * m)[None, :]
-                else:
-                    acc += part * s[None, :] + xsum[:, None] * m[None, :]
+    RI: tl.constexpr = STEP // PW                # word rows per step
+    t = tl.arange(0, RI)
+    k = tl.arange(0, PW)
+    unscale = _unscale(C)
+    cols = col0 + tl.arange(0, BLOCK_J)
+    cmask = cols < r
+    acc = tl.zeros((BLOCK_J,), tl.float32)
+    for g in tl.range(lo, hi, num_stages=STAGES):
+        part = tl.zeros((BLOCK_J,), tl.float32)
+        xs = tl.zeros((RI, PW), tl.float32)
+        for h in tl.static_range(GROUP // STEP):
+            rows = (g * GROUP + h * STEP) // PW + t
+            # Unmasked (masks stop 16-byte loads): columns past the rank read padding or the
+            # buffer's slack, and are never stored.
+            words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])
+            pos = rows[:, None] * PW + k[None, :]                            # (RI, PW)
+            xv = tl.load(x_ptr + pos, mask=pos < n_in, other=0.0).to(tl.float32)
+            xs += xv
+            xu = (xv * unscale[None, :])[:, :, None]                         # (RI, PW, 1)
+            # x·q·2^-(C·k') = fma(x·2^-(C·k'), 2^23 + q·2^(C·k'), -x·2^-(C·k')·2^23): exact
+            # (an fp16/bf16 x times an 8-bit code fits the fp32 mantissa), one FFMA a code.
+            prod = tl.fma(xu, _code_floats(words[:, None, :], k[None, :, None], magic, C),
+                          xu * -8388608.0)                                   # (RI, PW, BJ)
+            part += tl.sum(tl.sum(prod, 1), 0)
+        s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
+        acc += part * s + tl.sum(tl.sum(xs, 1), 0) * m
     return acc
 
 
 @triton.jit
-def _v_bands(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c, w_base,
-             s_base, n_cols, col0, blk_lo, blk_hi, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-             BLOCK_I: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr,
-             C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr,
-             F8: tl.constexpr):
-    """_v_band at the tile's container width c. The width must be a compile-time constant
-    inside _v_band (its unrolled code loop), hence one branch per width; C1..C8 leave out
-    the widths a launch does not have."""
-    if C1:
-        if c == 1:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          1, F1, GROUP, BLOCK_B, BLOCK_I)
-    if C2:
-        if c == 2:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          2, F2, GROUP, BLOCK_B, BLOCK_I)
-    if C4:
-        if c == 4:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          4, F4, GROUP, BLOCK_B, BLOCK_I)
-    if C8:
-        if c == 8:
-            acc = _v_band(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr,
-                          w_base, s_base, n_cols, col0, blk_lo, blk_hi,
-                          8, F8, GROUP, BLOCK_B, BLOCK_I)
+def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0,
+           lo, hi, s_base, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
+           BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+    """Batch 2–32: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per group a tf32 dot of x
+    with the exact codes (x in fp16/bf16 and codes ≤ 255 are exact in tf32), then the affine
+    fold as in _v_fma."""
+    PW: tl.constexpr = 32 // C
+    t = tl.arange(0, STEP // PW)
+    b = tl.arange(0, BLOCK_B)
+    p = tl.arange(0, STEP)
+    cols = col0 + tl.arange(0, BLOCK_J)
+    cmask = cols < r
+    acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+    for g in tl.range(lo, hi, num_stages=STAGES):
+        part = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+        xsum = tl.zeros((BLOCK_B,), tl.float32)
+        for h in tl.static_range(GROUP // STEP):
+            rows = (g * GROUP + h * STEP) // PW + t
+            words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])
+            q = tl.reshape(tl.permute(_int_codes(words, C), (0, 2, 1)), (STEP, BLOCK_J))
+            pos = g * GROUP + h * STEP + p
+            xt = tl.load(x_ptr + b[:, None] * stride_x + pos[None, :],
+                         mask=(b[:, None] < n_rows) & (pos[None, :] < n_in),
+                         other=0.0).to(tl.float32)                           # (BLOCK_B, STEP)
+            part = tl.dot(xt, q, part, input_precision="tf32")
+            xsum += tl.sum(xt, 1)
+        s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
+        acc += part * s[None, :] + xsum[:, None] * m[None, :]
     return acc
 
 
 @triton.jit
-def _v_kernel(x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
-              zpart_ptr, z_ptr, stride_z, locks_ptr, rank, n_split,
-              GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
-              SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-              C4: tl.constexpr, C8: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-              F4: tl.constexpr, F8: tl.constexpr):
-    """Phase V: z = (x V̂) ⊙ S for all bands, written to z in phase U's block order.
-
-    Grid (tiles, n_split); the tile table is KernelDelta.v_tiles. Program (tile, s) reduces
-    blocks [s·⌈nblk/n_split⌉, ...) of its band; SPLIT = n_split > 1. C1..C8 say which
-    container widths occur (absent ones are not compiled); F1..F8 are how many consecutive
-    codes of a block surely share one quantization group, per width."""
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    meta = tiles_ptr + tile * 8
-    c = tl.load(meta)
-    w_base = tl.load(meta + 1)
-    n_cols = tl.load(meta + 2)
-    col0 = tl.multiple_of(tl.load(meta + 3), BLOCK_I)     # tiles start at multiples of it
-    nblk = tl.load(meta + 4)
-    s_base = tl.load(meta + 5)
-    z_base = tl.load(meta + 6)
-    r_base = tl.load(meta + 7)
-    per = tl.cdiv(nblk, n_split)
-    blk_lo = split * per
-    blk_hi = tl.minimum(blk_lo + per, nblk)
-    acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-    acc = _v_bands(acc, x_ptr, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c,
-                   w_base, s_base, n_cols, col0, blk_lo, blk_hi, GROUP, BLOCK_B, BLOCK_I,
-                   C1, C2, C4, C8, F1, F2, F4, F8)
-
-    b = tl.arange(0, BLOCK_B)
-    i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
-    mask = (b[:, None] < n_batch) & (i[None, :] < n_cols)
-    pw = 32 // c
-    w = i // pw
-    dst = z_ptr + b[:, None] * stride_z + z_base + (w // _ROWS) * (_ROWS * pw) \
-        + (i % pw) * _ROWS + w % _ROWS                                       # block order
-    S = tl.load(S_ptr + r_base + i, mask=i < n_cols, other=0.0)
-    if not SPLIT:
-        tl.store(dst, acc * S[None, :], mask=mask)
-    else:
-        part = zpart_ptr + (split * n_batch + b[:, None]) * rank + r_base + i[None, :]
-        tl.store(part, acc, mask=mask)
-        tl.debug_barrier()                    # every thread's partial is written ...
-        count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")   # ... before the release
-        if count == n_split - 1:              # the last program of this tile sums them
-            total = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-            for s in tl.static_range(MAX_SPLIT):      # unrolled: all loads in flight at once
-                live = mask & (b[:, None] * 0 + s < n_split)
-                total += tl.load(zpart_ptr + (s * n_batch + b[:, None]) * rank + r_base
-                                 + i[None, :], mask=live, other=0.0, cache_modifier=".cg")
-            tl.store(dst, total * S[None, :], mask=mask)
-            tl.atomic_xchg(locks_ptr + tile, 0)
-
-
-@triton.jit
-def _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr,
-            w_base, row0, n_rows, z_off, s_off, o, omask,
-            C: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One 16-word-row block of one band: acc += (z·scale) · codes, cz += z · zero."""
+def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
+           magic, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr,
+           STAGES: tl.constexpr):
+    """Batch 1: (32/C, BLOCK_O·C/32) = Σ over vectors lo..hi of z · Û for one output tile,
+    and the output index of each entry. Each thread owns whole words: one factor z·scale
+    per (vector, word) serves all its codes. Vectors are taken 16/C at a time, unrolled, so
+    their loads are in flight together."""
     PW: tl.constexpr = 32 // C
-    t = tl.arange(0, _ROWS)
-    b = tl.arange(0, BLOCK_B)
-    bmask = b[:, None] < n_batch
-    rows = row0 + t
-    w_base = tl.multiple_of(w_base, 4)
-    words = tl.load(words_ptr + w_base + rows[:, None] * n_out + o[None, :],
-                    mask=(rows[:, None] < n_rows) & omask[None, :], other=0)   # (16, BLOCK_O)
-    high = words >> (C * (23 // C))
-    q = tl.arange(0, _ROWS * PW)                                             # the whole block
-    zb = tl.load(z_ptr + b[:, None] * stride_z + z_off + q[None, :], mask=bmask, other=0.0)
-    cz += tl.sum(zb * tl.load(zero_ptr + s_off + q).to(tl.float32)[None, :], 1)
-    for k in tl.static_range(PW):
-        f = _code(words, high, k, C)                                         # (16, BLOCK_O)
-        s = tl.load(scale_ptr + s_off + k * _ROWS + t).to(tl.float32) * _unscale(k, C)
-        if BLOCK_B == 1:     # 1-D, so it is loaded straight into the tile's row layout
-            zk = tl.load(z_ptr + z_off + k * _ROWS + t)                      # (16,)
-            acc += (zk * s)[:, None] * f                                     # rows in-thread
-        else:
-            zk = tl.load(z_ptr + b[:, None] * stride_z + z_off + k * _ROWS + t[None, :],
-                         mask=bmask, other=0.0)                              # (BLOCK_B, 16)
-            acc = tl.dot(zk * s[None, :], f, acc, input_precision="tf32")
-    return acc, cz
+    BW: tl.constexpr = BLOCK_O // PW             # words per vector in the tile
+    w = tile * BW + tl.arange(0, BW)
+    grp = w * PW // GROUP
+    k = tl.arange(0, PW)[:, None]
+    acc = tl.zeros((PW, BW), tl.float32)
+    zero_sum = tl.zeros((BW,), tl.float32)
+    for j0 in tl.range(lo, hi, 16 // C, num_stages=STAGES):
+        for u in tl.static_range(16 // C):
+            # Unmasked but z: rows past hi are the band's zero padding or the next chunk's
+            # (times z = 0), columns past the tile's last word are padding or slack (never
+            # stored), so the loads stay 16-byte vectors.
+            words = tl.load(words_ptr + w_base + (j0 + u) * ld + w)
+            z = tl.load(z_ptr + j0 + u + w * 0, mask=w * 0 + j0 + u < hi, other=0.0)  # (BW,)
+            s, m = _scale_zero(tl.load(sz_ptr + s_base + (j0 + u) * n_gout + grp))
+            zero_sum += z * m
+            acc += (z * s)[None, :] * (_code_floats(words[None, :], k, magic, C) - 8388608.0)
+    o = w[None, :] * PW + k
+    return acc * _unscale(C)[:, None] + zero_sum[None, :], o
 
 
 @triton.jit
-def _u_tile(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-            e_lo, e_hi, grp, o, omask, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-            C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
-    """One output tile's y = z Ûᵀ (BLOCK_B, BLOCK_O) fp32, summed over the 16-row blocks
-    e_lo..e_hi of the block table. _u_band needs its container width as a compile-time
-    constant, hence one branch per width; C1..C8 leave out the widths a launch lacks."""
-    if BLOCK_B == 1:
-        acc = tl.zeros((_ROWS, BLOCK_O), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-    cz = tl.zeros((BLOCK_B,), tl.float32)
-    for e in range(e_lo, e_hi):
-        meta = blocks_ptr + e * 8
-        c = tl.load(meta)
-        w_base = tl.load(meta + 1)
-        row0 = tl.load(meta + 2)
-        n_rows = tl.load(meta + 3)
-        z_off = tl.load(meta + 4)
-        s_off = tl.load(meta + 5) + grp * tl.load(meta + 6)
-        if C1:
-            if c == 1:
-                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
-                                  o, omask, 1, BLOCK_B)
-        if C2:
-            if c == 2:
-                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
-                                  o, omask, 2, BLOCK_B)
-        if C4:
-            if c == 4:
-                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
-                                  o, omask, 4, BLOCK_B)
-        if C8:
-            if c == 8:
-                acc, cz = _u_band(acc, cz, z_ptr, stride_z, n_batch, n_out, words_ptr,
-                                  scale_ptr, zero_ptr, w_base, row0, n_rows, z_off, s_off,
-                                  o, omask, 8, BLOCK_B)
-    if BLOCK_B == 1:
-        y = tl.sum(acc, 0)[None, :] + cz[:, None]                            # (1, BLOCK_O)
-    else:
-        y = acc + cz[:, None]                                                # (BLOCK_B, BLOCK_O)
-    return y
-
-
-@triton.jit
-def _u_kernel(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-              n_blocks, ypart_ptr, y_ptr, stride_y, base_ptr, stride_base, locks_ptr, n_split,
-              HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
-              C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
-    """Phase U: y = z Ûᵀ (+ base) for all bands; z in block order, already scaled by S.
-
-    Grid (⌈out/BLOCK_O⌉, n_split); SPLIT = n_split > 1. BLOCK_O divides the group size, so
-    within a tile every vector has one scale and one zero. Program (tile, s) reduces its
-    share of the 16-row blocks of all bands, listed in the table as [container bits, word
-    base, first word row, band word rows, z offset, scale offset in group 0, scale stride
-    per group, unused]."""
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = o < n_out
+def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
+           n_gout, tile, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+           BLOCK_O: tl.constexpr, STAGES: tl.constexpr):
+    """Batch 2–32: (BLOCK_B, BLOCK_O) = z · Û over vectors lo..hi for one output tile inside
+    one group (BLOCK_O divides the group size): a tf32 dot of z·scale with the exact codes,
+    16 vectors at a time, plus Σ z·zero."""
+    PW: tl.constexpr = 32 // C
+    BW: tl.constexpr = BLOCK_O // PW
+    w = tile * BW + tl.arange(0, BW)
+    wmask = w < ld
     grp = tile * BLOCK_O // GROUP
-    per = tl.cdiv(n_blocks, n_split)
-    y = _u_tile(z_ptr, stride_z, n_batch, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-                split * per, tl.minimum(split * per + per, n_blocks), grp, o, omask,
-                BLOCK_B, BLOCK_O, C1, C2, C4, C8)                           # (BLOCK_B, BLOCK_O)
-
+    j = tl.arange(0, 16)
     b = tl.arange(0, BLOCK_B)
-    mask = (b[:, None] < n_batch) & omask[None, :]
-    dst = y_ptr + b[:, None] * stride_y + o[None, :]
-    base = base_ptr + b[:, None] * stride_base + o[None, :]
-    if not SPLIT:
-        if HAS_BASE:
-            y += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+    zero_sum = tl.zeros((BLOCK_B,), tl.float32)
+    for j0 in tl.range(lo, hi, 16, num_stages=STAGES):
+        rows = j0 + j
+        rmask = rows < hi
+        words = tl.load(words_ptr + w_base + rows[:, None] * ld + w[None, :],
+                        mask=rmask[:, None] & wmask[None, :], other=0)       # (16, BW)
+        q = tl.reshape(_int_codes(words, C), (16, BLOCK_O))                  # o = w·PW + k
+        smask = rmask & (rows * 0 + grp < n_gout)
+        s, m = _scale_zero(tl.load(sz_ptr + s_base + rows * n_gout + grp, mask=smask, other=0))
+        zt = tl.load(z_ptr + b[:, None] * stride_z + rows[None, :],
+                     mask=(b[:, None] < n_rows) & rmask[None, :], other=0.0)  # (BLOCK_B, 16)
+        acc = tl.dot(zt * s[None, :], q, acc, input_precision="tf32")
+        zero_sum += tl.sum(zt * m[None, :], 1)
+    return acc + zero_sum[:, None]
+
+
+@triton.jit
+def _reduce(val, acc_ptr, offs, mask, n_items, lock_ptr):
+    """A tile's reduction over its items: returns (is this program the last, the total).
+    One item: its own value. Several: each adds its value into the zeroed fp32 workspace
+    (atomics at L2) and counts in; the last one reads the sum, zeroes the workspace and the
+    counter again, and writes the result. The tail is one L2 round trip however many items
+    a tile has (partial sums read back one by one cost one per few items); the order of the
+    adds, and so the last bits of the result, can differ from run to run."""
+    last = n_items == 1
+    total = val
+    if n_items > 1:
+        tl.atomic_add(acc_ptr + offs, val, mask=mask, sem="relaxed")
+        tl.debug_barrier()                    # every thread's adds are issued ...
+        count = tl.atomic_add(lock_ptr, 1, sem="acq_rel")   # ... before the release
+        last = count == n_items - 1
+        if last:
+            total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptr + offs, tl.zeros_like(val), mask=mask)
+            tl.atomic_xchg(lock_ptr, 0)
+    return last, total
+
+
+@triton.jit
+def _program_item(segs_ptr, items_ptr, n_items):
+    """This program's segment (its index, first row, rows), a pointer to its work item's row
+    (ITEM_COLS int32, see the layout notes) and the item's first three fields: container
+    width, word base and row length of the band's words (both multiples of 16)."""
+    seg = tl.program_id(0)
+    tenant = tl.load(segs_ptr + seg * 3)
+    row0 = tl.load(segs_ptr + seg * 3 + 1)
+    n_rows = tl.load(segs_ptr + seg * 3 + 2)
+    meta = items_ptr + (tenant * n_items + tl.program_id(1)) * _ITEM_COLS
+    c = tl.load(meta)
+    w_base = tl.multiple_of(tl.load(meta + 1), 16)
+    ld = tl.multiple_of(tl.load(meta + 2), 16)
+    return seg, row0, n_rows, meta, c, w_base, ld
+
+
+@triton.jit
+def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_items,
+              segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles, magic,
+              GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_J: tl.constexpr, STAGES: tl.constexpr, WIDTHS: tl.constexpr):
+    """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment.
+    The container width must be a compile-time constant inside _v_fma / _v_dot: the unrolled
+    loop over C = 1, 2, 4, 8 compiles one branch per width present in the bit mask WIDTHS."""
+    seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
+    r = tl.load(meta + 3)
+    col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
+    lo = tl.load(meta + 5)
+    hi = tl.load(meta + 6)
+    s_base = tl.load(meta + 7)
+    S_base = tl.load(meta + 8)
+    z_col = tl.load(meta + 9)
+    tile = tl.load(meta + 10)
+    n_items = tl.load(meta + 11)
+    if n_items > 0:
+        x_row = x_ptr + row0 * stride_x
+        acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+        for i in tl.static_range(4):                  # container width C = 1 << i
+            if WIDTHS & (1 << i):
+                if c == (1 << i):
+                    if BLOCK_B == 1:
+                        acc = _v_fma(x_row, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo,
+                                     hi, s_base, magic, 1 << i, GROUP, STEP, BLOCK_J,
+                                     STAGES)[None, :]
+                    else:
+                        acc = _v_dot(x_row, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base,
+                                     ld, r, col0, lo, hi, s_base, 1 << i, GROUP, STEP, BLOCK_B,
+                                     BLOCK_J, STAGES)
+        b = tl.arange(0, BLOCK_B)
+        cols = col0 + tl.arange(0, BLOCK_J)
+        mask = (b[:, None] < n_rows) & (cols[None, :] < r)
+        offs = (row0 + b[:, None]) * stride_z + z_col + cols[None, :]
+        last, total = _reduce(acc, acc_ptr, offs, mask, n_items,
+                              locks_ptr + seg * n_tiles + tile)
+        if last:
+            S = tl.load(S_ptr + S_base + cols, mask=cols < r, other=0.0)
+            tl.store(z_ptr + offs, total * S[None, :], mask=mask)
+
+
+@triton.jit
+def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, n_items, lock_ptr,
+              y_ptr, stride_y, base_ptr, stride_base, order_ptr, HAS_BASE: tl.constexpr,
+              BLOCK_B: tl.constexpr):
+    """Sum an output tile's items (_reduce); the last program adds the base output and
+    writes each row back to its place in the caller's batch (order)."""
+    if BLOCK_B == 1:
+        mask = o < n_out
+        offs = row0 * n_out + o
+        dst = tl.load(order_ptr + row0)
     else:
-        tl.store(ypart_ptr + (split * n_batch + b[:, None]) * n_out + o[None, :], y, mask=mask)
-        tl.debug_barrier()
-        count = tl.atomic_add(locks_ptr + tile, 1, sem="acq_rel")
-        if count == n_split - 1:
-            total = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-            for s in tl.static_range(MAX_SPLIT):      # unrolled: all loads in flight at once
-                live = mask & (b[:, None] * 0 + s < n_split)
-                total += tl.load(ypart_ptr + (s * n_batch + b[:, None]) * n_out + o[None, :],
-                                 mask=live, other=0.0, cache_modifier=".cg")
-            if HAS_BASE:
-                total += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(locks_ptr + tile, 0)
+        b = tl.arange(0, BLOCK_B)[:, None]
+        mask = (b < n_rows) & (o < n_out)
+        offs = (row0 + b) * n_out + o
+        dst = tl.load(order_ptr + row0 + b, mask=b < n_rows, other=0)
+    last, total = _reduce(val, acc_ptr, offs, mask, n_items, lock_ptr)
+    if last:
+        if HAS_BASE:
+            total += tl.load(base_ptr + dst * stride_base + o, mask=mask, other=0.0).to(
+                tl.float32)
+        tl.store(y_ptr + dst * stride_y + o, total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
+              n_items, segs_ptr, acc_ptr, y_ptr, stride_y, base_ptr,
+              stride_base, order_ptr, locks_ptr, n_tiles, magic, HAS_BASE: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+              STAGES: tl.constexpr, WIDTHS: tl.constexpr):
+    """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
+    holds S. One branch per container width, as in _v_kernel."""
+    seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
+    tile = tl.load(meta + 4)
+    lo = tl.load(meta + 5)
+    hi = tl.load(meta + 6)
+    s_base = tl.load(meta + 7)
+    z_col = tl.load(meta + 9)
+    n_items = tl.load(meta + 11)
+    lock = locks_ptr + seg * n_tiles + tile
+    z_row = z_ptr + row0 * stride_z + z_col
+    if n_items > 0:
+        if BLOCK_B == 1:
+            for i in tl.static_range(4):              # container width C = 1 << i
+                if WIDTHS & (1 << i):
+                    if c == (1 << i):       # (32/C, BLOCK_O·C/32) values and their outputs
+                        val, o = _u_fma(z_row, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
+                                        n_gout, tile, magic, 1 << i, GROUP, BLOCK_O, STAGES)
+                        _u_finish(val, o, row0, n_rows, n_out, acc_ptr, n_items, lock, y_ptr,
+                                  stride_y, base_ptr, stride_base, order_ptr, HAS_BASE,
+                                  BLOCK_B)
+        else:
+            acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
+            for i in tl.static_range(4):
+                if WIDTHS & (1 << i):
+                    if c == (1 << i):
+                        acc = _u_dot(z_row, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld,
+                                     lo, hi, s_base, n_gout, tile, 1 << i, GROUP, BLOCK_B,
+                                     BLOCK_O, STAGES)
+            o = (tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
+            _u_finish(acc, o, row0, n_rows, n_out, acc_ptr, n_items, lock, y_ptr, stride_y,
+                      base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration and the wrappers.
+# Launch configuration and the launcher both wrappers share.
+
+DOT_J, DOT_WARPS = 64, 4   # batch 2–32: phase-V tile and warps (tl.dot)
 
 
 @dataclass
 class KernelConfig:
-    """Tiling of one launch pair; `choose_config` picks one per shape and batch."""
-    split_v: int           # programs sharing one phase-V tile's reduction over `in`
-    split_u: int           # programs sharing one phase-U tile's reduction over the rank
-    warps_v: int = 1       # batch 1: the phase-V tile is 128·warps_v vectors wide
-    block_o: int = 128     # phase-U tile width, divides the group size
-    waves: int = 4         # only for the record: the program count choose_config aimed at
+    """Tiling of one launch pair; `choose_config` picks one per shape, batch and grid.
+    Batch 1 programs are one warp: block_j vectors (phase V) and block_o outputs (phase U)."""
+    split_v: int           # items per phase-V tile: its groups cut into this many chunks
+    rows_u: int            # vectors per phase-U item (a multiple of 16)
+    block_j: int = 64      # batch 1 phase-V tile: 2 vectors a thread
+    block_o: int = 1024    # batch 1 phase-U tile: 32 outputs a thread
+    stages: int = 2        # software pipelining depth of the main loops (async copies)
+    waves: int = 0         # for the record: the programs per SM choose_config aimed at
+
+    def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
+        """(phase-V tile, phase-U tile, warps) for a launch of block_b rows. The tl.dot
+        path's phase-U tile lies inside one quantization group."""
+        if block_b == 1:
+            return self.block_j, self.block_o, 1
+        return DOT_J, math.gcd(group_size, 128), DOT_WARPS
 
 
-def choose_config(kd: KernelDelta, batch: int, sm_count: int, waves: int = 4,
-                  warps_v: int = 1) -> KernelConfig:
-    """Split each reduction until there are ~`waves` programs per SM (small CTAs: 1 warp at
-    batch 1), and no further than one 16-row block per program."""
-    block_o = math.gcd(kd.group_size, 128)
-    block_i = TILE * warps_v if batch == 1 else TILE
-    v_tiles = kd.v_tiles(block_i).shape[0]
-    u_tiles = -(-kd.shape[0] // block_o)
-    target = waves * sm_count
-    split_v = max(1, min(kd.v_blocks, -(-target // v_tiles), MAX_SPLIT))
-    split_u = max(1, min(kd.u_blocks.shape[0], -(-target // u_tiles), MAX_SPLIT))
-    return KernelConfig(split_v, split_u, warps_v, block_o, waves)
+def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
+                  waves: int | None = None, block_j: int = 64, block_o: int = 1024,
+                  stages: int | None = None) -> KernelConfig:
+    """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
+    Defaults (from `python bench.py --sweep` on an H100 at the 70B shapes): batch 1, 32
+    one-warp programs per SM and 2 pipeline stages; the tl.dot path, 16 and 3."""
+    if waves is None:
+        waves = 32 if block_b == 1 else 16
+    if stages is None:
+        stages = 2 if block_b == 1 else 3
+    cfg = KernelConfig(1, 16, block_j, block_o, stages, waves)
+    bj, bo, _ = cfg.tiles(block_b, kd.group_size)
+    target = max(1, waves * sm_count // n_seg)
+    n_groups = -(-kd.shape[1] // kd.group_size)
+    v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
+    cfg.split_v = max(1, min(n_groups, -(-target // v_tiles)))
+    u_chunks = -(-target // -(-kd.shape[0] // bo))            # items per output tile
+    cfg.rows_u = _pad16(-(-kd.max_rank // u_chunks))
+    return cfg
 
 
-def fold_size(group_size: int, c: int) -> int:
-    """How many consecutive codes of a phase-V block surely lie in one quantization group:
-    a block is 16·pw positions starting at a multiple of 16·pw, groups start at multiples
-    of g, so runs of gcd(g, 16·pw) positions aligned to that never cross a group edge."""
-    return math.gcd(group_size, ROWS * (32 // c)) // ROWS
+_WORKSPACES: dict = {}
 
 
-def width_args(containers, group_size: int) -> tuple[dict, dict]:
-    """The kernels' per-width constexprs: C1..C8, which container widths occur (the others
-    are not compiled), and F1..F8, fold_size of each width."""
-    widths = (1, 2, 4, 8)
-    return ({f"C{c}": c in containers for c in widths},
-            {f"F{c}": fold_size(group_size, c) for c in widths})
+def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 accumulator and int32 counters the kernels share on `device`, at least this
+    large. Both are zero between launches (the last program of each tile resets its part),
+    so one workspace serves every matrix; launches on one device must not overlap (one CUDA
+    stream at a time)."""
+    key = str(torch.device(device))
+    acc, locks = _WORKSPACES.get(key, (None, None))
+    if acc is None or acc.numel() < n_acc:
+        acc = torch.zeros(max(n_acc, 1 << 16), dtype=torch.float32, device=device)
+    if locks is None or locks.numel() < n_locks:
+        locks = torch.zeros(max(n_locks, 1024), dtype=torch.int32, device=device)
+    _WORKSPACES[key] = acc, locks
+    return acc, locks
 
 
-def delta_matmul_triton(x: torch.Tensor, kd: KernelDelta, base: torch.Tensor | None = None,
-                        config: KernelConfig | None = None) -> torch.Tensor:
-    """x (B, in) fp16/bf16, B ≤ 64, contiguous -> x Δ̂ᵀ (+ base) (B, out) in x.dtype."""
+def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Tensor | None,
+           config: KernelConfig | None) -> torch.Tensor:
+    """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out)."""
     B, in_f = x.shape
     out_f = kd.shape[0]
     y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
-    if kd.rank == 0:
+    if not any(kd.ranks):
         return y.copy_(base) if base is not None else y.zero_()
-    if config is None:
-        sm = torch.cuda.get_device_properties(x.device).multi_processor_count \
-            if x.is_cuda else 4
-        config = choose_config(kd, B, sm)
-    if kd.group_size % config.block_o:
-        raise ValueError(f"block_o={config.block_o} must divide the group size {kd.group_size}")
-    block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
-    block_i = TILE * config.warps_v if B == 1 else TILE
-    tiles = kd.v_tiles(block_i)
-    u_tiles = -(-out_f // config.block_o)
-    if max(tiles.shape[0], u_tiles) > kd.locks.numel():
-        raise ValueError(f"{max(tiles.shape[0], u_tiles)} tiles but {kd.locks.numel()} "
-                         f"counters: use block_o ≥ 32")
-    flags, folds = width_args(kd.containers, kd.group_size)
-    zpart = torch.empty(config.split_v if config.split_v > 1 else 0, B, kd.rank,
-                        dtype=torch.float32, device=x.device)
-    ypart = torch.empty(config.split_u if config.split_u > 1 else 0, B, out_f,
-                        dtype=torch.float32, device=x.device)
-    _v_kernel[(tiles.shape[0], config.split_v)](
-        x, x.stride(0), B, in_f, kd.v_words, kd.v_scale, kd.v_zero, kd.S, tiles,
-        zpart, kd.z, kd.z.stride(0), kd.locks, kd.rank, config.split_v,
-        GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_I=block_i, SPLIT=config.split_v > 1,
-        MAX_SPLIT=triton.next_power_of_2(config.split_v),
-        **flags, **folds,
-        num_warps=config.warps_v if B == 1 else 4)
+    xs = x if plan.is_sorted else x.index_select(0, plan.order)              # (B, in) sorted
+    z = torch.empty(B, kd.max_rank, dtype=torch.float32, device=x.device)
+    sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    widths = sum(kd.containers)             # distinct powers of two: a bit mask
     base_arg = base if base is not None else y
-    _u_kernel[(u_tiles, config.split_u)](
-        kd.z, kd.z.stride(0), B, out_f, kd.u_words, kd.u_scale, kd.u_zero, kd.u_blocks,
-        kd.u_blocks.shape[0], ypart, y, y.stride(0), base_arg, base_arg.stride(0), kd.locks,
-        config.split_u, HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b,
-        BLOCK_O=config.block_o, SPLIT=config.split_u > 1,
-        MAX_SPLIT=triton.next_power_of_2(config.split_u),
-        **flags,
-        num_warps=max(1, config.block_o // 128) if B == 1 else 4)
+    for block_b, segs, n_seg in plan.groups:
+        cfg = config or choose_config(kd, block_b, sm, n_seg)
+        bj, bo, warps = cfg.tiles(block_b, kd.group_size)
+        if cfg.rows_u % 16 or cfg.split_v < 1 or not (
+                bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
+                and triton.next_power_of_2(bo) == bo):
+            raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, block_j and "
+                             f"block_o powers of two ≥ 16 and ≥ 32")
+        v_items, n_v, v_tiles = kd.v_items(bj, cfg.split_v)
+        u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
+        acc, locks = workspace(x.device, B * max(kd.max_rank, out_f),
+                               n_seg * max(v_tiles, u_tiles))
+        _v_kernel[(n_seg, n_v)](
+            xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v,
+            segs, acc, z, z.stride(0), locks, v_tiles, MAGIC,
+            GROUP=kd.group_size, STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b,
+            BLOCK_J=bj, STAGES=cfg.stages, WIDTHS=widths, num_warps=warps)
+        _u_kernel[(n_seg, n_u)](
+            z, z.stride(0), out_f, -(-out_f // kd.group_size), kd.u_words, kd.u_sz,
+            u_items, n_u, segs, acc, y, y.stride(0), base_arg,
+            base_arg.stride(0), plan.order, locks, u_tiles, MAGIC,
+            HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
+            STAGES=cfg.stages, WIDTHS=widths, num_warps=warps)
     return y
 
 
@@ -683,16 +778,27 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
         y = delta_matmul_reference(x, delta)
         return y if base is None else base + y
     kd = delta if isinstance(delta, KernelDelta) else prepare_delta(delta, x.device)
+    if kd.n_tenants != 1:
+        raise ValueError(f"the prepared delta holds {kd.n_tenants} tenants: use "
+                         f"multi_delta_matmul")
     if kd.S.device != x.device:
         raise ValueError(f"the prepared delta is on {kd.S.device}, x on {x.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).contiguous()                                   # (B, in)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, out_f)
     b2 = None if base is None else base.reshape(-1, out_f).contiguous()
-    chunks = [delta_matmul_triton(x2[i:i + MAX_BATCH], kd,
-                                  None if b2 is None else b2[i:i + MAX_BATCH], config)
-              for i in range(0, x2.shape[0], MAX_BATCH)]
+    chunks = []
+    for i in range(0, x2.shape[0], MAX_BATCH):
+        xc = x2[i:i + MAX_BATCH]
+        key = ("plan", xc.shape[0])                  # one tenant: the plan depends on B only
+        if key not in kd._tables:
+            kd._tables[key] = plan_tenants(torch.zeros(xc.shape[0], dtype=torch.int64), 1,
+                                           x.device)
+        chunks.append(launch(xc, kd, kd._tables[key],
+                             None if b2 is None else b2[i:i + MAX_BATCH], config))
     y = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
-    return y.reshape(*lead, out_f) if x2.shape[0] else x.new_zeros(*lead, out_f)
+    return y.reshape(*lead, out_f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,37 +887,27 @@ def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
 #     y[b] = x[b] Wᵀ + ((x[b] V̂ₜ) ⊙ Sₜ) Ûₜᵀ
 #
 # The base GEMM runs once for the whole batch; the delta paths of all tenants run in one
-# launch pair per matrix (or one per row-padding bucket present, see the plan), reusing
-# _v_band / _u_band, and each tenant's packed bytes are read once per batch however many of
-# its rows the batch holds (once per MAX_BATCH = 64 rows beyond that).
+# launch pair per matrix (or one per row-padding bucket present, see the plan) of the same
+# kernels as a single delta, and each tenant's packed bytes are read once per batch however
+# many of its rows the batch holds (once per MAX_BATCH = 32 rows beyond that).
 #
-# * Plan. Rows are sorted by tenant (stable) and cut into segments of one tenant and ≤ 64
+# * Plan. Rows are sorted by tenant (stable) and cut into segments of one tenant and ≤ 32
 #   rows. A 1-row segment takes the batch-1 FMA path, longer ones the tl.dot path padded to
-#   16/32/64 rows; one launch pair per padding present, so 64 tenants × 1 token is one pair
-#   and never pays for 64-row tensor-core tiles. The plan needs the indices on the host: a
+#   16/32 rows; one launch pair per padding present, so 64 tenants × 1 token is one pair
+#   and never pays for tensor-core tiles. The plan needs the indices on the host: a
 #   serving loop has them there; a CUDA index costs one sync, once per batch (use_tenants
 #   makes one plan per batch for every layer).
-# * Grid (segment, tile, split). Tile tables are per tenant, padded to the largest tenant's
-#   tile count with empty tiles (rank 0: no code loaded, nothing stored), so only the plan's
-#   segment table (tenant, first row, rows) changes per batch: no per-call table, no sync,
-#   capturable in a CUDA graph.
-# * Layout. The tenants' prepared buffers (codes, scales, zeros, S) are concatenated, their
-#   tables' word and scale offsets shifted into the concatenation. z has one row per batch
-#   row, in that row's tenant's block order. It is zeroed per call (one memset of B × P × 4
-#   bytes): phase U reads the padding entries of z's 16-row blocks (times a zero scale), and
-#   the padding of one tenant is a real entry of another, so a stale non-finite value from an
-#   earlier batch must not survive there.
+# * Grid (segment, item). Item tables are per tenant, padded to the largest tenant's count
+#   with empty items, so only the plan's segment table (tenant, first row, rows) changes per
+#   batch: no per-call table, no sync, capturable in a CUDA graph.
 # * Rows not sorted by tenant are gathered into sorted order before phase V (one
 #   index_select, skipped when already sorted); phase U writes each output row back to its
 #   original position through the plan's order table and reads the fused base output the
 #   same way.
-# * Splits as choose_config: a tile's reduction is split until there are ~4 programs per SM;
-#   with 64 tenants the (segment, tile) grid alone fills an H100 (split 1).
 #
 # Tenants of one model share every tensor outside the compressed matrices (norms,
 # embeddings, lm_head): patch_model_tenants refuses files whose carried tensors differ.
-# Like a KernelDelta, a MultiKernelDelta owns its split counters: one stream at a time.
-
+# A KernelDelta owns its split counters: one CUDA stream at a time.
 
 # Multi-tenant reference: one delta_matmul_reference per tenant present, rows scattered back.
 
@@ -892,293 +988,7 @@ def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
                       bool(torch.equal(order, torch.arange(idx.numel()))), groups)
 
 
-# ----------------------------------------------------------------------------------------------
-# Multi-tenant runtime layout: N prepared deltas in one buffer per kind.
-
-V_COLS = 10            # columns of the phase-V tile table, see prepare_multi_delta
-U_COLS = 8             # columns of the phase-U block table (_u_kernel's layout)
-
-
-@dataclass
-class MultiKernelDelta:
-    """N deltas of one matrix shape in the runtime layout above, concatenated, on one device.
-
-    v_tiles (N·max_tiles, 10) int32, tenant t's tile j at row t·max_tiles + j:
-      [c, word base, band rank, first column, blocks, scale base, z base, first vector of the
-       band in its tenant, the same in the concatenated S, unused]; padding rows are all 0.
-    u_blocks (Σ blocks, 8) int32: _u_kernel's block table, word and scale offsets shifted;
-    u_range (N, 2) int32: [first row in u_blocks, rows] per tenant."""
-    shape: tuple[int, int]          # (out, in)
-    group_size: int
-    containers: tuple[int, ...]     # container widths present in any tenant
-    ranks: tuple[int, ...]          # Σ band ranks, per tenant
-    nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
-    device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
-    S: torch.Tensor                 # fp32, flat
-    v_words: torch.Tensor           # int32, flat
-    v_scale: torch.Tensor           # fp16, flat
-    v_zero: torch.Tensor
-    v_tiles: torch.Tensor
-    max_tiles: int
-    max_blocks: int                 # most 16-row blocks of any phase-V band
-    u_words: torch.Tensor
-    u_scale: torch.Tensor
-    u_zero: torch.Tensor
-    u_blocks: torch.Tensor
-    u_range: torch.Tensor
-    max_u_blocks: int
-    z_width: int                    # P of the widest tenant: z is (B, z_width) fp32
-    max_rank: int
-    locks: torch.Tensor             # int32 counters, all 0 between launches
-
-    @property
-    def n_tenants(self) -> int:
-        return len(self.ranks)
-
-
-def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> MultiKernelDelta:
-    """N CompressedMatrix of one shape and group size -> MultiKernelDelta on `device`."""
-    if not deltas:
-        raise ValueError("prepare_multi_delta needs at least one delta")
-    shape = tuple(deltas[0].shape)
-    groups = {b.V.group_size for cm in deltas for b in cm.bands}
-    for t, cm in enumerate(deltas):
-        if tuple(cm.shape) != shape:
-            raise ValueError(f"delta {t} has shape {tuple(cm.shape)}, delta 0 has {shape}")
-    if len(groups) > 1:
-        raise ValueError(f"the deltas use different group sizes {sorted(groups)}; the kernels "
-                         f"take one")
-    device = torch.device(device)
-    kds = [prepare_delta(cm, device) for cm in deltas]
-    S, vw, vs, vz, uw, us, uz, tiles, ublocks, urange, dev_bytes = ([] for _ in range(11))
-    off = dict(s=0, vw=0, vs=0, uw=0, us=0, ub=0)
-    max_tiles = max(1, max(sum(-(-b[2] // TILE) for b in kd.v_bands) for kd in kds))
-    for kd in kds:
-        rows = [[c, wb + off["vw"], r, col0, nblk, sb + off["vs"], zb, rb, rb + off["s"], 0]
-                for c, wb, r, nblk, sb, zb, rb in kd.v_bands for col0 in range(0, r, TILE)]
-        tiles += rows + [[0] * V_COLS] * (max_tiles - len(rows))
-        n_ub = kd.u_blocks.shape[0] if kd.rank else 0
-        ub = kd.u_blocks[:n_ub].clone()
-        ub[:, 1] += off["uw"]
-        ub[:, 5] += off["us"]
-        ublocks.append(ub)
-        urange.append([off["ub"], n_ub])
-        parts = (kd.S, kd.v_words, kd.v_scale, kd.v_zero, kd.u_words, kd.u_scale, kd.u_zero)
-        for lst, t in zip((S, vw, vs, vz, uw, us, uz), parts):
-            lst.append(t)
-        dev_bytes.append(sum(t.numel() * t.element_size() for t in parts)
-                         + 4 * (len(rows) * V_COLS + n_ub * U_COLS))
-        for k, t in zip(("s", "vw", "vs", "us", "ub"),
-                        (kd.S, kd.v_words, kd.v_scale, kd.u_scale, ub)):
-            off[k] += t.shape[0]
-        off["uw"] += kd.u_words.numel()
-        for name, size in (("phase-V words", off["vw"]), ("phase-U words", off["uw"])):
-            if size >= 2**31:
-                raise ValueError(f"{name} of {len(deltas)} deltas: {size} words do not fit "
-                                 f"int32 offsets; use fewer tenants per MultiKernelDelta")
-    block_o = math.gcd(kds[0].group_size, 128)
-    n_locks = (2 * len(kds) + 4) * max(max_tiles, -(-shape[0] // block_o))
-    u_blocks = torch.cat(ublocks)
-    return MultiKernelDelta(
-        shape, kds[0].group_size, tuple(sorted({c for kd in kds for c in kd.containers})),
-        tuple(kd.rank for kd in kds), tuple(kd.nbytes for kd in kds), tuple(dev_bytes),
-        torch.cat(S), torch.cat(vw), torch.cat(vs), torch.cat(vz),
-        torch.tensor(tiles, dtype=torch.int32, device=device), max_tiles,
-        max((band[3] for kd in kds for band in kd.v_bands), default=0),
-        torch.cat(uw), torch.cat(us), torch.cat(uz),
-        u_blocks if u_blocks.shape[0] else torch.zeros(1, U_COLS, dtype=torch.int32,
-                                                       device=device),
-        torch.tensor(urange, dtype=torch.int32, device=device),
-        max(n for _, n in urange), max(kd.z.shape[1] for kd in kds),
-        max(1, max(kd.rank for kd in kds)),
-        torch.zeros(n_locks, dtype=torch.int32, device=device))
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-tenant Triton kernels: the per-band loops _v_band, _u_band, per tenant segment.
-
-
-@triton.jit
-def _multi_v_kernel(x_ptr, stride_xb, n_in, words_ptr, scale_ptr, zero_ptr, S_ptr, tiles_ptr,
-                    max_tiles, segs_ptr, zpart_ptr, z_ptr, stride_z, locks_ptr, n_rows,
-                    max_rank, n_split,
-                    GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
-                    SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
-                    C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr,
-                    F1: tl.constexpr, F2: tl.constexpr, F4: tl.constexpr, F8: tl.constexpr):
-    """Phase V for the rows of one tenant segment: z[rows] = (x[rows] V̂ₜ) ⊙ Sₜ, block order.
-
-    Grid (segments, max_tiles, n_split). x is in sorted row order; z (n_rows, ·) too."""
-    seg = tl.program_id(0)
-    tile = tl.program_id(1)
-    split = tl.program_id(2)
-    tenant = tl.load(segs_ptr + seg * 3)
-    row0 = tl.load(segs_ptr + seg * 3 + 1)
-    n_batch = tl.load(segs_ptr + seg * 3 + 2)
-    meta = tiles_ptr + (tenant * max_tiles + tile) * 10
-    c = tl.load(meta)
-    w_base = tl.load(meta + 1)
-    n_cols = tl.load(meta + 2)
-    col0 = tl.multiple_of(tl.load(meta + 3), BLOCK_I)
-    nblk = tl.load(meta + 4)
-    s_base = tl.load(meta + 5)
-    z_base = tl.load(meta + 6)
-    r_base = tl.load(meta + 7)
-    S_base = tl.load(meta + 8)
-    per = tl.cdiv(nblk, n_split)
-    blk_lo = split * per
-    blk_hi = tl.minimum(blk_lo + per, nblk)
-    x_seg = x_ptr + row0 * stride_xb
-    acc = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-    acc = _v_bands(acc, x_seg, stride_xb, n_batch, n_in, words_ptr, scale_ptr, zero_ptr, c,
-                   w_base, s_base, n_cols, col0, blk_lo, blk_hi, GROUP, BLOCK_B, BLOCK_I,
-                   C1, C2, C4, C8, F1, F2, F4, F8)
-
-    b = tl.arange(0, BLOCK_B)
-    i = col0 + tl.arange(0, BLOCK_I)                                         # band columns
-    mask = (b[:, None] < n_batch) & (i[None, :] < n_cols)     # padding tiles: n_cols = 0
-    pw = 32 // tl.maximum(c, 1)
-    w = i // pw
-    dst = z_ptr + (row0 + b[:, None]) * stride_z + z_base + (w // _ROWS) * (_ROWS * pw) \
-        + (i % pw) * _ROWS + w % _ROWS                                       # block order
-    S = tl.load(S_ptr + S_base + i, mask=i < n_cols, other=0.0)
-    if not SPLIT:
-        tl.store(dst, acc * S[None, :], mask=mask)
-    else:
-        lock = locks_ptr + seg * max_tiles + tile
-        part = zpart_ptr + (split * n_rows + row0 + b[:, None]) * max_rank + r_base + i[None, :]
-        tl.store(part, acc, mask=mask)
-        tl.debug_barrier()                    # every thread's partial is written ...
-        count = tl.atomic_add(lock, 1, sem="acq_rel")               # ... before the release
-        if count == n_split - 1:              # the last program of this tile sums them
-            total = tl.zeros((BLOCK_B, BLOCK_I), tl.float32)
-            for s in tl.static_range(MAX_SPLIT):
-                live = mask & (b[:, None] * 0 + s < n_split)
-                total += tl.load(zpart_ptr + (s * n_rows + row0 + b[:, None]) * max_rank
-                                 + r_base + i[None, :], mask=live, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(dst, total * S[None, :], mask=mask)
-            tl.atomic_xchg(lock, 0)
-
-
-@triton.jit
-def _multi_u_kernel(z_ptr, stride_z, n_out, words_ptr, scale_ptr, zero_ptr, blocks_ptr,
-                    range_ptr, segs_ptr, n_tiles, ypart_ptr, n_rows, y_ptr, stride_y, base_ptr,
-                    stride_base, order_ptr, locks_ptr, n_split,
-                    HAS_BASE: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_O: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLIT: tl.constexpr,
-                    C1: tl.constexpr, C2: tl.constexpr, C4: tl.constexpr, C8: tl.constexpr):
-    """Phase U for the rows of one tenant segment: y[order[rows]] = z[rows] Ûₜᵀ (+ base).
-
-    Grid (segments, ⌈out/BLOCK_O⌉, n_split); the tenant's blocks are rows
-    u_range[t, 0] .. + u_range[t, 1] of the block table (_u_kernel's layout)."""
-    seg = tl.program_id(0)
-    tile = tl.program_id(1)
-    split = tl.program_id(2)
-    tenant = tl.load(segs_ptr + seg * 3)
-    row0 = tl.load(segs_ptr + seg * 3 + 1)
-    n_batch = tl.load(segs_ptr + seg * 3 + 2)
-    first = tl.load(range_ptr + tenant * 2)
-    n_blocks = tl.load(range_ptr + tenant * 2 + 1)
-    o = tile * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = o < n_out
-    grp = tile * BLOCK_O // GROUP
-    per = tl.cdiv(n_blocks, n_split)
-    y = _u_tile(z_ptr + row0 * stride_z, stride_z, n_batch, n_out, words_ptr, scale_ptr,
-                zero_ptr, blocks_ptr, first + split * per,
-                first + tl.minimum(split * per + per, n_blocks), grp, o, omask,
-                BLOCK_B, BLOCK_O, C1, C2, C4, C8)                           # (BLOCK_B, BLOCK_O)
-
-    b = tl.arange(0, BLOCK_B)
-    bmask = b < n_batch
-    row = tl.load(order_ptr + row0 + b, mask=bmask, other=0)                # original rows
-    mask = bmask[:, None] & omask[None, :]
-    dst = y_ptr + row[:, None] * stride_y + o[None, :]
-    base = base_ptr + row[:, None] * stride_base + o[None, :]
-    if not SPLIT:
-        if HAS_BASE:
-            y += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        lock = locks_ptr + seg * n_tiles + tile
-        tl.store(ypart_ptr + (split * n_rows + row0 + b[:, None]) * n_out + o[None, :], y,
-                 mask=mask)
-        tl.debug_barrier()
-        count = tl.atomic_add(lock, 1, sem="acq_rel")
-        if count == n_split - 1:
-            total = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-            for s in tl.static_range(MAX_SPLIT):
-                live = mask & (b[:, None] * 0 + s < n_split)
-                total += tl.load(ypart_ptr + (s * n_rows + row0 + b[:, None]) * n_out
-                                 + o[None, :], mask=live, other=0.0, cache_modifier=".cg")
-            if HAS_BASE:
-                total += tl.load(base, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-tenant launch configuration and wrappers.
-
-
-def choose_multi_config(md: MultiKernelDelta, n_seg: int, sm_count: int,
-                        waves: int = 4) -> KernelConfig:
-    """choose_config for a grid of n_seg segments: split each reduction until there
-    are ~`waves` programs per SM, no further than one 16-row block per program."""
-    block_o = math.gcd(md.group_size, 128)
-    target = waves * sm_count
-    u_tiles = -(-md.shape[0] // block_o)
-    split_v = max(1, min(md.max_blocks, -(-target // (n_seg * md.max_tiles)), MAX_SPLIT))
-    split_u = max(1, min(md.max_u_blocks, -(-target // (n_seg * u_tiles)), MAX_SPLIT))
-    return KernelConfig(split_v, split_u, 1, block_o, waves)
-
-
-def multi_delta_matmul_triton(x: torch.Tensor, md: MultiKernelDelta, plan: TenantPlan,
-                              base: torch.Tensor | None = None,
-                              config: KernelConfig | None = None) -> torch.Tensor:
-    """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out)."""
-    B, in_f = x.shape
-    out_f = md.shape[0]
-    xs = x if plan.is_sorted else x.index_select(0, plan.order)              # (B, in) sorted
-    y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
-    z = torch.zeros(B, md.z_width, dtype=torch.float32, device=x.device)    # see docstring
-    sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    flags, folds = width_args(md.containers, md.group_size)
-    g = md.group_size
-    base_arg = base if base is not None else y
-    for block_b, segs, n_seg in plan.groups:
-        cfg = config or choose_multi_config(md, n_seg, sm)
-        if g % cfg.block_o:
-            raise ValueError(f"block_o={cfg.block_o} must divide the group size {g}")
-        if cfg.warps_v != 1:
-            raise ValueError("the multi-tenant kernels use warps_v = 1 (128-vector tiles)")
-        u_tiles = -(-out_f // cfg.block_o)
-        need = n_seg * max(md.max_tiles, u_tiles)
-        if need > md.locks.numel():     # many segments (tenants with > 64 rows): more counters
-            md.locks = torch.zeros(need, dtype=torch.int32, device=x.device)
-        zpart = torch.empty(cfg.split_v if cfg.split_v > 1 else 0, B, md.max_rank,
-                            dtype=torch.float32, device=x.device)
-        ypart = torch.empty(cfg.split_u if cfg.split_u > 1 else 0, B, out_f,
-                            dtype=torch.float32, device=x.device)
-        _multi_v_kernel[(n_seg, md.max_tiles, cfg.split_v)](
-            xs, xs.stride(0), in_f, md.v_words, md.v_scale, md.v_zero, md.S, md.v_tiles,
-            md.max_tiles, segs, zpart, z, z.stride(0), md.locks, B, md.max_rank, cfg.split_v,
-            GROUP=g, BLOCK_B=block_b, BLOCK_I=TILE, SPLIT=cfg.split_v > 1,
-            MAX_SPLIT=triton.next_power_of_2(cfg.split_v),
-            **flags, **folds,
-            num_warps=1 if block_b == 1 else 4)
-        _multi_u_kernel[(n_seg, u_tiles, cfg.split_u)](
-            z, z.stride(0), out_f, md.u_words, md.u_scale, md.u_zero, md.u_blocks, md.u_range,
-            segs, u_tiles, ypart, B, y, y.stride(0), base_arg, base_arg.stride(0), plan.order,
-            md.locks, cfg.split_u,
-            HAS_BASE=base is not None, GROUP=g, BLOCK_B=block_b, BLOCK_O=cfg.block_o,
-            SPLIT=cfg.split_u > 1, MAX_SPLIT=triton.next_power_of_2(cfg.split_u),
-            **flags,
-            num_warps=max(1, cfg.block_o // 128) if block_b == 1 else 4)
-    return y
-
-
-def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[CompressedMatrix],
+def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[CompressedMatrix],
                        tenant_idx=None, base: torch.Tensor | None = None, backend: str = "auto",
                        plan: TenantPlan | None = None,
                        config: KernelConfig | None = None) -> torch.Tensor:
@@ -1189,23 +999,23 @@ def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[Comp
     reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "reference" (needs the
     CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
     of tenant_idx to reuse one plan across the layers of a forward pass."""
-    n = deltas.n_tenants if isinstance(deltas, MultiKernelDelta) else len(deltas)
+    n = deltas.n_tenants if isinstance(deltas, KernelDelta) else len(deltas)
     if n == 0:
         raise ValueError("no deltas given")
-    out_f, in_f = deltas.shape if isinstance(deltas, MultiKernelDelta) else deltas[0].shape
+    out_f, in_f = deltas.shape if isinstance(deltas, KernelDelta) else deltas[0].shape
     backend = resolve_backend(x, (out_f, in_f), base, backend)
     if (tenant_idx is None) == (plan is None):
         raise ValueError("give exactly one of tenant_idx and plan")
     lead = x.shape[:-1]
     if backend == "reference":
-        if isinstance(deltas, MultiKernelDelta):
+        if isinstance(deltas, KernelDelta):
             raise ValueError("the reference backend needs the CompressedMatrix list, "
-                             "not a MultiKernelDelta")
+                             "not a KernelDelta")
         if tenant_idx is None:
             raise ValueError("the reference backend takes tenant_idx, not a plan")
         y = multi_delta_matmul_reference(x, deltas, tenant_idx)
         return y if base is None else base + y
-    md = deltas if isinstance(deltas, MultiKernelDelta) else prepare_multi_delta(deltas,
+    md = deltas if isinstance(deltas, KernelDelta) else prepare_multi_delta(deltas,
                                                                                  x.device)
     if md.S.device != x.device:
         raise ValueError(f"the prepared deltas are on {md.S.device}, x on {x.device}")
@@ -1220,7 +1030,7 @@ def multi_delta_matmul(x: torch.Tensor, deltas: MultiKernelDelta | Sequence[Comp
         return x.new_zeros(*lead, out_f) if base is None else base.clone()
     x2 = x.reshape(B, in_f).contiguous()
     b2 = None if base is None else base.reshape(B, out_f).contiguous()
-    return multi_delta_matmul_triton(x2, md, plan, b2, config).reshape(*lead, out_f)
+    return launch(x2, md, plan, b2, config).reshape(*lead, out_f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1276,7 +1086,7 @@ class MultiDeltaLinear(torch.nn.Module):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
         self.base, self.deltas, self.backend = base, list(deltas), backend
         self.tenants: TenantBatch | None = None
-        self._prepared: MultiKernelDelta | None = None
+        self._prepared: KernelDelta | None = None
 
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
         y = self.base(x)

@@ -506,11 +506,21 @@ def test_reference_empty_matrix_is_zero():
                        torch.zeros(3, 7, dtype=torch.float16))
 
 
+def assert_workspace_clean():
+    """The shared accumulator and counters must be all zero between launches."""
+    acc, locks = kernel.workspace("cpu", 0, 0)
+    assert not acc.any() and not locks.any()
+
+
+def small_config(split_v, chunks_u):
+    """Tiles small enough that the test shapes (≤ 300) span several of them."""
+    return kernel.KernelConfig(split_v, 16 * chunks_u, block_j=16, block_o=64)
+
+
 def check_triton(out_f, in_f, ranks, batch, dtype, splits, seed, group_size=128):
     cm = random_matrix(out_f, in_f, ranks, seed, group_size)
     x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    config = None if splits is None else kernel.KernelConfig(*splits,
-                                                             block_o=math.gcd(group_size, 128))
+    config = None if splits is None else small_config(*splits)
     y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
                             config=config)
     assert y.dtype == dtype and y.shape == (batch, out_f)
@@ -561,10 +571,10 @@ def test_triton_counters_reset_and_base_fused():
     kd = kernel.prepare_delta(cm, "cpu")
     x = torch.randn(2, 3, 200).half()
     base = torch.randn(2, 3, 150).half()
-    config = kernel.KernelConfig(3, 4)
+    config = small_config(3, 1)
     for _ in range(2):
         y = kernel.delta_matmul(x, kd, base, backend="triton", config=config)
-        assert not kd.locks.any()
+        assert_workspace_clean()
     want = base.double() + x.double() @ decompress_matrix(cm).double().mT
     assert y.shape == (2, 3, 150) and rel(y, want) < 2 * UNIT[torch.float16]
 
@@ -636,11 +646,11 @@ def check_multi(out_f, in_f, tenant_ranks, idx, dtype, splits, with_base, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(len(idx), in_f, generator=gen).to(dtype)
     base = torch.randn(len(idx), out_f, generator=gen).to(dtype) if with_base else None
-    config = None if splits is None else kernel.KernelConfig(*splits)
+    config = None if splits is None else small_config(*splits)
     md = kernel.prepare_multi_delta(cms, "cpu")
     y = kernel.multi_delta_matmul(x, md, torch.tensor(idx), base, backend="triton", config=config)
     assert y.dtype == dtype and y.shape == (len(idx), out_f) and torch.isfinite(y).all()
-    assert not md.locks.any()                          # counters back at 0 for the next call
+    assert_workspace_clean()                           # back at 0 for the next call
     want = exact(x, cms, idx, base)
     ref = kernel.multi_delta_matmul(x, cms, torch.tensor(idx), base, backend="reference")
     if want.norm() == 0:                               # every used tenant has rank 0
@@ -689,14 +699,15 @@ def test_plan_groups_rows_by_tenant():
     idx = torch.tensor([2, 0, 2, 2, 3] + [1] * 70)
     assert idx[plan.order.long()].tolist() == sorted(idx.tolist())
     segs = {bb: s.tolist() for bb, s, _ in plan.groups}
-    # tenant 1's 70 rows: one 64-row segment and one 6-row segment
+    # tenant 1's 70 rows: two 32-row segments and one 6-row segment
     assert segs == {1: [[0, 0, 1], [3, 74, 1]], 16: [[1, 65, 6], [2, 71, 3]],
-                    64: [[1, 1, 64]]}
+                    32: [[1, 1, 32], [1, 33, 32]]}
     assert kernel.plan_tenants([0, 0, 1], 2, "cpu").is_sorted
 
 
 def test_multi_more_rows_than_max_batch():
-    """A tenant with 66 rows (two segments, so its delta is read twice) beside 1-row ones."""
+    """A tenant with 66 rows (three segments of ≤ 32, so its delta is read three times) beside
+    a 1-row one."""
     check_multi(40, 50, [{2: 9, 8: 1}, {3: 5}], [0] * 33 + [1] + [0] * 33, torch.float16,
                 None, True, 11)
 
