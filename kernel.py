@@ -210,8 +210,9 @@ class KernelDelta:
             for bands in self.bands:
                 chunks = [(c, uwb, ldu, r, usb, sb, zc, lo)
                           for c, r, _, _, _, uwb, ldu, usb, sb, zc in bands
-                          for lo in range(0, r, rows)] or [(self.containers[0], 0, 16, 0, 0,
-                                                             0, 0, 0)]
+                          for lo in range(0, r, rows)]
+                if not chunks:          # rank 0: an empty item per tile writes the base
+                    chunks = [(self.containers[0], 0, 16, 0, 0, 0, 0, 0)]
                 tables.append(([[c, uwb, ldu, r, tile, lo, min(lo + rows, r), usb, sb, zc, tile,
                                  len(chunks)]
                                 for tile in range(n_tiles)
@@ -679,21 +680,26 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     return cfg
 
 
-_WORKSPACES: dict = {}
+_WORKSPACES: dict = {}    # device -> (accumulator, counters)
+_OUTGROWN: list = []      # replaced workspaces, kept alive: captured CUDA graphs may use them
 
 
 def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 accumulator and int32 counters the kernels share on `device`, at least this
     large. Both are zero between launches (the last program of each tile resets its part),
     so one workspace serves every matrix; launches on one device must not overlap (one CUDA
-    stream at a time)."""
+    stream at a time). A larger request allocates a new workspace, so make one call of the
+    largest shape and batch before capturing CUDA graphs."""
     key = str(torch.device(device))
     acc, locks = _WORKSPACES.get(key, (None, None))
-    if acc is None or acc.numel() < n_acc:
-        acc = torch.zeros(max(n_acc, 1 << 16), dtype=torch.float32, device=device)
-    if locks is None or locks.numel() < n_locks:
-        locks = torch.zeros(max(n_locks, 1024), dtype=torch.int32, device=device)
-    _WORKSPACES[key] = acc, locks
+    if acc is None or acc.numel() < n_acc or locks.numel() < n_locks:
+        if acc is not None:
+            _OUTGROWN.append((acc, locks))
+        acc = torch.zeros(max(n_acc, 1 << 16, 0 if acc is None else acc.numel()),
+                          dtype=torch.float32, device=device)
+        locks = torch.zeros(max(n_locks, 1024, 0 if locks is None else locks.numel()),
+                            dtype=torch.int32, device=device)
+        _WORKSPACES[key] = acc, locks
     return acc, locks
 
 

@@ -579,6 +579,15 @@ def test_triton_counters_reset_and_base_fused():
     assert y.shape == (2, 3, 150) and rel(y, want) < 2 * UNIT[torch.float16]
 
 
+def test_triton_batch_over_max_batch():
+    """More rows than one launch takes (MAX_BATCH): the batch runs as chunks."""
+    cm = random_matrix(70, 90, {4: 6, 2: 12}, seed=12)
+    x = torch.randn(kernel.MAX_BATCH + 7, 90, generator=torch.Generator().manual_seed(12))
+    y = kernel.delta_matmul(x.half(), kernel.prepare_delta(cm, "cpu"), backend="triton")
+    want = x.half().double() @ decompress_matrix(cm).double().mT
+    assert y.shape == want.shape and rel(y, want) < 2 * UNIT[torch.float16]
+
+
 def test_wrapper_errors():
     cm = random_matrix(10, 20, {2: 3}, seed=7)
     with pytest.raises(ValueError, match="expects"):
@@ -589,6 +598,13 @@ def test_wrapper_errors():
         kernel.delta_matmul(torch.randn(2, 20), cm, backend="cuda")
     with pytest.raises(ValueError, match="base"):
         kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
+    for bad in (kernel.KernelConfig(0, 16), kernel.KernelConfig(1, 24),
+                kernel.KernelConfig(1, 16, block_j=48)):
+        with pytest.raises(ValueError, match="split_v ≥ 1"):
+            kernel.delta_matmul(torch.randn(1, 20).half(), cm, backend="triton", config=bad)
+    with pytest.raises(ValueError, match="2 tenants"):
+        kernel.delta_matmul(torch.randn(1, 20).half(), kernel.prepare_multi_delta([cm, cm], "cpu"),
+                            backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
