@@ -414,7 +414,6 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
 
 
 def versions_line(device) -> str:
-    import triton
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() \
         or platform.machine()
     return (f"device: {dev} | torch {torch.__version__} | triton {triton.__version__} | "

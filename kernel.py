@@ -90,7 +90,6 @@ from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequant
 
 MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
                        # 3.6 fails to compile the 64-row tl.dot path)
-# Kernels may only read globals that are constexpr.
 MAGIC = 0x4B000000     # bit pattern of 2^23 in fp32: (q | it) as a float is 2^23 + q
 
 
@@ -317,11 +316,12 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
     """One CompressedMatrix -> KernelDelta on `device` (one tenant)."""
     return prepare_multi_delta([cm], device)
 
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. Grid (segment, item): a segment is the rows of one tenant in the batch (one
 # segment of all rows for a single delta), an item one row of that tenant's work table.
 # Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes' exponent trick; 2–32 rows
-# dequantize a tile into the compute dtype and use tl.dot.
+# use tl.dot in tf32 on the exact codes.
 
 
 @triton.jit
@@ -340,7 +340,7 @@ def _code_floats(w, k, magic, C: tl.constexpr):
 
 @triton.jit
 def _unscale(C: tl.constexpr):
-    """(32/C,) fp32: 2^-(C·k'), undoing the position _codes leaves code k at (exact)."""
+    """(32/C,) fp32: 2^-(C·k'), undoing the position _code_floats leaves code k at (exact)."""
     k = tl.arange(0, 32 // C)
     return ((127 - C * (k % (16 // C))) << 23).to(tl.float32, bitcast=True)
 
@@ -491,20 +491,20 @@ def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_bas
 
 
 @triton.jit
-def _reduce(val, acc_ptr, offs, mask, n_items, lock_ptr):
+def _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr):
     """A tile's reduction over its items: returns (is this program the last, the total).
     One item: its own value. Several: each adds its value into the zeroed fp32 workspace
     (atomics at L2) and counts in; the last one reads the sum, zeroes the workspace and the
     counter again, and writes the result. The tail is one L2 round trip however many items
     a tile has (partial sums read back one by one cost one per few items); the order of the
     adds, and so the last bits of the result, can differ from run to run."""
-    last = n_items == 1
+    last = tile_items == 1
     total = val
-    if n_items > 1:
+    if tile_items > 1:
         tl.atomic_add(acc_ptr + offs, val, mask=mask, sem="relaxed")
         tl.debug_barrier()                    # every thread's adds are issued ...
         count = tl.atomic_add(lock_ptr, 1, sem="acq_rel")   # ... before the release
-        last = count == n_items - 1
+        last = count == tile_items - 1
         if last:
             total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(acc_ptr + offs, tl.zeros_like(val), mask=mask)
@@ -545,8 +545,8 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
     S_base = tl.load(meta + 8)
     z_col = tl.load(meta + 9)
     tile = tl.load(meta + 10)
-    n_items = tl.load(meta + 11)
-    if n_items > 0:
+    tile_items = tl.load(meta + 11)           # 0: an empty padding item
+    if tile_items > 0:
         x_row = x_ptr + row0 * stride_x
         acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
         for i in tl.static_range(4):                  # container width C = 1 << i
@@ -564,7 +564,7 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
         cols = col0 + tl.arange(0, BLOCK_J)
         mask = (b[:, None] < n_rows) & (cols[None, :] < r)
         offs = (row0 + b[:, None]) * stride_z + z_col + cols[None, :]
-        last, total = _reduce(acc, acc_ptr, offs, mask, n_items,
+        last, total = _reduce(acc, acc_ptr, offs, mask, tile_items,
                               locks_ptr + seg * n_tiles + tile)
         if last:
             S = tl.load(S_ptr + S_base + cols, mask=cols < r, other=0.0)
@@ -572,7 +572,7 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
 
 
 @triton.jit
-def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, n_items, lock_ptr,
+def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock_ptr,
               y_ptr, stride_y, base_ptr, stride_base, order_ptr, HAS_BASE: tl.constexpr,
               BLOCK_B: tl.constexpr):
     """Sum an output tile's items (_reduce); the last program adds the base output and
@@ -586,7 +586,7 @@ def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, n_items, lock_ptr,
         mask = (b < n_rows) & (o < n_out)
         offs = (row0 + b) * n_out + o
         dst = tl.load(order_ptr + row0 + b, mask=b < n_rows, other=0)
-    last, total = _reduce(val, acc_ptr, offs, mask, n_items, lock_ptr)
+    last, total = _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr)
     if last:
         if HAS_BASE:
             total += tl.load(base_ptr + dst * stride_base + o, mask=mask, other=0.0).to(
@@ -608,17 +608,17 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
     hi = tl.load(meta + 6)
     s_base = tl.load(meta + 7)
     z_col = tl.load(meta + 9)
-    n_items = tl.load(meta + 11)
+    tile_items = tl.load(meta + 11)           # 0: an empty padding item
     lock = locks_ptr + seg * n_tiles + tile
     z_row = z_ptr + row0 * stride_z + z_col
-    if n_items > 0:
+    if tile_items > 0:
         if BLOCK_B == 1:
             for i in tl.static_range(4):              # container width C = 1 << i
                 if WIDTHS & (1 << i):
                     if c == (1 << i):       # (32/C, BLOCK_O·C/32) values and their outputs
                         val, o = _u_fma(z_row, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
                                         n_gout, tile, magic, 1 << i, GROUP, BLOCK_O, STAGES)
-                        _u_finish(val, o, row0, n_rows, n_out, acc_ptr, n_items, lock, y_ptr,
+                        _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr,
                                   stride_y, base_ptr, stride_base, order_ptr, HAS_BASE,
                                   BLOCK_B)
         else:
@@ -630,7 +630,7 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
                                      lo, hi, s_base, n_gout, tile, 1 << i, GROUP, BLOCK_B,
                                      BLOCK_O, STAGES)
             o = (tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
-            _u_finish(acc, o, row0, n_rows, n_out, acc_ptr, n_items, lock, y_ptr, stride_y,
+            _u_finish(acc, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr, stride_y,
                       base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
 
 
