@@ -62,8 +62,8 @@ CPU_MODELS = {"tiny (CPU)": {"hidden": 512, "kv": 128, "inter": 1376, "layers": 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 TENANTS = (1, 4, 16, 64)
 HBM_BYTES = 80e9       # one 80 GB H100; weights only (no KV cache, activations or workspace)
-CHECK_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672), (28672, 8192),
-                (4095, 11007)]
+CHECK_SHAPES = [(4095, 11007), (4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672),
+                (28672, 8192)]
 
 
 def projections(m: dict) -> dict[str, tuple[int, int]]:
@@ -395,18 +395,19 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
             ref = delta_matmul_reference(x, cm)
             block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
             tilings = [(64, 512), (128, 512), (64, 1024)] if B == 1 else [(64, 512)]
-            for waves, stages, (block_j, block_o) in itertools.product(
-                    (8, 16, 32, 64), (2, 3), tilings):
+            for waves, (v_st, u_st), (block_j, block_o) in itertools.product(
+                    (8, 16, 32, 64), ((1, 2), (1, 3), (2, 2), (3, 3)), tilings):
                 cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
-                                    block_o=block_o, stages=stages)
+                                    block_o=block_o, v_stages=v_st, u_stages=u_st)
                 err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
                 us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
                               for k in kds], graph=True)
                 gbs = cm.nbytes() / us / 1e3
-                rows.append(dict(shape=list(shape), batch=B, waves=waves, stages=stages,
+                rows.append(dict(shape=list(shape), batch=B, waves=waves, v_stages=v_st,
+                                 u_stages=u_st,
                                  block_j=block_j, block_o=block_o, split_v=cfg.split_v,
                                  rows_u=cfg.rows_u, us=us, gbs=gbs, err=err))
-                print(f"sweep {shape} B={B} waves={waves} stages={stages} "
+                print(f"sweep {shape} B={B} waves={waves} stages={v_st},{u_st} "
                       f"block_j={block_j} block_o={block_o} split_v={cfg.split_v} "
                       f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
                       flush=True)

@@ -51,8 +51,12 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 * Layout. Phase V reads V̂ transposed, (positions/pw, vectors): a program's threads own a few
   vectors and walk down the positions; phase U reads Û as stored, (vectors, outputs/pw): its
   threads own output words and walk down the vectors. Both reductions stay in-thread. The
-  scale/zero pair of a group is one int32, so every load is 4 or 16 bytes and the main loops
-  are software-pipelined with async copies (`tl.range(num_stages=...)`).
+  scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
+  loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
+  plain loads, because every thread needs all of a step's x and async copies of it cost
+  more in shared memory than they hide. A value all threads share (z of a vector) is loaded
+  as a scalar: as a tensor, each thread's copy went through shared memory, and that made
+  phase U twice as slow (ncu: 80 % of its shared-memory wavefronts were bank conflicts).
 * Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
   items (tile × chunk of the reduction) until there are ~32 one-warp programs per SM; a tile
   with several items adds them into a zeroed fp32 workspace with atomics and the last item
@@ -451,7 +455,7 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
             # (times z = 0), columns past the tile's last word are padding or slack (never
             # stored), so the loads stay 16-byte vectors.
             words = tl.load(words_ptr + w_base + (j0 + u) * ld + w)
-            z = tl.load(z_ptr + j0 + u + w * 0, mask=w * 0 + j0 + u < hi, other=0.0)  # (BW,)
+            z = tl.load(z_ptr + j0 + u, mask=j0 + u < hi, other=0.0)     # a scalar
             s, m = _scale_zero(tl.load(sz_ptr + s_base + (j0 + u) * n_gout + grp))
             zero_sum += z * m
             acc += (z * s)[None, :] * (_code_floats(words[None, :], k, magic, C) - 8388608.0)
@@ -648,7 +652,8 @@ class KernelConfig:
     rows_u: int            # vectors per phase-U item (a multiple of 16)
     block_j: int = 64      # batch 1 phase-V tile: 2 vectors a thread
     block_o: int = 1024    # batch 1 phase-U tile: 32 outputs a thread
-    stages: int = 2        # software pipelining depth of the main loops (async copies)
+    v_stages: int = 1      # software pipelining depth of the main loops (async copies;
+    u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
@@ -661,15 +666,18 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int = 64, block_o: int = 1024,
-                  stages: int | None = None) -> KernelConfig:
+                  v_stages: int | None = None, u_stages: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
-    Defaults (from `python bench.py --sweep` on an H100 at the 70B shapes): batch 1, 32
-    one-warp programs per SM and 2 pipeline stages; the tl.dot path, 16 and 3."""
+    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 32 one-warp
+    programs per SM at batch 1, 16 four-warp programs on the tl.dot path; plain loads in
+    phase V, 3 pipeline stages in phase U."""
     if waves is None:
         waves = 32 if block_b == 1 else 16
-    if stages is None:
-        stages = 2 if block_b == 1 else 3
-    cfg = KernelConfig(1, 16, block_j, block_o, stages, waves)
+    if v_stages is None:
+        v_stages = 1
+    if u_stages is None:
+        u_stages = 3
+    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves)
     bj, bo, _ = cfg.tiles(block_b, kd.group_size)
     target = max(1, waves * sm_count // n_seg)
     n_groups = -(-kd.shape[1] // kd.group_size)
@@ -732,13 +740,13 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
             xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v,
             segs, acc, z, z.stride(0), locks, v_tiles, MAGIC,
             GROUP=kd.group_size, STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b,
-            BLOCK_J=bj, STAGES=cfg.stages, WIDTHS=widths, num_warps=warps)
+            BLOCK_J=bj, STAGES=cfg.v_stages, WIDTHS=widths, num_warps=warps)
         _u_kernel[(n_seg, n_u)](
             z, z.stride(0), out_f, -(-out_f // kd.group_size), kd.u_words, kd.u_sz,
             u_items, n_u, segs, acc, y, y.stride(0), base_arg,
             base_arg.stride(0), plan.order, locks, u_tiles, MAGIC,
             HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-            STAGES=cfg.stages, WIDTHS=widths, num_warps=warps)
+            STAGES=cfg.u_stages, WIDTHS=widths, num_warps=warps)
     return y
 
 
