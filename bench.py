@@ -30,6 +30,9 @@ Usage:
     python bench.py --check              # the GPU equivalence matrix of issue 4
     python bench.py --models llama-2-7b --batches 1,16 --json runs/bench.json
     python bench.py --tenants 1,4,16,64 --models llama-2-7b      # multi-tenant scenario
+    python bench.py --ceiling            # what one bare read-only launch streams
+    ncu --kernel-name regex:"_[uv]_kernel" --launch-skip 4 --launch-count 2 \
+        python bench.py --profile 28672x8192 --batches 1       # profile the third call
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 
 from deltacome import Config, block_shapes, compress_matrix, synthetic_delta
 from kernel import (choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
@@ -137,6 +141,45 @@ def copy_bandwidth() -> float:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@triton.jit
+def _read_only(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Reads BLOCK int32 and writes one: a launch that does nothing but stream."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(src_ptr + i, mask=i < n, other=0), 0))
+
+
+def streaming_ceiling(sizes_mb, device, l2_bytes: int, copy_gbs: float) -> list[dict]:
+    """What one launch can stream: a bare Triton kernel reading n bytes (4-warp programs of
+    4096 int32, 16-byte loads), CUDA-graphed and rotated through buffers past the L2 like the
+    table's rows. The delta path is two dependent launches over its packed bytes, so this
+    bounds it from above."""
+    rows = []
+    print(f"\n{'one launch, read only':<24}{'MB':>8}{'µs':>9}{'GB/s':>8}{'%copy':>7}")
+    for mb in sizes_mb:
+        n = int(mb * 1e6) // 4
+        bufs = [torch.randint(0, 99, (n,), dtype=torch.int32, device=device)
+                for _ in range(max(1, math.ceil(2 * l2_bytes / (4 * n))))]
+        out = torch.empty(triton.cdiv(n, 4096), dtype=torch.int32, device=device)
+        us = time_us([lambda b=b: _read_only[(triton.cdiv(n, 4096),)](b, out, n, BLOCK=4096,
+                                                                      num_warps=4)
+                      for b in bufs], graph=True)
+        gbs = 4 * n / us / 1e3
+        rows.append(dict(mb=mb, us=us, gbs=gbs, pct_copy=100 * gbs / copy_gbs))
+        print(f"{'':<24}{mb:>8.2f}{us:>9.1f}{gbs:>8.0f}{100 * gbs / copy_gbs:>7.1f}", flush=True)
+    return rows
+
+
+def profile_workload(shape, batch: int, dtype, device) -> None:
+    """Runs delta_matmul at one shape and batch 4 times with the default launch settings,
+    for an external profiler (ncu, nsys): the third call's two kernels are launches 5 and 6."""
+    kd = prepare_delta(make_delta(shape, device), device)
+    x = torch.randn(batch, shape[1], device=device).to(dtype)
+    for _ in range(4):
+        delta_matmul(x, kd, backend="triton")
+    torch.cuda.synchronize()
+    print(f"ran {shape} batch {batch} four times")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +479,12 @@ def main(argv=None) -> int:
     p.add_argument("--tenants", metavar="N,N,...",
                    help=f"run the multi-tenant scenario instead of the table, for these tenant "
                         f"counts (e.g. {','.join(map(str, TENANTS))}), on the first of --models")
+    p.add_argument("--ceiling", action="store_true",
+                   help="time a bare read-only launch at 1–32 MB instead of the table: the "
+                        "streaming ceiling of one launch")
+    p.add_argument("--profile", metavar="OUTxIN",
+                   help="only run the kernels at this shape (first of --batches) four times, "
+                        "as a workload for ncu or nsys")
     p.add_argument("--json", help="also write every number to this JSON file")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -444,6 +493,17 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     out = {"versions": versions_line(device), "argv": sys.argv[1:]}
     print(out["versions"])
+    if (args.check or args.ceiling or args.profile) and device.type != "cuda":
+        print("--check, --ceiling and --profile need CUDA")
+        return 2
+    if args.profile:
+        try:
+            shape = tuple(int(v) for v in args.profile.lower().split("x"))
+            assert len(shape) == 2 and min(shape) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--profile takes OUTxIN, e.g. 28672x8192, not {args.profile!r}")
+        profile_workload(shape, batches[0], dtype, device)
+        return 0
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         l2 = getattr(props, "L2_cache_size", 50 * 2**20)
@@ -451,9 +511,6 @@ def main(argv=None) -> int:
         print(f"copy bandwidth (read + write): {out['copy_gbs']:.0f} GB/s; "
               f"L2 {l2 / 2**20:.0f} MiB; {props.multi_processor_count} SMs")
     if args.check:
-        if device.type != "cuda":
-            print("--check needs CUDA")
-            return 2
         out["check"] = check(CHECK_SHAPES, (1, 7, 16, 64), (torch.float16, torch.bfloat16),
                              device)
     elif args.tenants:
@@ -468,6 +525,8 @@ def main(argv=None) -> int:
             name = next(iter(CPU_MODELS))
             out["tenants"] = tenant_rows(name, CPU_MODELS[name], counts, torch.float32, device,
                                          None)
+    elif args.ceiling:
+        out["ceiling"] = streaming_ceiling((1, 2, 4, 8, 16, 32), device, l2, out["copy_gbs"])
     elif args.sweep:
         out["sweep"] = sweep([(4096, 4096), (28672, 8192), (8192, 28672)], (1, 16), dtype,
                              device, l2)

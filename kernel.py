@@ -71,9 +71,10 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-35–83× faster than the reference and 12.7 % / 18.2 % of copy bandwidth on the two 70B
-shapes (the previous design: 7–8 %). Phase U is the slow half: it streams at ~300 GB/s while
-its instruction count would allow several times that.
+61–135× faster than the reference and 22 % / 26 % of copy bandwidth on the two 70B shapes
+(44.0 / 37.6 µs). Both phases now wait more than they compute (~11 warps per SM, memory
+latency and each program's counter fence); the next step is fewer instructions per code
+(fp16 pairs into tensor-core dots, also at batch 1) and fewer, longer programs.
 """
 
 from __future__ import annotations
