@@ -873,6 +873,18 @@ def test_bench_tenants_runs_on_cpu(tmp_path):
     assert mem["fit_delta_tenants"] > mem["fit_fp16_finetunes"]
 
 
+
+def test_bench_gpu_only_modes_refuse_cpu(capsys):
+    """--check, --ceiling and --profile need CUDA: on CPU they say so and exit 2."""
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA these run the GPU benchmark")
+    for argv in (["--check"], ["--ceiling"], ["--profile", "64x32"]):
+        assert bench.main(argv) == 2
+        assert "need CUDA" in capsys.readouterr().out
+
+
 # =============================================================================================
 # eval.py: baselines at their byte budgets, the matrix table, the model-level pipeline on a
 # tiny random model.
