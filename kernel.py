@@ -667,17 +667,13 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int = 64, block_o: int = 1024,
-                  v_stages: int | None = None, u_stages: int | None = None) -> KernelConfig:
+                  v_stages: int = 1, u_stages: int = 3) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 32 one-warp
     programs per SM at batch 1, 16 four-warp programs on the tl.dot path; plain loads in
     phase V, 3 pipeline stages in phase U."""
     if waves is None:
         waves = 32 if block_b == 1 else 16
-    if v_stages is None:
-        v_stages = 1
-    if u_stages is None:
-        u_stages = 3
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves)
     bj, bo, _ = cfg.tiles(block_b, kd.group_size)
     target = max(1, waves * sm_count // n_seg)
@@ -728,11 +724,11 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
         bj, bo, warps = cfg.tiles(block_b, kd.group_size)
-        if cfg.rows_u % 16 or cfg.split_v < 1 or not (
+        if cfg.rows_u % 16 or cfg.split_v < 1 or min(cfg.v_stages, cfg.u_stages) < 1 or not (
                 bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
                 and triton.next_power_of_2(bo) == bo):
-            raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, block_j and "
-                             f"block_o powers of two ≥ 16 and ≥ 32")
+            raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, stages ≥ 1, "
+                             f"block_j and block_o powers of two ≥ 16 and ≥ 32")
         v_items, n_v, v_tiles = kd.v_items(bj, cfg.split_v)
         u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
         acc, locks = workspace(x.device, B * max(kd.max_rank, out_f),

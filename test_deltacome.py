@@ -599,7 +599,7 @@ def test_wrapper_errors():
     with pytest.raises(ValueError, match="base"):
         kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
     for bad in (kernel.KernelConfig(0, 16), kernel.KernelConfig(1, 24),
-                kernel.KernelConfig(1, 16, block_j=48)):
+                kernel.KernelConfig(1, 16, block_j=48), kernel.KernelConfig(1, 16, u_stages=0)):
         with pytest.raises(ValueError, match="split_v ≥ 1"):
             kernel.delta_matmul(torch.randn(1, 20).half(), cm, backend="triton", config=bad)
     with pytest.raises(ValueError, match="2 tenants"):
