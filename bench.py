@@ -426,7 +426,7 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
 
 def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
     """Times launch configurations per shape/batch, for tuning choose_config: programs per
-    SM (waves) and, at batch 1, the tile widths."""
+    SM (waves), pipeline stages and, at batch 1, the tile widths and phase U's registers."""
     rows = []
     sm = torch.cuda.get_device_properties(device).multi_processor_count
     for shape in shapes:
@@ -438,21 +438,24 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
             ref = delta_matmul_reference(x, cm)
             block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
             tilings = [(64, 512), (128, 512), (64, 1024)] if B == 1 else [(64, 512)]
-            for waves, (v_st, u_st), (block_j, block_o) in itertools.product(
-                    (8, 16, 32, 64), ((1, 2), (1, 3), (2, 2), (3, 3)), tilings):
+            regs = (0, 128) if B == 1 else (0,)
+            for waves, (v_st, u_st), (block_j, block_o), u_regs in itertools.product(
+                    (8, 16, 32, 64), ((1, 2), (1, 3), (2, 2), (3, 3)), tilings, regs):
                 cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
-                                    block_o=block_o, v_stages=v_st, u_stages=u_st)
+                                    block_o=block_o, v_stages=v_st, u_stages=u_st,
+                                    u_regs=u_regs)
                 err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
                 us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
                               for k in kds], graph=True)
                 gbs = cm.nbytes() / us / 1e3
                 rows.append(dict(shape=list(shape), batch=B, waves=waves, v_stages=v_st,
-                                 u_stages=u_st,
+                                 u_stages=u_st, u_regs=u_regs,
                                  block_j=block_j, block_o=block_o, split_v=cfg.split_v,
                                  rows_u=cfg.rows_u, us=us, gbs=gbs, err=err))
                 print(f"sweep {shape} B={B} waves={waves} stages={v_st},{u_st} "
-                      f"block_j={block_j} block_o={block_o} split_v={cfg.split_v} "
-                      f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
+                      f"block_j={block_j} block_o={block_o} u_regs={u_regs} "
+                      f"split_v={cfg.split_v} rows_u={cfg.rows_u} {us:8.1f} µs "
+                      f"{gbs:7.0f} GB/s err {err:.1e}",
                       flush=True)
     return rows
 

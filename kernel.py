@@ -40,11 +40,13 @@ Usage:
 Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
 * Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
-  must consume ~50 codes per clock, so the per-code work must be a few instructions. A code
-  becomes a float by the exponent trick instead of an int->float conversion (16/clock/SM):
-  OR-ing it into the mantissa of 2^23 gives 2^23 + q, one LOP3 with the code's mask as the
-  immediate (codes are masked where they lie, q·2^(c·k'), and the power of two is undone
-  once per row or output, not per code). In phase V, x·q is then one exact FFMA.
+  must consume ~50 codes per clock, so the per-code work must be a few instructions: two.
+  A code masked where it lies in its word (one LOP3, the mask an immediate) is, read as an
+  fp32 with a zero exponent, the denormal q·2^(c·k')·2^-149: exact, and ready for one FFMA
+  with the factor it multiplies (x in phase V, z·scale in phase U), which carries the
+  power of two back (2^64 of it) so the product is a normal float. No int->float conversion
+  (16/clock/SM), no subtraction of an exponent-trick offset (the FADD that cost a third of
+  the per-code work). The range this leaves is wide: see _code_denormals.
 * Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group, so a group's scale
   and zero cost nothing per code in phase V; in phase U every thread owns whole words, whose
   codes share one factor z·scale per (vector, word).
@@ -58,7 +60,7 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   as a scalar: as a tensor, each thread's copy went through shared memory, and that made
   phase U twice as slow (ncu: 80 % of its shared-memory wavefronts were bank conflicts).
 * Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
-  items (tile × chunk of the reduction) until there are ~32 one-warp programs per SM; a tile
+  items (tile × chunk of the reduction) until there are ~16 programs per SM; a tile
   with several items adds them into a zeroed fp32 workspace with atomics and the last item
   (an acq_rel counter) reads the sum, resets the workspace and writes the result: no memset,
   no extra launch, one L2 round trip at the tail. The order of the adds, and so the last
@@ -71,10 +73,10 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-61–135× faster than the reference and 22 % / 26 % of copy bandwidth on the two 70B shapes
-(44.0 / 37.6 µs). Both phases now wait more than they compute (~11 warps per SM, memory
-latency and each program's counter fence); the next step is fewer instructions per code
-(fp16 pairs into tensor-core dots, also at batch 1) and fewer, longer programs.
+58–147× faster than the reference and 27 % / 29 % of copy bandwidth on the two 70B shapes
+(36.0 / 33.3 µs). Both phases still wait more than they compute (11–14 warps per SM, memory
+latency, instruction fetch in phase V, each program's counter fence); the next steps are
+fp16 pairs into tensor-core dots also at batch 1, more warps, and fewer, longer programs.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequant
 
 MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
                        # 3.6 fails to compile the 64-row tl.dot path)
-MAGIC = 0x4B000000     # bit pattern of 2^23 in fp32: (q | it) as a float is 2^23 + q
+LIFT = 2.0**64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
+_LIFT = tl.constexpr(LIFT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,29 +328,32 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. Grid (segment, item): a segment is the rows of one tenant in the batch (one
 # segment of all rows for a single delta), an item one row of that tenant's work table.
-# Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes' exponent trick; 2–32 rows
-# use tl.dot in tf32 on the exact codes.
+# Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes as denormals; 2–32 rows use
+# tl.dot in tf32 on the exact codes.
 
 
 @triton.jit
-def _code_floats(w, k, magic, C: tl.constexpr):
-    """Words w and code indices k (broadcastable int32 tensors) -> 2^23 + q·2^(C·k') as
-    fp32, exactly, for code q = code k of each word and k' = k mod 16/C. Codes in the low
-    half-word are masked where they lie, the others in w >> 16; OR-ing them into the mantissa
-    of 2^23 makes them floats in one logic op. k is held per thread, so the select and the
-    masks are compile-time constants. `magic` is 0x4B000000 (2^23 as fp32 bits), passed at
-    run time so that it stays in a register and each mask can be the LOP3's immediate."""
+def _code_denormals(w, k, C: tl.constexpr):
+    """Words w and code indices k (broadcastable int32 tensors) -> q·2^(C·k' - 149) as fp32,
+    exactly, for code q = code k of each word and k' = k mod 16/C. Codes in the low
+    half-word are masked where they lie, the others in w >> 16; a masked code below bit 23
+    with a zero exponent is the fp32 denormal q·2^(C·k')·2^-149, so one logic op (the mask
+    an immediate) makes it a float, and one FFMA multiplies and adds it. k is held per
+    thread, so the select and the masks are compile-time constants. The power of two is
+    undone once per row or output by `_unscale` (2^85 of it) and LIFT (2^64), which lifts
+    the other factor. Products stay normal floats, and so exact as before rounding, for
+    2^-62 ≤ |x| < 2^43 (phase V) and 2^-41 ≤ |z·scale| < 2^64 (phase U): every fp16 value,
+    and bf16 far past real activations; outside it they lose bits or overflow."""
     HALF: tl.constexpr = 16 // C
     src = tl.where(k < HALF, w, w >> 16)
-    bits = src & (((1 << C) - 1) << (C * (k % HALF)))
-    return (bits | magic).to(tl.float32, bitcast=True)
+    return (src & (((1 << C) - 1) << (C * (k % HALF)))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _unscale(C: tl.constexpr):
-    """(32/C,) fp32: 2^-(C·k'), undoing the position _code_floats leaves code k at (exact)."""
+    """(32/C,) fp32: 2^(85 - C·k'), so that _unscale · LIFT · _code_denormals = q (exact)."""
     k = tl.arange(0, 32 // C)
-    return ((127 - C * (k % (16 // C))) << 23).to(tl.float32, bitcast=True)
+    return ((127 + 85 - C * (k % (16 // C))) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -368,11 +374,12 @@ def _int_codes(words, C: tl.constexpr):
 
 @triton.jit
 def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
-           magic, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_J: tl.constexpr,
+           C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_J: tl.constexpr,
            STAGES: tl.constexpr):
     """Batch 1: (BLOCK_J,) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of one band.
     Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A group is
-    read in steps of STEP input positions (64, or 32 where that does not divide it)."""
+    read in steps of STEP input positions (64, or 32 where that does not divide it); each
+    code is one FFMA of x·2^(85-C·k') with its denormal, so part is Σ x·q·2^-64."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
@@ -382,7 +389,7 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
     cmask = cols < r
     acc = tl.zeros((BLOCK_J,), tl.float32)
     for g in tl.range(lo, hi, num_stages=STAGES):
-        part = tl.zeros((BLOCK_J,), tl.float32)
+        part = tl.zeros((PW, BLOCK_J), tl.float32)
         xs = tl.zeros((RI, PW), tl.float32)
         for h in tl.static_range(GROUP // STEP):
             rows = (g * GROUP + h * STEP) // PW + t
@@ -393,13 +400,9 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
             xv = tl.load(x_ptr + pos, mask=pos < n_in, other=0.0).to(tl.float32)
             xs += xv
             xu = (xv * unscale[None, :])[:, :, None]                         # (RI, PW, 1)
-            # x·q·2^-(C·k') = fma(x·2^-(C·k'), 2^23 + q·2^(C·k'), -x·2^-(C·k')·2^23): exact
-            # (an fp16/bf16 x times an 8-bit code fits the fp32 mantissa), one FFMA a code.
-            prod = tl.fma(xu, _code_floats(words[:, None, :], k[None, :, None], magic, C),
-                          xu * -8388608.0)                                   # (RI, PW, BJ)
-            part += tl.sum(tl.sum(prod, 1), 0)
+            part += tl.sum(xu * _code_denormals(words[:, None, :], k[None, :, None], C), 0)
         s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
-        acc += part * s + tl.sum(tl.sum(xs, 1), 0) * m
+        acc += tl.sum(part, 0) * (s * _LIFT) + tl.sum(tl.sum(xs, 1), 0) * m
     return acc
 
 
@@ -437,12 +440,12 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
 
 @triton.jit
 def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
-           magic, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr,
+           C: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr,
            STAGES: tl.constexpr):
     """Batch 1: (32/C, BLOCK_O·C/32) = Σ over vectors lo..hi of z · Û for one output tile,
     and the output index of each entry. Each thread owns whole words: one factor z·scale
-    per (vector, word) serves all its codes. Vectors are taken 16/C at a time, unrolled, so
-    their loads are in flight together."""
+    per (vector, word) serves all its codes, each one LOP3 and one FFMA (_code_denormals).
+    Vectors are taken 16/C at a time, unrolled, so their loads are in flight together."""
     PW: tl.constexpr = 32 // C
     BW: tl.constexpr = BLOCK_O // PW             # words per vector in the tile
     w = tile * BW + tl.arange(0, BW)
@@ -459,7 +462,7 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
             z = tl.load(z_ptr + j0 + u, mask=j0 + u < hi, other=0.0)     # a scalar
             s, m = _scale_zero(tl.load(sz_ptr + s_base + (j0 + u) * n_gout + grp))
             zero_sum += z * m
-            acc += (z * s)[None, :] * (_code_floats(words[None, :], k, magic, C) - 8388608.0)
+            acc += (z * _LIFT * s)[None, :] * _code_denormals(words[None, :], k, C)
     o = w[None, :] * PW + k
     return acc * _unscale(C)[:, None] + zero_sum[None, :], o
 
@@ -535,7 +538,7 @@ def _program_item(segs_ptr, items_ptr, n_items):
 
 @triton.jit
 def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_items,
-              segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles, magic,
+              segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles,
               GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_B: tl.constexpr,
               BLOCK_J: tl.constexpr, STAGES: tl.constexpr, WIDTHS: tl.constexpr):
     """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment.
@@ -559,8 +562,7 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
                 if c == (1 << i):
                     if BLOCK_B == 1:
                         acc = _v_fma(x_row, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo,
-                                     hi, s_base, magic, 1 << i, GROUP, STEP, BLOCK_J,
-                                     STAGES)[None, :]
+                                     hi, s_base, 1 << i, GROUP, STEP, BLOCK_J, STAGES)[None, :]
                     else:
                         acc = _v_dot(x_row, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base,
                                      ld, r, col0, lo, hi, s_base, 1 << i, GROUP, STEP, BLOCK_B,
@@ -602,7 +604,7 @@ def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock_ptr,
 @triton.jit
 def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
               n_items, segs_ptr, acc_ptr, y_ptr, stride_y, base_ptr,
-              stride_base, order_ptr, locks_ptr, n_tiles, magic, HAS_BASE: tl.constexpr,
+              stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
@@ -622,7 +624,7 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
                 if WIDTHS & (1 << i):
                     if c == (1 << i):       # (32/C, BLOCK_O·C/32) values and their outputs
                         val, o = _u_fma(z_row, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
-                                        n_gout, tile, magic, 1 << i, GROUP, BLOCK_O, STAGES)
+                                        n_gout, tile, 1 << i, GROUP, BLOCK_O, STAGES)
                         _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr,
                                   stride_y, base_ptr, stride_base, order_ptr, HAS_BASE,
                                   BLOCK_B)
@@ -656,6 +658,8 @@ class KernelConfig:
     v_stages: int = 1      # software pipelining depth of the main loops (async copies;
     u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
+    u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~180);
+                           #   128 spills a few but fits 16 warps per SM instead of 12
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
         """(phase-V tile, phase-U tile, warps) for a launch of block_b rows. The tl.dot
@@ -667,14 +671,15 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int = 64, block_o: int = 1024,
-                  v_stages: int = 1, u_stages: int = 3) -> KernelConfig:
+                  v_stages: int = 1, u_stages: int = 3, u_regs: int = 128) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
-    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 32 one-warp
-    programs per SM at batch 1, 16 four-warp programs on the tl.dot path; plain loads in
-    phase V, 3 pipeline stages in phase U."""
+    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
+    per SM (one warp each at batch 1, four on the tl.dot path), 64 for a batch-1 launch over
+    many tenant segments (64 tenants: 3 % faster than 16); plain loads in phase V, 3 pipeline
+    stages and 128 registers in phase U."""
     if waves is None:
-        waves = 32 if block_b == 1 else 16
-    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves)
+        waves = 64 if block_b == 1 and n_seg > 1 else 16
+    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs)
     bj, bo, _ = cfg.tiles(block_b, kd.group_size)
     target = max(1, waves * sm_count // n_seg)
     n_groups = -(-kd.shape[1] // kd.group_size)
@@ -735,15 +740,16 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                                n_seg * max(v_tiles, u_tiles))
         _v_kernel[(n_seg, n_v)](
             xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v,
-            segs, acc, z, z.stride(0), locks, v_tiles, MAGIC,
+            segs, acc, z, z.stride(0), locks, v_tiles,
             GROUP=kd.group_size, STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b,
             BLOCK_J=bj, STAGES=cfg.v_stages, WIDTHS=widths, num_warps=warps)
         _u_kernel[(n_seg, n_u)](
             z, z.stride(0), out_f, -(-out_f // kd.group_size), kd.u_words, kd.u_sz,
             u_items, n_u, segs, acc, y, y.stride(0), base_arg,
-            base_arg.stride(0), plan.order, locks, u_tiles, MAGIC,
+            base_arg.stride(0), plan.order, locks, u_tiles,
             HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-            STAGES=cfg.u_stages, WIDTHS=widths, num_warps=warps)
+            STAGES=cfg.u_stages, WIDTHS=widths, num_warps=warps,
+            maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None)
     return y
 
 

@@ -564,6 +564,25 @@ def test_triton_other_group_sizes(group_size):
     check_triton(100, 300, {4: 5, 2: 20}, 3, torch.float16, (2, 2), 5, group_size)
 
 
+@pytest.mark.parametrize("dtype, x_scale, s_scale", [
+    (torch.float16, 2.0**-12, 1.0), (torch.float16, 2.0**6, 1.0),
+    (torch.float16, 1.0, 2.0**-12), (torch.float16, 1.0, 2.0**6),
+    (torch.bfloat16, 2.0**-50, 1.0), (torch.bfloat16, 2.0**38, 1.0),
+    (torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
+def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
+    """Batch 1 takes codes as fp32 denormals times x or z·scale lifted by powers of two
+    (_code_denormals): still within rounding of the exact product for inputs far from 1,
+    inside the documented range (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64)."""
+    cm = random_matrix(130, 200, {8: 3, 4: 5, 2: 20, 1: 8}, seed=21)
+    for band in cm.bands:
+        band.S.mul_(s_scale)
+    x = (torch.randn(1, 200, generator=torch.Generator().manual_seed(21)) * x_scale).to(dtype)
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
+                            config=small_config(2, 2))
+    exact = x.double() @ decompress_matrix(cm).double().mT
+    assert torch.isfinite(y).all() and rel(y, exact) < 2 * UNIT[dtype], rel(y, exact)
+
+
 def test_triton_counters_reset_and_base_fused():
     """Two calls in a row on one prepared delta (the split counters must be back at 0),
     the fused base output, and leading batch dimensions."""
