@@ -97,8 +97,9 @@ from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequant
 
 MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
                        # 3.6 fails to compile the 64-row tl.dot path)
-LIFT = 2.0**64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
-_LIFT = tl.constexpr(LIFT)
+LIFT_LOG2 = 64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
+_LIFT = tl.constexpr(2.0**LIFT_LOG2)
+_UNSCALE_EXP = tl.constexpr(127 + 149 - LIFT_LOG2)   # fp32 exponent field of 2^(149 - 64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def _code_denormals(w, k, C: tl.constexpr):
     with a zero exponent is the fp32 denormal q·2^(C·k')·2^-149, so one logic op (the mask
     an immediate) makes it a float, and one FFMA multiplies and adds it. k is held per
     thread, so the select and the masks are compile-time constants. The power of two is
-    undone once per row or output by `_unscale` (2^85 of it) and LIFT (2^64), which lifts
+    undone once per row or output by `_unscale` (2^85 of it) and _LIFT (2^64), which lifts
     the other factor. Products stay normal floats, and so exact as before rounding, for
     2^-62 ≤ |x| < 2^43 (phase V) and 2^-41 ≤ |z·scale| < 2^64 (phase U): every fp16 value,
     and bf16 far past real activations; outside it they lose bits or overflow."""
@@ -351,9 +352,10 @@ def _code_denormals(w, k, C: tl.constexpr):
 
 @triton.jit
 def _unscale(C: tl.constexpr):
-    """(32/C,) fp32: 2^(85 - C·k'), so that _unscale · LIFT · _code_denormals = q (exact)."""
+    """(32/C,) fp32: 2^(85 - C·k'), so that _unscale · _LIFT · _code_denormals = q (exact)."""
     k = tl.arange(0, 32 // C)
-    return ((127 + 85 - C * (k % (16 // C))) << 23).to(tl.float32, bitcast=True)
+    exponent = tl.full((32 // C,), _UNSCALE_EXP, tl.int32) - C * (k % (16 // C))
+    return (exponent << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
