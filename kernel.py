@@ -334,27 +334,35 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
 
 
 @triton.jit
+def _code_pos(k, C: tl.constexpr):
+    """The bit where code k of a word starts once it is a denormal (_code_denormals): where
+    it lies, for codes that end below bit 23 (the fp32 mantissa), else 12 bits lower."""
+    return tl.where(k < 23 // C, C * k, C * k - 12)
+
+
+@triton.jit
 def _code_denormals(w, k, C: tl.constexpr):
-    """Words w and code indices k (broadcastable int32 tensors) -> q·2^(C·k' - 149) as fp32,
-    exactly, for code q = code k of each word and k' = k mod 16/C. Codes in the low
-    half-word are masked where they lie, the others in w >> 16; a masked code below bit 23
-    with a zero exponent is the fp32 denormal q·2^(C·k')·2^-149, so one logic op (the mask
-    an immediate) makes it a float, and one FFMA multiplies and adds it. k is held per
-    thread, so the select and the masks are compile-time constants. The power of two is
-    undone once per row or output by `_unscale` (2^85 of it) and _LIFT (2^64), which lifts
-    the other factor. Products stay normal floats, and so exact as before rounding, for
-    2^-62 ≤ |x| < 2^43 (phase V) and 2^-41 ≤ |z·scale| < 2^64 (phase U): every fp16 value,
-    and bf16 far past real activations; outside it they lose bits or overflow."""
-    HALF: tl.constexpr = 16 // C
-    src = tl.where(k < HALF, w, w >> 16)
-    return (src & (((1 << C) - 1) << (C * (k % HALF)))).to(tl.float32, bitcast=True)
+    """Words w and code indices k (broadcastable int32 tensors) -> q·2^(pos - 149) as fp32,
+    exactly, for code q = code k of each word and pos = _code_pos(k). Codes that end below
+    bit 23 are masked where they lie, the others in w >> 12 (one shift a word); a masked
+    code below bit 23 with a zero exponent is the fp32 denormal q·2^pos·2^-149, so one
+    logic op (the mask an immediate) makes it a float, and one FFMA multiplies and adds it.
+    k is held per thread, so the select and the masks are compile-time constants. The
+    power of two is undone once per row or output by `_unscale` (2^(85 - pos)) and _LIFT
+    (2^64), which lifts the other factor. Products stay normal floats, and so exact as
+    before rounding, for 2^-62 ≤ |x| < 2^43 (phase V) and 2^-41 ≤ |z·scale| < 2^64 (phase
+    U): every fp16 value, and bf16 far past real activations; outside it they lose bits or
+    overflow."""
+    src = tl.where(k < 23 // C, w, w >> 12)
+    return (src & (((1 << C) - 1) << _code_pos(k, C))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _unscale(C: tl.constexpr):
-    """(32/C,) fp32: 2^(85 - C·k'), so that _unscale · _LIFT · _code_denormals = q (exact)."""
+    """(32/C,) fp32: 2^(85 - pos) of each code, so that _unscale · _LIFT · _code_denormals
+    = q (exact)."""
     k = tl.arange(0, 32 // C)
-    exponent = tl.full((32 // C,), _UNSCALE_EXP, tl.int32) - C * (k % (16 // C))
+    exponent = tl.full((32 // C,), _UNSCALE_EXP, tl.int32) - _code_pos(k, C)
     return (exponent << 23).to(tl.float32, bitcast=True)
 
 
@@ -381,7 +389,7 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
     """Batch 1: (BLOCK_J,) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of one band.
     Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A group is
     read in steps of STEP input positions (64, or 32 where that does not divide it); each
-    code is one FFMA of x·2^(85-C·k') with its denormal, so part is Σ x·q·2^-64."""
+    code is one FFMA of x·2^(85-pos) with its denormal, so part is Σ x·q·2^-64."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
@@ -444,17 +452,23 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
 def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
            C: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr,
            STAGES: tl.constexpr):
-    """Batch 1: (32/C, BLOCK_O·C/32) = Σ over vectors lo..hi of z · Û for one output tile,
-    and the output index of each entry. Each thread owns whole words: one factor z·scale
-    per (vector, word) serves all its codes, each one LOP3 and one FFMA (_code_denormals).
-    Vectors are taken 16/C at a time, unrolled, so their loads are in flight together."""
+    """Batch 1: (32/C, words a slot, slots) = Σ over vectors lo..hi of z · Û for one output
+    tile, and the output index of each entry. A thread owns slots of 32 consecutive outputs
+    (16 at 8 bits), at most 4 words, one 16-byte load: they lie in one quantization group,
+    so one factor z·scale per (vector, slot) serves all their codes, each one LOP3 and one
+    FFMA (_code_denormals). The slots are the last axis, so that Triton's layouts put them
+    across the threads and a slot's words in one thread. Vectors are taken 16/C at a time,
+    unrolled, so their loads are in flight together."""
     PW: tl.constexpr = 32 // C
-    BW: tl.constexpr = BLOCK_O // PW             # words per vector in the tile
-    w = tile * BW + tl.arange(0, BW)
-    grp = w * PW // GROUP
-    k = tl.arange(0, PW)[:, None]
-    acc = tl.zeros((PW, BW), tl.float32)
-    zero_sum = tl.zeros((BW,), tl.float32)
+    SLOT: tl.constexpr = max(PW, min(32 if C <= 4 else 16, BLOCK_O // 32))   # outputs a slot
+    WS: tl.constexpr = SLOT // PW                # words a slot
+    NS: tl.constexpr = BLOCK_O // SLOT           # slots in the tile
+    slot = tile * NS + tl.arange(0, NS)
+    w = slot[None, :] * WS + tl.arange(0, WS)[:, None]                       # (WS, NS)
+    grp = slot * SLOT // GROUP
+    k = tl.arange(0, PW)[:, None, None]
+    acc = tl.zeros((PW, WS, NS), tl.float32)
+    zero_sum = tl.zeros((NS,), tl.float32)
     for j0 in tl.range(lo, hi, 16 // C, num_stages=STAGES):
         for u in tl.static_range(16 // C):
             # Unmasked but z: rows past hi are the band's zero padding or the next chunk's
@@ -464,9 +478,9 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
             z = tl.load(z_ptr + j0 + u, mask=j0 + u < hi, other=0.0)     # a scalar
             s, m = _scale_zero(tl.load(sz_ptr + s_base + (j0 + u) * n_gout + grp))
             zero_sum += z * m
-            acc += (z * _LIFT * s)[None, :] * _code_denormals(words[None, :], k, C)
-    o = w[None, :] * PW + k
-    return acc * _unscale(C)[:, None] + zero_sum[None, :], o
+            acc += (z * _LIFT * s)[None, None, :] * _code_denormals(words[None, :, :], k, C)
+    o = w[None, :, :] * PW + k
+    return acc * _unscale(C)[:, None, None] + zero_sum[None, None, :], o
 
 
 @triton.jit
@@ -523,6 +537,24 @@ def _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr):
 
 
 @triton.jit
+def _launch_next(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper on): let the next kernel's programs start as
+    this one's finish, so its launch and its work-table reads overlap this kernel's tail."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_previous(PDL: tl.constexpr):
+    """Under PDL, wait until the previous kernel has finished and its writes are visible;
+    every program passes here before it reads anything a kernel wrote (x, z, the base
+    output, the shared workspace). Reads of the work tables (copied from the host) may
+    come before."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _program_item(segs_ptr, items_ptr, n_items):
     """This program's segment (its index, first row, rows), a pointer to its work item's row
     (ITEM_COLS int32, see the layout notes) and the item's first three fields: container
@@ -542,10 +574,12 @@ def _program_item(segs_ptr, items_ptr, n_items):
 def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_items,
               segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles,
               GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_J: tl.constexpr, STAGES: tl.constexpr, WIDTHS: tl.constexpr):
+              BLOCK_J: tl.constexpr, STAGES: tl.constexpr, WIDTHS: tl.constexpr,
+              PDL: tl.constexpr):
     """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment.
     The container width must be a compile-time constant inside _v_fma / _v_dot: the unrolled
     loop over C = 1, 2, 4, 8 compiles one branch per width present in the bit mask WIDTHS."""
+    _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     r = tl.load(meta + 3)
     col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
@@ -556,6 +590,7 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
     z_col = tl.load(meta + 9)
     tile = tl.load(meta + 10)
     tile_items = tl.load(meta + 11)           # 0: an empty padding item
+    _wait_previous(PDL)                       # x and the workspace are the last kernel's
     if tile_items > 0:
         x_row = x_ptr + row0 * stride_x
         acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
@@ -608,9 +643,10 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
               n_items, segs_ptr, acc_ptr, y_ptr, stride_y, base_ptr,
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-              STAGES: tl.constexpr, WIDTHS: tl.constexpr):
+              STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S. One branch per container width, as in _v_kernel."""
+    _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     tile = tl.load(meta + 4)
     lo = tl.load(meta + 5)
@@ -620,6 +656,7 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
     tile_items = tl.load(meta + 11)           # 0: an empty padding item
     lock = locks_ptr + seg * n_tiles + tile
     z_row = z_ptr + row0 * stride_z + z_col
+    _wait_previous(PDL)                       # z, the base output, the workspace
     if tile_items > 0:
         if BLOCK_B == 1:
             for i in tl.static_range(4):              # container width C = 1 << i
@@ -672,23 +709,29 @@ class KernelConfig:
 
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
-                  waves: int | None = None, block_j: int = 64, block_o: int = 1024,
+                  waves: int | None = None, block_j: int = 64, block_o: int | None = None,
                   v_stages: int = 1, u_stages: int = 3, u_regs: int = 128) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
     per SM (one warp each at batch 1, four on the tl.dot path), 64 for a batch-1 launch over
     many tenant segments (64 tenants: 3 % faster than 16); plain loads in phase V, 3 pipeline
-    stages and 128 registers in phase U."""
+    stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512 where 1024
+    would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs)."""
     if waves is None:
         waves = 64 if block_b == 1 and n_seg > 1 else 16
+    target = max(1, waves * sm_count // n_seg)
+
+    def u_rows(bo):                                           # vectors per phase-U item
+        return _pad16(-(-kd.max_rank // -(-target // -(-kd.shape[0] // bo))))
+    if block_o is None:
+        programs = -(-kd.shape[0] // 1024) * -(-kd.max_rank // u_rows(1024)) * n_seg
+        block_o = 512 if programs < 2 * sm_count else 1024
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs)
     bj, bo, _ = cfg.tiles(block_b, kd.group_size)
-    target = max(1, waves * sm_count // n_seg)
     n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
     cfg.split_v = max(1, min(n_groups, -(-target // v_tiles)))
-    u_chunks = -(-target // -(-kd.shape[0] // bo))            # items per output tile
-    cfg.rows_u = _pad16(-(-kd.max_rank // u_chunks))
+    cfg.rows_u = u_rows(bo)
     return cfg
 
 
@@ -715,6 +758,15 @@ def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Ten
     return acc, locks
 
 
+def use_pdl(device) -> bool:
+    """Programmatic dependent launch: on CUDA devices of compute capability 9.0 and up, with
+    a Triton that has it (3.3 and later), unless DELTACOME_PDL=0."""
+    device = torch.device(device)
+    return (device.type == "cuda" and os.environ.get("DELTACOME_PDL", "1") != "0"
+            and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Tensor | None,
            config: KernelConfig | None) -> torch.Tensor:
     """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out)."""
@@ -727,6 +779,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     z = torch.empty(B, kd.max_rank, dtype=torch.float32, device=x.device)
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     widths = sum(kd.containers)             # distinct powers of two: a bit mask
+    pdl = use_pdl(x.device)
+    launch_opts = {"launch_pdl": True} if pdl else {}
     base_arg = base if base is not None else y
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
@@ -744,14 +798,15 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
             xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v,
             segs, acc, z, z.stride(0), locks, v_tiles,
             GROUP=kd.group_size, STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b,
-            BLOCK_J=bj, STAGES=cfg.v_stages, WIDTHS=widths, num_warps=warps)
+            BLOCK_J=bj, STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
+            **launch_opts)
         _u_kernel[(n_seg, n_u)](
             z, z.stride(0), out_f, -(-out_f // kd.group_size), kd.u_words, kd.u_sz,
             u_items, n_u, segs, acc, y, y.stride(0), base_arg,
             base_arg.stride(0), plan.order, locks, u_tiles,
             HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-            STAGES=cfg.u_stages, WIDTHS=widths, num_warps=warps,
-            maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None)
+            STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
+            maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
     return y
 
 
