@@ -571,6 +571,15 @@ def _program_item(segs_ptr, items_ptr, n_items):
 
 
 @triton.jit
+def _item_span(meta):
+    """The fields both phases read from an item's row: its reduction range lo..hi, scale
+    base, the band's z column, its tile and the tile's item count (0: an empty padding
+    item)."""
+    return (tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 9),
+            tl.load(meta + 10), tl.load(meta + 11))
+
+
+@triton.jit
 def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_items,
               segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles,
               GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -581,15 +590,10 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
     loop over C = 1, 2, 4, 8 compiles one branch per width present in the bit mask WIDTHS."""
     _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
+    lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
     r = tl.load(meta + 3)
     col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
-    lo = tl.load(meta + 5)
-    hi = tl.load(meta + 6)
-    s_base = tl.load(meta + 7)
     S_base = tl.load(meta + 8)
-    z_col = tl.load(meta + 9)
-    tile = tl.load(meta + 10)
-    tile_items = tl.load(meta + 11)           # 0: an empty padding item
     _wait_previous(PDL)                       # x and the workspace are the last kernel's
     if tile_items > 0:
         x_row = x_ptr + row0 * stride_x
@@ -648,12 +652,7 @@ def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
     holds S. One branch per container width, as in _v_kernel."""
     _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
-    tile = tl.load(meta + 4)
-    lo = tl.load(meta + 5)
-    hi = tl.load(meta + 6)
-    s_base = tl.load(meta + 7)
-    z_col = tl.load(meta + 9)
-    tile_items = tl.load(meta + 11)           # 0: an empty padding item
+    lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
     lock = locks_ptr + seg * n_tiles + tile
     z_row = z_ptr + row0 * stride_z + z_col
     _wait_previous(PDL)                       # z, the base output, the workspace
