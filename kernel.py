@@ -42,17 +42,17 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 * Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
   must consume ~50 codes per clock, so the per-code work must be a few instructions: two.
   A code masked where it lies in its word (one LOP3, the mask an immediate) is, read as an
-  fp32 with a zero exponent, the denormal q·2^(c·k')·2^-149: exact, and ready for one FFMA
+  fp32 with a zero exponent, the denormal q·2^pos·2^-149: exact, and ready for one FFMA
   with the factor it multiplies (x in phase V, z·scale in phase U), which carries the
   power of two back (2^64 of it) so the product is a normal float. No int->float conversion
   (16/clock/SM), no subtraction of an exponent-trick offset (the FADD that cost a third of
   the per-code work). The range this leaves is wide: see _code_denormals.
 * Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group, so a group's scale
-  and zero cost nothing per code in phase V; in phase U every thread owns whole words, whose
-  codes share one factor z·scale per (vector, word).
+  and zero cost nothing per code in phase V; in phase U every thread owns slots of 32
+  outputs inside one group, whose codes share one factor z·scale per (vector, slot).
 * Layout. Phase V reads V̂ transposed, (positions/pw, vectors): a program's threads own a few
   vectors and walk down the positions; phase U reads Û as stored, (vectors, outputs/pw): its
-  threads own output words and walk down the vectors. Both reductions stay in-thread. The
+  threads own output slots and walk down the vectors. Both reductions stay in-thread. The
   scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
   loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
   plain loads, because every thread needs all of a step's x and async copies of it cost
@@ -64,7 +64,9 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   with several items adds them into a zeroed fp32 workspace with atomics and the last item
   (an acq_rel counter) reads the sum, resets the workspace and writes the result: no memset,
   no extra launch, one L2 round trip at the tail. The order of the adds, and so the last
-  bits, can vary between runs.
+  bits, can vary between runs. On Hopper both kernels use programmatic dependent launch:
+  the next kernel's programs start as this one's finish, and wait only before they read
+  what a kernel wrote (`_wait_previous`).
 * Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
   2–32 pads to 16/32 rows and uses tl.dot in tf32 on exact operands (codes ≤ 255, x in
   fp16/bf16, and z·scale rounded to tf32 like the reference rounds z to the compute dtype).
@@ -73,10 +75,11 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-58–147× faster than the reference and 27 % / 29 % of copy bandwidth on the two 70B shapes
-(36.0 / 33.3 µs). Both phases still wait more than they compute (11–14 warps per SM, memory
-latency, instruction fetch in phase V, each program's counter fence); the next steps are
-fp16 pairs into tensor-core dots also at batch 1, more warps, and fewer, longer programs.
+53–125× faster than the reference and 34 % / 31 % of copy bandwidth on the two 70B shapes
+(28.5 / 31.9 µs). Phase U is now close to issue-bound; phase V waits on memory, on
+instruction fetch and on its counter fence, and spends ~1 instruction a code converting x;
+the next steps are fp16 pairs into tensor-core dots also at batch 1, x converted once per
+program, and fewer, longer programs.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -581,6 +582,34 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
                             config=small_config(2, 2))
     exact = x.double() @ decompress_matrix(cm).double().mT
     assert torch.isfinite(y).all() and rel(y, exact) < 2 * UNIT[dtype], rel(y, exact)
+
+
+@pytest.mark.parametrize("block_o", [512, 1024])
+def test_triton_phase_u_tiles_of_large_shapes(block_o):
+    """The batch-1 phase-U tiles of real shapes (512 and 1024 outputs: slots of 16 and 32
+    outputs a thread, 16 at 8 bits), over a tile and a half with every width, split into
+    items: against the float64 product."""
+    cm = random_matrix(block_o * 3 // 2 + 5, 96, {8: 3, 4: 9, 3: 4, 2: 20, 1: 6}, seed=23)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(23)).half()
+    config = kernel.KernelConfig(2, 16, block_j=16, block_o=block_o)
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
+                            config=config)
+    exact = x.double() @ decompress_matrix(cm).double().mT
+    assert rel(y, exact) < 2 * UNIT[torch.float16], rel(y, exact)
+    assert_workspace_clean()
+
+
+def test_choose_config_phase_u_tile():
+    """1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per
+    SM (a 4096×4096 delta of rank 616 on 132 SMs); at least 16 vectors per item."""
+    def fake(out_f, in_f, rank):
+        return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
+                               bands=[[[2, rank]]])
+    small = kernel.choose_config(fake(4096, 4096, 616), 1, 132)
+    large = kernel.choose_config(fake(28672, 8192, 1921), 1, 132)
+    assert (small.block_o, small.rows_u) == (512, 16)
+    assert (large.block_o, large.rows_u) == (1024, 32)
+    assert kernel.choose_config(fake(4096, 4096, 616), 1, 132, block_o=1024).block_o == 1024
 
 
 def test_triton_counters_reset_and_base_fused():
