@@ -760,13 +760,23 @@ def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Ten
     return acc, locks
 
 
+def _triton_has_pdl() -> bool:
+    """Whether this Triton has both halves of programmatic dependent launch: the
+    griddepcontrol calls and the launch option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return (hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
+
+
 def use_pdl(device) -> bool:
     """Programmatic dependent launch: on CUDA devices of compute capability 9.0 and up, with
-    a Triton that has it (3.3 and later), unless DELTACOME_PDL=0."""
+    a Triton that has it, unless DELTACOME_PDL=0."""
     device = torch.device(device)
     return (device.type == "cuda" and os.environ.get("DELTACOME_PDL", "1") != "0"
-            and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and _triton_has_pdl() and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Tensor | None,
