@@ -84,6 +84,7 @@ program, and fewer, longer programs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import contextmanager
@@ -699,8 +700,8 @@ class KernelConfig:
     v_stages: int = 1      # software pipelining depth of the main loops (async copies;
     u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
-    u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~180);
-                           #   128 spills a few but fits 16 warps per SM instead of 12
+    u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~160);
+                           #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
         """(phase-V tile, phase-U tile, warps) for a launch of block_b rows. The tl.dot
@@ -760,6 +761,7 @@ def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Ten
     return acc, locks
 
 
+@functools.cache
 def _triton_has_pdl() -> bool:
     """Whether this Triton has both halves of programmatic dependent launch: the
     griddepcontrol calls and the launch option."""
@@ -822,6 +824,13 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     return y
 
 
+def _backend_for(x: torch.Tensor, backend: str) -> str:
+    """"auto" -> "triton" for fp16/bf16 CUDA tensors, else "reference"; others as given."""
+    if backend != "auto":
+        return backend
+    return "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else "reference"
+
+
 def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor | None,
                     backend: str) -> str:
     """The checks both wrappers share: x (..., in) and base (..., out) against the delta's
@@ -835,9 +844,7 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
     if base is not None and (base.shape != (*x.shape[:-1], out_f) or base.device != x.device):
         raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
                          f"{(*x.shape[:-1], out_f)} on {x.device}")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) \
-            else "reference"
+    backend = _backend_for(x, backend)
     if backend == "triton":
         if x.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
@@ -907,9 +914,7 @@ class DeltaLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        use_triton = self.backend == "triton" or (
-            self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
-        if not use_triton:
+        if _backend_for(x, self.backend) != "triton":
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
             return delta_matmul(x, self.delta, y, backend="reference")
@@ -993,7 +998,7 @@ def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
 #
 # Tenants of one model share every tensor outside the compressed matrices (norms,
 # embeddings, lm_head): patch_model_tenants refuses files whose carried tensors differ.
-# A KernelDelta owns its split counters: one CUDA stream at a time.
+# The kernels share one split workspace per device (`workspace`): one CUDA stream at a time.
 
 # Multi-tenant reference: one delta_matmul_reference per tenant present, rows scattered back.
 
@@ -1190,9 +1195,7 @@ class MultiDeltaLinear(torch.nn.Module):
             batch = TenantBatch(tenant_idx, n)
         if batch is not None:
             rows = batch.rows(lead)                                          # (B,)
-        use_triton = self.backend == "triton" or (
-            self.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
-        if not use_triton:
+        if _backend_for(x, self.backend) != "triton":
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
             return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")

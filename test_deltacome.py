@@ -921,7 +921,6 @@ def test_bench_tenants_runs_on_cpu(tmp_path):
     assert mem["fit_delta_tenants"] > mem["fit_fp16_finetunes"]
 
 
-
 def test_bench_gpu_only_modes_refuse_cpu(capsys):
     """--check, --ceiling and --profile need CUDA: on CPU they say so and exit 2."""
     import bench
