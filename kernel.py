@@ -60,11 +60,14 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   as a scalar: as a tensor, each thread's copy went through shared memory, and that made
   phase U twice as slow (ncu: 80 % of its shared-memory wavefronts were bank conflicts).
 * Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
-  items (tile × chunk of the reduction) until there are ~16 programs per SM; a tile
-  with several items adds them into a zeroed fp32 workspace with atomics and the last item
-  (an acq_rel counter) reads the sum, resets the workspace and writes the result: no memset,
-  no extra launch, one L2 round trip at the tail. The order of the adds, and so the last
-  bits, can vary between runs. On Hopper both kernels use programmatic dependent launch:
+  items (tile × chunk of the reduction) until there are ~16 programs per SM. In phase V
+  every item adds its part straight into z with fp32 atomics: z is one of two buffers in
+  the workspace, and phase U zeroes the other one (the launch before used it) while it
+  reads this one, so no program waits for all others to finish with z (`_z_buffer`,
+  `_z_turn`). In phase U a tile with several items adds them into a zeroed fp32 workspace
+  and the last item (an acq_rel counter) reads the sum, resets the workspace and writes the
+  result. No memset, no extra launch. The order of the adds, and so the last bits, can vary
+  between runs. On Hopper both kernels use programmatic dependent launch:
   the next kernel's programs start as this one's finish, and wait only before they read
   what a kernel wrote (`_wait_previous`).
 * Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
@@ -75,11 +78,11 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-53–125× faster than the reference and 34 % / 31 % of copy bandwidth on the two 70B shapes
-(28.5 / 31.9 µs). Phase U is now close to issue-bound; phase V waits on memory, on
-instruction fetch and on its counter fence, and spends ~1 instruction a code converting x;
-the next steps are fp16 pairs into tensor-core dots also at batch 1, x converted once per
-program, and fewer, longer programs.
+60–134× faster than the reference and 36 % / 33 % of copy bandwidth on the two 70B shapes
+(27.0 / 30.0 µs). Phase U is close to issue-bound and barely faster from L2; phase V is
+bound by the bytes each warp has in flight (fewer instructions alone did not help); the
+next steps are fp16 pairs into tensor-core dots also at batch 1, more of phase V's words
+in flight, and fewer round trips in phase U.
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 
 ITEM_COLS = 16
 _ITEM_COLS = tl.constexpr(ITEM_COLS)   # kernels may only read constexpr globals
+Z_STATE = 4                            # int32s before the tile counters: see _z_buffer
+_Z_STATE = tl.constexpr(Z_STATE)
 
 
 @dataclass
@@ -584,12 +589,30 @@ def _item_span(meta):
 
 
 @triton.jit
+def _z_buffer(z_size, z_used, state_ptr):
+    """Phase V's side of the two z buffers in the workspace: the offset of the one to add
+    into. A launch's phase V adds into one buffer while phase U zeroes the other, which the
+    launch before used, so no program has to wait for all others to finish reading z before
+    it is zeroed. The turn is counted in the workspace's state (turn, the turn phase U
+    reads, and how many floats each buffer was dirtied over); program 0 records it, and
+    the z_used floats this launch will dirty."""
+    turn = tl.load(state_ptr)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(state_ptr + 1, turn)
+        tl.store(state_ptr + 2 + turn % 2, z_used)
+    return (turn % 2) * z_size
+
+
+@triton.jit
 def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_items,
-              segs_ptr, acc_ptr, z_ptr, stride_z, locks_ptr, n_tiles,
-              GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_J: tl.constexpr, STAGES: tl.constexpr, WIDTHS: tl.constexpr,
+              segs_ptr, z_ptr, stride_z, z_size, z_used, state_ptr, GROUP: tl.constexpr,
+              STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+              STAGES: tl.constexpr, WIDTHS: tl.constexpr,
               PDL: tl.constexpr):
-    """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment.
+    """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment. Each
+    item adds its part, times S, into z (atomics at L2): one of two buffers, zero before the
+    launch (_z_buffer). No counter, no fence and no last item's read-back, so a program's
+    chain of round trips is its loads and one add.
     The container width must be a compile-time constant inside _v_fma / _v_dot: the unrolled
     loop over C = 1, 2, 4, 8 compiles one branch per width present in the bit mask WIDTHS."""
     _launch_next(PDL)
@@ -598,7 +621,8 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
     r = tl.load(meta + 3)
     col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
     S_base = tl.load(meta + 8)
-    _wait_previous(PDL)                       # x and the workspace are the last kernel's
+    _wait_previous(PDL)                       # x and z are the last kernels'
+    z_ptr += _z_buffer(z_size, z_used, state_ptr)
     if tile_items > 0:
         x_row = x_ptr + row0 * stride_x
         acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
@@ -616,11 +640,8 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
         cols = col0 + tl.arange(0, BLOCK_J)
         mask = (b[:, None] < n_rows) & (cols[None, :] < r)
         offs = (row0 + b[:, None]) * stride_z + z_col + cols[None, :]
-        last, total = _reduce(acc, acc_ptr, offs, mask, tile_items,
-                              locks_ptr + seg * n_tiles + tile)
-        if last:
-            S = tl.load(S_ptr + S_base + cols, mask=cols < r, other=0.0)
-            tl.store(z_ptr + offs, total * S[None, :], mask=mask)
+        S = tl.load(S_ptr + S_base + cols, mask=cols < r, other=0.0)
+        tl.atomic_add(z_ptr + offs, acc * S[None, :], mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -647,19 +668,41 @@ def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock_ptr,
 
 
 @triton.jit
-def _u_kernel(z_ptr, stride_z, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
+def _z_turn(z_ptr, z_size, state_ptr):
+    """Phase U's side of the two z buffers (see _z_buffer): the offset of the one phase V
+    used this launch. Meanwhile every program zeroes its share of the other one, as far as
+    the launch before this one dirtied it, and program 0 passes the turn on (the next
+    launch's phase V takes the other buffer)."""
+    turn = tl.load(state_ptr + 1)             # phase V's, this launch
+    other = 1 - turn % 2
+    n = tl.load(state_ptr + 2 + other)        # floats the launch before added into `other`
+    p = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    share = tl.cdiv(tl.cdiv(n, tl.num_programs(0) * tl.num_programs(1)), 64) * 64
+    i = p * share + tl.arange(0, 64)
+    for k in range(0, share, 64):
+        tl.store(z_ptr + other * z_size + k + i, tl.zeros((64,), tl.float32),
+                 mask=k + i < n)
+    if p == 0:
+        tl.store(state_ptr, turn + 1)
+    return (turn % 2) * z_size
+
+
+@triton.jit
+def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_ptr,
               n_items, segs_ptr, acc_ptr, y_ptr, stride_y, base_ptr,
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
-    holds S. One branch per container width, as in _v_kernel."""
+    holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
+    _v_kernel."""
     _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
-    lock = locks_ptr + seg * n_tiles + tile
-    z_row = z_ptr + row0 * stride_z + z_col
+    lock = locks_ptr + _Z_STATE + seg * n_tiles + tile
     _wait_previous(PDL)                       # z, the base output, the workspace
+    z_ptr += _z_turn(z_ptr, z_size, locks_ptr)
+    z_row = z_ptr + row0 * stride_z + z_col
     if tile_items > 0:
         if BLOCK_B == 1:
             for i in tl.static_range(4):              # container width C = 1 << i
@@ -738,27 +781,34 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     return cfg
 
 
-_WORKSPACES: dict = {}    # device -> (accumulator, counters)
+_WORKSPACES: dict = {}    # device -> (accumulator, counters, z buffer size)
 _OUTGROWN: list = []      # replaced workspaces, kept alive: captured CUDA graphs may use them
 
 
-def workspace(device, n_acc: int, n_locks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 accumulator and int32 counters the kernels share on `device`, at least this
-    large. Both are zero between launches (the last program of each tile resets its part),
-    so one workspace serves every matrix; launches on one device must not overlap (one CUDA
-    stream at a time). A larger request allocates a new workspace, so make one call of the
-    largest shape and batch before capturing CUDA graphs."""
+def workspace(device, n_z: int, n_acc: int, n_locks: int
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The fp32 buffers and int32 counters the kernels share on `device`, at least this
+    large: (accumulator, counters, z_size). The accumulator holds two z buffers of z_size
+    ≥ n_z floats, then n_acc floats of phase-U partial sums; the counters start with the z
+    buffers' state (Z_STATE int32s, see _z_buffer). Between launches the partial sums and
+    the tile counters are zero (the last program of each tile resets its part) and the z
+    buffer the next launch takes is zero, so one workspace serves every matrix; launches on
+    one device must not overlap (one CUDA stream at a time). A larger request allocates a
+    new workspace, so make one call of the largest shape and batch before capturing CUDA
+    graphs."""
     key = str(torch.device(device))
-    acc, locks = _WORKSPACES.get(key, (None, None))
-    if acc is None or acc.numel() < n_acc or locks.numel() < n_locks:
+    acc, locks, z_size = _WORKSPACES.get(key, (None, None, 0))
+    if (acc is None or z_size < n_z or acc.numel() < 2 * z_size + n_acc
+            or locks.numel() < n_locks):
         if acc is not None:
             _OUTGROWN.append((acc, locks))
-        acc = torch.zeros(max(n_acc, 1 << 16, 0 if acc is None else acc.numel()),
+        z_size = _pad16(max(n_z, z_size, 1 << 12))
+        acc = torch.zeros(max(2 * z_size + n_acc, 1 << 16, 0 if acc is None else acc.numel()),
                           dtype=torch.float32, device=device)
         locks = torch.zeros(max(n_locks, 1024, 0 if locks is None else locks.numel()),
                             dtype=torch.int32, device=device)
-        _WORKSPACES[key] = acc, locks
-    return acc, locks
+        _WORKSPACES[key] = acc, locks, z_size
+    return acc, locks, z_size
 
 
 @functools.cache
@@ -790,7 +840,6 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     if not any(kd.ranks):
         return y.copy_(base) if base is not None else y.zero_()
     xs = x if plan.is_sorted else x.index_select(0, plan.order)              # (B, in) sorted
-    z = torch.empty(B, kd.max_rank, dtype=torch.float32, device=x.device)
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     widths = sum(kd.containers)             # distinct powers of two: a bit mask
     pdl = use_pdl(x.device)
@@ -804,23 +853,29 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 and triton.next_power_of_2(bo) == bo):
             raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, stages ≥ 1, "
                              f"block_j and block_o powers of two ≥ 16 and ≥ 32")
-        v_items, n_v, v_tiles = kd.v_items(bj, cfg.split_v)
+        v_items, n_v, _ = kd.v_items(bj, cfg.split_v)
         u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
-        acc, locks = workspace(x.device, B * max(kd.max_rank, out_f),
-                               n_seg * max(v_tiles, u_tiles))
-        _v_kernel[(n_seg, n_v)](
-            xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v,
-            segs, acc, z, z.stride(0), locks, v_tiles,
-            GROUP=kd.group_size, STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b,
-            BLOCK_J=bj, STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
-            **launch_opts)
-        _u_kernel[(n_seg, n_u)](
-            z, z.stride(0), out_f, -(-out_f // kd.group_size), kd.u_words, kd.u_sz,
-            u_items, n_u, segs, acc, y, y.stride(0), base_arg,
-            base_arg.stride(0), plan.order, locks, u_tiles,
-            HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-            STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
-            maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
+        # Two z buffers (zero but for what the last launch left in one, see _z_buffer),
+        # then phase U's partial sums; the counters after the z state.
+        acc, locks, z_size = workspace(x.device, B * kd.max_rank, B * out_f,
+                                       Z_STATE + n_seg * u_tiles)
+        try:
+            _v_kernel[(n_seg, n_v)](
+                xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v, segs, acc,
+                kd.max_rank, z_size, B * kd.max_rank, locks, GROUP=kd.group_size,
+                STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b, BLOCK_J=bj,
+                STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=warps, **launch_opts)
+            _u_kernel[(n_seg, n_u)](
+                acc, kd.max_rank, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
+                kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
+                base_arg.stride(0), plan.order, locks, u_tiles,
+                HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
+                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
+                maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
+        except BaseException:
+            acc.zero_()                     # a launch that did not finish leaves z unclean
+            locks.zero_()
+            raise
     return y
 
 
