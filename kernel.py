@@ -71,18 +71,21 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   the next kernel's programs start as this one's finish, and wait only before they read
   what a kernel wrote (`_wait_previous`).
 * Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
-  2–32 pads to 16/32 rows and uses tl.dot in tf32 on exact operands (codes ≤ 255, x in
-  fp16/bf16, and z·scale rounded to tf32 like the reference rounds z to the compute dtype).
+  2–32 pads to 16/32 rows and uses tl.dot on exact operands: phase V in fp16 for fp16 x
+  (codes ≤ 255 are exact in fp16), in tf32 for bf16 x; phase U in tf32, with z·scale
+  rounded to tf32 like the reference rounds z to the compute dtype.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-60–134× faster than the reference and 36 % / 33 % of copy bandwidth on the two 70B shapes
-(27.0 / 30.0 µs). Phase U is close to issue-bound and barely faster from L2; phase V is
-bound by the bytes each warp has in flight (fewer instructions alone did not help); the
-next steps are fp16 pairs into tensor-core dots also at batch 1, more of phase V's words
-in flight, and fewer round trips in phase U.
+56–101× faster than the reference and 36 % / 33 % of copy bandwidth on the two 70B shapes
+(26.8 / 30.0 µs); batch 16 costs 3.05× / 2.17× batch 1. Phase U is close to issue-bound and
+barely faster from L2; phase V is bound by the bytes each warp has in flight (fewer
+instructions alone did not help); the tl.dot path spends most of its time moving codes
+into the dot layout through shared memory. The next steps are fp16 pairs into
+tensor-core dots held in registers (Marlin-style, beyond what Triton lets one control),
+more of phase V's words in flight, and fewer round trips in phase U.
 """
 
 from __future__ import annotations
@@ -339,7 +342,7 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
 # Triton kernels. Grid (segment, item): a segment is the rows of one tenant in the batch (one
 # segment of all rows for a single delta), an item one row of that tenant's work table.
 # Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes as denormals; 2–32 rows use
-# tl.dot in tf32 on the exact codes.
+# tl.dot on the exact codes (fp16 or tf32, see _v_dot and _u_dot).
 
 
 @triton.jit
@@ -385,10 +388,10 @@ def _scale_zero(sz):
 
 
 @triton.jit
-def _int_codes(words, C: tl.constexpr):
-    """(R, N) int32 words -> (R, N, 32/C) fp32 codes, code k of word w at [., w, k]."""
+def _int_codes(words, C: tl.constexpr, DT: tl.constexpr = tl.float32):
+    """(R, N) int32 words -> (R, N, 32/C) codes of type DT, code k of word w at [., w, k]."""
     k = tl.arange(0, 32 // C)[None, None, :]
-    return ((words[:, :, None] >> (C * k)) & ((1 << C) - 1)).to(tl.float32)
+    return ((words[:, :, None] >> (C * k)) & ((1 << C) - 1)).to(DT)
 
 
 @triton.jit
@@ -429,9 +432,11 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
 def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0,
            lo, hi, s_base, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
-    """Batch 2–32: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per group a tf32 dot of x
-    with the exact codes (x in fp16/bf16 and codes ≤ 255 are exact in tf32), then the affine
-    fold as in _v_fma."""
+    """Batch 2–32: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per group a dot of x with
+    the exact codes, then the affine fold as in _v_fma. fp16 x: an fp16 dot (codes ≤ 255
+    are exact in fp16; half the bytes of tf32 through shared memory, H100 batch 16: phase
+    V 44 -> 38 µs at 8192×28672). bf16 x: a tf32 dot (exact too), because Triton's CPU
+    interpreter, which the tests run, gets int -> bf16 conversions and bf16 dots wrong."""
     PW: tl.constexpr = 32 // C
     t = tl.arange(0, STEP // PW)
     b = tl.arange(0, BLOCK_B)
@@ -445,13 +450,18 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
         for h in tl.static_range(GROUP // STEP):
             rows = (g * GROUP + h * STEP) // PW + t
             words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])
-            q = tl.reshape(tl.permute(_int_codes(words, C), (0, 2, 1)), (STEP, BLOCK_J))
             pos = g * GROUP + h * STEP + p
             xt = tl.load(x_ptr + b[:, None] * stride_x + pos[None, :],
                          mask=(b[:, None] < n_rows) & (pos[None, :] < n_in),
-                         other=0.0).to(tl.float32)                           # (BLOCK_B, STEP)
-            part = tl.dot(xt, q, part, input_precision="tf32")
-            xsum += tl.sum(xt, 1)
+                         other=0.0)                                          # (BLOCK_B, STEP)
+            if xt.dtype == tl.float16:
+                q = tl.reshape(tl.permute(_int_codes(words, C, tl.float16), (0, 2, 1)),
+                               (STEP, BLOCK_J))
+                part = tl.dot(xt, q, part)
+            else:
+                q = tl.reshape(tl.permute(_int_codes(words, C), (0, 2, 1)), (STEP, BLOCK_J))
+                part = tl.dot(xt.to(tl.float32), q, part, input_precision="tf32")
+            xsum += tl.sum(xt.to(tl.float32), 1)
         s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
         acc += part * s[None, :] + xsum[:, None] * m[None, :]
     return acc
@@ -745,10 +755,12 @@ class KernelConfig:
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
     u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~160);
                            #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
+    dot_u_warps: int = DOT_WARPS   # batch 2–32 phase U: warps per program
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
-        """(phase-V tile, phase-U tile, warps) for a launch of block_b rows. The tl.dot
-        path's phase-U tile lies inside one quantization group."""
+        """(phase-V tile, phase-U tile, warps) for a launch of block_b rows (phase U of the
+        tl.dot path takes dot_u_warps). The tl.dot path's phase-U tile lies inside one
+        quantization group."""
         if block_b == 1:
             return self.block_j, self.block_o, 1
         return DOT_J, math.gcd(group_size, 128), DOT_WARPS
@@ -756,13 +768,17 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int = 64, block_o: int | None = None,
-                  v_stages: int = 1, u_stages: int = 3, u_regs: int = 128) -> KernelConfig:
+                  v_stages: int = 1, u_stages: int = 3, u_regs: int = 128,
+                  dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
     per SM (one warp each at batch 1, four on the tl.dot path), 64 for a batch-1 launch over
     many tenant segments (64 tenants: 3 % faster than 16); plain loads in phase V, 3 pipeline
     stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512 where 1024
-    would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs)."""
+    would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs); on the
+    tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 %
+    faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on 8192×8192 and
+    11008×4096, 8–16 % slower on 4096×4096)."""
     if waves is None:
         waves = 64 if block_b == 1 and n_seg > 1 else 16
     target = max(1, waves * sm_count // n_seg)
@@ -772,7 +788,9 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     if block_o is None:
         programs = -(-kd.shape[0] // 1024) * -(-kd.max_rank // u_rows(1024)) * n_seg
         block_o = 512 if programs < 2 * sm_count else 1024
-    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs)
+    if dot_u_warps is None:
+        dot_u_warps = 2 if kd.shape[0] >= 16384 else DOT_WARPS
+    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps)
     bj, bo, _ = cfg.tiles(block_b, kd.group_size)
     n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
@@ -850,9 +868,10 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
         bj, bo, warps = cfg.tiles(block_b, kd.group_size)
         if cfg.rows_u % 16 or cfg.split_v < 1 or min(cfg.v_stages, cfg.u_stages) < 1 or not (
                 bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
-                and triton.next_power_of_2(bo) == bo):
+                and triton.next_power_of_2(bo) == bo) or cfg.dot_u_warps not in (1, 2, 4, 8):
             raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, stages ≥ 1, "
-                             f"block_j and block_o powers of two ≥ 16 and ≥ 32")
+                             f"block_j and block_o powers of two ≥ 16 and ≥ 32, dot_u_warps "
+                             f"1, 2, 4 or 8")
         v_items, n_v, _ = kd.v_items(bj, cfg.split_v)
         u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
         # Two z buffers (zero but for what the last launch left in one, see _z_buffer),
@@ -870,7 +889,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=warps,
+                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl,
+                num_warps=warps if block_b == 1 else cfg.dot_u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
         except BaseException:
             acc.zero_()                     # a launch that did not finish leaves z unclean

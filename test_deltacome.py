@@ -671,7 +671,8 @@ def test_wrapper_errors():
     with pytest.raises(ValueError, match="base"):
         kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
     for bad in (kernel.KernelConfig(0, 16), kernel.KernelConfig(1, 24),
-                kernel.KernelConfig(1, 16, block_j=48), kernel.KernelConfig(1, 16, u_stages=0)):
+                kernel.KernelConfig(1, 16, block_j=48), kernel.KernelConfig(1, 16, u_stages=0),
+                kernel.KernelConfig(1, 16, dot_u_warps=3)):
         with pytest.raises(ValueError, match="split_v ≥ 1"):
             kernel.delta_matmul(torch.randn(1, 20).half(), cm, backend="triton", config=bad)
     with pytest.raises(ValueError, match="2 tenants"):
@@ -798,6 +799,20 @@ def test_multi_more_rows_than_max_batch():
     a 1-row one."""
     check_multi(40, 50, [{2: 9, 8: 1}, {3: 5}], [0] * 33 + [1] + [0] * 33, torch.float16,
                 None, True, 11)
+
+
+def test_multi_non_finite_row_stays_in_its_row():
+    """A row whose x holds Inf gives NaN/Inf only in its own output. Tenant 0's rank 5 at
+    4 bits is read by phase U in steps of 4 vectors, to vector 8: past its rank, z is
+    tenant 1's row, here all NaN, so only the mask on z keeps it out."""
+    cms = [random_matrix(40, 50, {4: 5}, 41), random_matrix(40, 50, {4: 7}, 42)]
+    md = kernel.prepare_multi_delta(cms, "cpu")
+    x = torch.randn(2, 50, generator=torch.Generator().manual_seed(43)).half()
+    x[1, 3] = float("inf")
+    y = kernel.multi_delta_matmul(x, md, torch.tensor([0, 1]), backend="triton")
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all()
+    assert rel(y[:1], exact(x[:1], cms, [0])) < 2 * UNIT[torch.float16]
+    kernel.workspace("cpu", 0, 0, 0)[0].zero_()        # z holds the NaNs of row 1
 
 
 def test_multi_leading_dims_and_plan_reuse():
