@@ -757,13 +757,12 @@ class KernelConfig:
                            #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
     dot_u_warps: int = DOT_WARPS   # batch 2–32 phase U: warps per program
 
-    def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int]:
-        """(phase-V tile, phase-U tile, warps) for a launch of block_b rows (phase U of the
-        tl.dot path takes dot_u_warps). The tl.dot path's phase-U tile lies inside one
-        quantization group."""
+    def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int, int]:
+        """(phase-V tile, phase-U tile, phase-V warps, phase-U warps) for a launch of
+        block_b rows. The tl.dot path's phase-U tile lies inside one quantization group."""
         if block_b == 1:
-            return self.block_j, self.block_o, 1
-        return DOT_J, math.gcd(group_size, 128), DOT_WARPS
+            return self.block_j, self.block_o, 1, 1
+        return DOT_J, math.gcd(group_size, 128), DOT_WARPS, self.dot_u_warps
 
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
@@ -791,7 +790,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     if dot_u_warps is None:
         dot_u_warps = 2 if kd.shape[0] >= 16384 else DOT_WARPS
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps)
-    bj, bo, _ = cfg.tiles(block_b, kd.group_size)
+    bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
     n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
     cfg.split_v = max(1, min(n_groups, -(-target // v_tiles)))
@@ -865,7 +864,7 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     base_arg = base if base is not None else y
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
-        bj, bo, warps = cfg.tiles(block_b, kd.group_size)
+        bj, bo, v_warps, u_warps = cfg.tiles(block_b, kd.group_size)
         if cfg.rows_u % 16 or cfg.split_v < 1 or min(cfg.v_stages, cfg.u_stages) < 1 or not (
                 bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
                 and triton.next_power_of_2(bo) == bo) or cfg.dot_u_warps not in (1, 2, 4, 8):
@@ -883,14 +882,13 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v, segs, acc,
                 kd.max_rank, z_size, B * kd.max_rank, locks, GROUP=kd.group_size,
                 STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b, BLOCK_J=bj,
-                STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=warps, **launch_opts)
+                STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=v_warps, **launch_opts)
             _u_kernel[(n_seg, n_u)](
                 acc, kd.max_rank, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
                 kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl,
-                num_warps=warps if block_b == 1 else cfg.dot_u_warps,
+                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
         except BaseException:
             acc.zero_()                     # a launch that did not finish leaves z unclean
