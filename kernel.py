@@ -370,11 +370,10 @@ def _code_denormals(w, k, C: tl.constexpr):
 
 
 @triton.jit
-def _unscale(C: tl.constexpr):
-    """(32/C,) fp32: 2^(85 - pos) of each code, so that _unscale · _LIFT · _code_denormals
-    = q (exact)."""
-    k = tl.arange(0, 32 // C)
-    exponent = tl.full((32 // C,), _UNSCALE_EXP, tl.int32) - _code_pos(k, C)
+def _unscale(k, C: tl.constexpr):
+    """Code indices k (an int32 tensor) -> 2^(85 - pos) as fp32, so that _unscale · _LIFT ·
+    _code_denormals = q (exact)."""
+    exponent = -_code_pos(k, C) + _UNSCALE_EXP     # tensor first: the interpreter needs it
     return (exponent << 23).to(tl.float32, bitcast=True)
 
 
@@ -401,30 +400,41 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
     """Batch 1: (BLOCK_J,) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of one band.
     Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A group is
     read in steps of STEP input positions (64, or 32 where that does not divide it); each
-    code is one FFMA of x·2^(85-pos) with its denormal, so part is Σ x·q·2^-64."""
+    code is one FFMA of x·2^(85-pos) with its denormal, so part is Σ x·q·2^-64.
+
+    Every thread needs all of a step's x, lifted by its code's power of two. The lanes
+    load, convert and lift it once between them (two values each) and sum it for Σx; the
+    reduce below is there only to keep Triton from recomputing that chain in every thread:
+    without it, Triton moved the layout conversion up to the fp16 load, and each thread
+    converted, lifted and added all 64 values itself (H100 SASS, 2-bit codes: 1025
+    instructions a group of 256 codes a thread, now 713). The lifted x then reaches every
+    thread through shared memory, four floats a load."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
     k = tl.arange(0, PW)
-    unscale = _unscale(C)
+    p = tl.arange(0, STEP)
+    lift = _unscale(p % PW, C)                   # of each position's code in its word
     cols = col0 + tl.arange(0, BLOCK_J)
     cmask = cols < r
     acc = tl.zeros((BLOCK_J,), tl.float32)
     for g in tl.range(lo, hi, num_stages=STAGES):
-        part = tl.zeros((PW, BLOCK_J), tl.float32)
-        xs = tl.zeros((RI, PW), tl.float32)
+        part = tl.zeros((BLOCK_J,), tl.float32)
+        xs = 0.0
         for h in tl.static_range(GROUP // STEP):
             rows = (g * GROUP + h * STEP) // PW + t
             # Unmasked (masks stop 16-byte loads): columns past the rank read padding or the
             # buffer's slack, and are never stored.
             words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])
-            pos = rows[:, None] * PW + k[None, :]                            # (RI, PW)
-            xv = tl.load(x_ptr + pos, mask=pos < n_in, other=0.0).to(tl.float32)
-            xs += xv
-            xu = (xv * unscale[None, :])[:, :, None]                         # (RI, PW, 1)
-            part += tl.sum(xu * _code_denormals(words[:, None, :], k[None, :, None], C), 0)
+            pos = g * GROUP + h * STEP + p
+            xv = tl.load(x_ptr + pos, mask=pos < n_in, other=0.0).to(tl.float32)  # (STEP,)
+            xs += tl.sum(xv, 0)
+            xu = tl.sum(tl.join(xv * lift, tl.zeros_like(xv)), 1)  # = xv·lift, see above
+            xu = tl.reshape(xu, (RI, PW))[:, :, None]                        # (RI, PW, 1)
+            prod = xu * _code_denormals(words[:, None, :], k[None, :, None], C)
+            part += tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)   # one FFMA chain a vector
         s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
-        acc += tl.sum(part, 0) * (s * _LIFT) + tl.sum(tl.sum(xs, 1), 0) * m
+        acc += part * (s * _LIFT) + xs * m
     return acc
 
 
@@ -499,7 +509,7 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
             zero_sum += z * m
             acc += (z * _LIFT * s)[None, None, :] * _code_denormals(words[None, :, :], k, C)
     o = w[None, :, :] * PW + k
-    return acc * _unscale(C)[:, None, None] + zero_sum[None, None, :], o
+    return acc * _unscale(k, C) + zero_sum[None, None, :], o
 
 
 @triton.jit
@@ -557,8 +567,9 @@ def _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr):
 
 @triton.jit
 def _launch_next(PDL: tl.constexpr):
-    """Programmatic dependent launch (Hopper on): let the next kernel's programs start as
-    this one's finish, so its launch and its work-table reads overlap this kernel's tail."""
+    """Programmatic dependent launch (Hopper on): once every program of this kernel has
+    passed here, the next kernel's programs may start as this one's finish, so its launch
+    and its work-table reads overlap this kernel's tail. Where: see KernelConfig.early_next."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -618,14 +629,15 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
               segs_ptr, z_ptr, stride_z, z_size, z_used, state_ptr, GROUP: tl.constexpr,
               STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr,
-              PDL: tl.constexpr):
+              PDL: tl.constexpr, EARLY_NEXT: tl.constexpr):
     """Phase V: z[row, band column] = (x V̂)[row, ·] ⊙ S for each item of each segment. Each
     item adds its part, times S, into z (atomics at L2): one of two buffers, zero before the
     launch (_z_buffer). No counter, no fence and no last item's read-back, so a program's
     chain of round trips is its loads and one add.
     The container width must be a compile-time constant inside _v_fma / _v_dot: the unrolled
     loop over C = 1, 2, 4, 8 compiles one branch per width present in the bit mask WIDTHS."""
-    _launch_next(PDL)
+    if EARLY_NEXT:
+        _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
     r = tl.load(meta + 3)
@@ -646,6 +658,8 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
                         acc = _v_dot(x_row, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base,
                                      ld, r, col0, lo, hi, s_base, 1 << i, GROUP, STEP, BLOCK_B,
                                      BLOCK_J, STAGES)
+        if not EARLY_NEXT:
+            _launch_next(PDL)
         b = tl.arange(0, BLOCK_B)
         cols = col0 + tl.arange(0, BLOCK_J)
         mask = (b[:, None] < n_rows) & (cols[None, :] < r)
@@ -702,11 +716,13 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
               n_items, segs_ptr, acc_ptr, y_ptr, stride_y, base_ptr,
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-              STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr):
+              STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr,
+              EARLY_NEXT: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
     _v_kernel."""
-    _launch_next(PDL)
+    if EARLY_NEXT:
+        _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
     lock = locks_ptr + _Z_STATE + seg * n_tiles + tile
@@ -720,6 +736,8 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                     if c == (1 << i):       # (32/C, BLOCK_O·C/32) values and their outputs
                         val, o = _u_fma(z_row, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
                                         n_gout, tile, 1 << i, GROUP, BLOCK_O, STAGES)
+                        if not EARLY_NEXT:
+                            _launch_next(PDL)
                         _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr,
                                   stride_y, base_ptr, stride_base, order_ptr, HAS_BASE,
                                   BLOCK_B)
@@ -731,6 +749,8 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                         acc = _u_dot(z_row, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld,
                                      lo, hi, s_base, n_gout, tile, 1 << i, GROUP, BLOCK_B,
                                      BLOCK_O, STAGES)
+            if not EARLY_NEXT:
+                _launch_next(PDL)
             o = (tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
             _u_finish(acc, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr, stride_y,
                       base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
@@ -756,6 +776,8 @@ class KernelConfig:
     u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~160);
                            #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
     dot_u_warps: int = DOT_WARPS   # batch 2–32 phase U: warps per program
+    early_next: bool = False       # where a program lets the next kernel start (_launch_next):
+                                   #   at its start, or after its main loop (see choose_config)
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int, int]:
         """(phase-V tile, phase-U tile, phase-V warps, phase-U warps) for a launch of
@@ -777,7 +799,15 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs); on the
     tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 %
     faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on 8192×8192 and
-    11008×4096, 8–16 % slower on 4096×4096)."""
+    11008×4096, 8–16 % slower on 4096×4096).
+
+    Under PDL, a kernel's programs take the SM slots this one's free. Where the grid is one
+    round (16 programs per SM at most), each program lets the next kernel start only after
+    its main loop: started at once, the next kernel's programs filled the SMs that freed up
+    first to 16 each and left others idle (H100 timeline, 8192×28672: phase U ran on 69 of
+    132 SMs), and the pair took 27.7 µs instead of 25.7 (4096×14336: 15.4 instead of 12.6).
+    A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
+    faster so."""
     if waves is None:
         waves = 64 if block_b == 1 and n_seg > 1 else 16
     target = max(1, waves * sm_count // n_seg)
@@ -789,7 +819,8 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
         block_o = 512 if programs < 2 * sm_count else 1024
     if dot_u_warps is None:
         dot_u_warps = 2 if kd.shape[0] >= 16384 else DOT_WARPS
-    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps)
+    cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps,
+                       early_next=waves > 16)
     bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
     n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
@@ -882,13 +913,15 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v, segs, acc,
                 kd.max_rank, z_size, B * kd.max_rank, locks, GROUP=kd.group_size,
                 STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b, BLOCK_J=bj,
-                STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, num_warps=v_warps, **launch_opts)
+                STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
+                num_warps=v_warps, **launch_opts)
             _u_kernel[(n_seg, n_u)](
                 acc, kd.max_rank, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
                 kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
-                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, num_warps=u_warps,
+                STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
+                num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
         except BaseException:
             acc.zero_()                     # a launch that did not finish leaves z unclean

@@ -618,6 +618,16 @@ def test_choose_config_phase_u_tile():
     assert kernel.choose_config(fake(4096, 4096, 616), 1, 132, block_o=1024).block_o == 1024
 
 
+def test_choose_config_next_kernel_start():
+    """A one-round grid lets the next kernel start after the main loop; 64 tenants at batch
+    1 (64 programs per SM, several rounds) let it start at once."""
+    shape = SimpleNamespace(shape=(4096, 4096), group_size=128, max_rank=616,
+                            bands=[[[2, 616]]] * 64)
+    assert not kernel.choose_config(shape, 1, 132).early_next
+    assert not kernel.choose_config(shape, 16, 132, n_seg=64).early_next
+    assert kernel.choose_config(shape, 1, 132, n_seg=64).early_next
+
+
 def test_triton_counters_reset_and_base_fused():
     """Two calls in a row on one prepared delta (the split counters must be back at 0),
     the fused base output, and leading batch dimensions."""
