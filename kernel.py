@@ -56,9 +56,11 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
   loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
   plain loads, because every thread needs all of a step's x and async copies of it cost
-  more in shared memory than they hide. A value all threads share (z of a vector) is loaded
-  as a scalar: as a tensor, each thread's copy went through shared memory, and that made
-  phase U twice as slow (ncu: 80 % of its shared-memory wavefronts were bank conflicts).
+  more in shared memory than they hide; the lanes of a warp convert and lift that x once
+  between them and share it through shared memory (_v_fma). A value all threads share in
+  phase U (z of a vector) is loaded as a scalar: as a tensor, each thread's copy went
+  through shared memory, and that made phase U twice as slow (ncu: 80 % of its
+  shared-memory wavefronts were bank conflicts).
 * Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
   items (tile × chunk of the reduction) until there are ~16 programs per SM. In phase V
   every item adds its part straight into z with fp32 atomics: z is one of two buffers in
@@ -69,7 +71,9 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   result. No memset, no extra launch. The order of the adds, and so the last bits, can vary
   between runs. On Hopper both kernels use programmatic dependent launch:
   the next kernel's programs start as this one's finish, and wait only before they read
-  what a kernel wrote (`_wait_previous`).
+  what a kernel wrote (`_wait_previous`); in a grid of one round they are let start only
+  once this one's programs are past their main loops, so that they spread over all SMs
+  (KernelConfig.early_next).
 * Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
   2–32 pads to 16/32 rows and uses tl.dot on exact operands: phase V in fp16 for fp16 x
   (codes ≤ 255 are exact in fp16), in tf32 for bf16 x; phase U in tf32, with z·scale
@@ -79,13 +83,13 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-56–101× faster than the reference and 36 % / 33 % of copy bandwidth on the two 70B shapes
-(26.8 / 30.0 µs); batch 16 costs 3.05× / 2.17× batch 1. Phase U is close to issue-bound and
-barely faster from L2; phase V is bound by the bytes each warp has in flight (fewer
-instructions alone did not help); the tl.dot path spends most of its time moving codes
-into the dot layout through shared memory. The next steps are fp16 pairs into
-tensor-core dots held in registers (Marlin-style, beyond what Triton lets one control),
-more of phase V's words in flight, and fewer round trips in phase U.
+70–123× faster than the reference and 39 % / 42 % of copy bandwidth on the two 70B shapes
+(25.0 / 23.1 µs); batch 16 costs 3.2× / 2.8× batch 1. Phase U is close to issue-bound and
+barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
+converting x each for itself; the tl.dot path spends most of its time moving codes into
+the dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots
+held in registers (Marlin-style, beyond what Triton lets one control), fewer instructions
+per vector in phase U's loop, and fewer round trips in phase U.
 """
 
 from __future__ import annotations
@@ -406,9 +410,10 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
     load, convert and lift it once between them (two values each) and sum it for Σx; the
     reduce below is there only to keep Triton from recomputing that chain in every thread:
     without it, Triton moved the layout conversion up to the fp16 load, and each thread
-    converted, lifted and added all 64 values itself (H100 SASS, 2-bit codes: 1025
-    instructions a group of 256 codes a thread, now 713). The lifted x then reaches every
-    thread through shared memory, four floats a load."""
+    converted, lifted and added all 64 values itself (sm_90 SASS of the loop, 2-bit codes:
+    1025 instructions for a thread's 256 codes of a group, now 713; H100, phase V on
+    8192×28672: 17.4 -> 13.6 µs). The lifted x then reaches every thread through shared
+    memory, four floats a load, and each vector's products are summed in one FFMA chain."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
@@ -432,7 +437,7 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
             xu = tl.sum(tl.join(xv * lift, tl.zeros_like(xv)), 1)  # = xv·lift, see above
             xu = tl.reshape(xu, (RI, PW))[:, :, None]                        # (RI, PW, 1)
             prod = xu * _code_denormals(words[:, None, :], k[None, :, None], C)
-            part += tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)   # one FFMA chain a vector
+            part += tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)
         s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
         acc += part * (s * _LIFT) + xs * m
     return acc
