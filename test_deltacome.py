@@ -813,8 +813,9 @@ def test_multi_more_rows_than_max_batch():
 
 def test_multi_non_finite_row_stays_in_its_row():
     """A row whose x holds Inf gives NaN/Inf only in its own output. Tenant 0's rank 5 at
-    4 bits is read by phase U in steps of 4 vectors, to vector 8: past its rank, z is
-    tenant 1's row, here all NaN, so only the mask on z keeps it out."""
+    4 bits is read by phase U, unmasked, in steps of 4 vectors, to vector 8: past its rank
+    only the zero padding at the end of its z row (KernelDelta.z_width) keeps tenant 1's
+    row, here all NaN, out. It fails with rows of z 7 wide (the largest rank)."""
     cms = [random_matrix(40, 50, {4: 5}, 41), random_matrix(40, 50, {4: 7}, 42)]
     md = kernel.prepare_multi_delta(cms, "cpu")
     x = torch.randn(2, 50, generator=torch.Generator().manual_seed(43)).half()
