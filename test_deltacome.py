@@ -618,6 +618,23 @@ def test_choose_config_phase_u_tile():
     assert kernel.choose_config(fake(4096, 4096, 616), 1, 132, block_o=1024).block_o == 1024
 
 
+def test_u_items_cover_each_band_once():
+    """Phase-U items: every tile covers each band's vectors once, in chunks of `rows`
+    vectors, 8-bit bands in chunks of half as many (a multiple of 16)."""
+    kd = kernel.prepare_delta(random_matrix(100, 64, {8: 40, 3: 50, 2: 70}, 7), "cpu")
+    for rows in (16, 32, 48, 64):
+        table, n, tiles = kd.u_items(64, rows)
+        spans = {}
+        for c, _, _, r, tile, lo, hi, *_ in table[:n].tolist():
+            assert 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
+            spans.setdefault((tile, c), []).append((lo, hi))
+        assert len(spans) == 3 * tiles
+        for (_, c), s in spans.items():
+            r = {8: 40, 4: 50, 2: 70}[c]
+            assert sorted(s)[0][0] == 0 and sorted(s)[-1][1] == r
+            assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(sorted(s), sorted(s)[1:]))
+
+
 def test_choose_config_next_kernel_start():
     """A one-round grid lets the next kernel start after the main loop; 64 tenants at batch
     1 (64 programs per SM, several rounds) let it start at once."""
