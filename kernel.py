@@ -84,12 +84,13 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
 70–157× faster than the reference and 40 % / 43 % of copy bandwidth on the two 70B shapes
-(24.4 / 22.8 µs); batch 16 costs 3.2× / 2.8× batch 1. Phase U is close to issue-bound and
-barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
-converting x each for itself; the tl.dot path spends most of its time moving codes into
-the dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots
-held in registers (Marlin-style, beyond what Triton lets one control), fewer instructions
-per vector in phase U's loop, and fewer round trips in phase U.
+(24.4 / 22.8 µs; 28672×8192 ~3 % faster since, with 8-bit phase-U items of half the vectors,
+in a diagnostic run); batch 16 costs 3.2× / 2.8× batch 1. Phase U is close to issue-bound
+and barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
+converting x each for itself; the tl.dot path spends most of its time moving codes into the
+dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots held
+in registers (Marlin-style, beyond what Triton lets one control), fewer instructions per
+vector in phase U's loop, and fewer round trips in phase U.
 """
 
 from __future__ import annotations

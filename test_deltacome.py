@@ -555,11 +555,14 @@ WIDTH_RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 4
          splits=(3, 2), seed=1)
 @example(out_f=127, in_f=129, ranks={1: 40, 4: 0}, batch=5, bf16=True, splits=(2, 3), seed=2)
 @example(out_f=300, in_f=257, ranks={8: 2, 2: 40}, batch=2, bf16=False, splits=(4, 4), seed=3)
+@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=1, bf16=False, splits=(2, 2), seed=4)
+@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=3, bf16=True, splits=(1, 3), seed=5)
 def test_triton_matches_reference(out_f, in_f, ranks, batch, bf16, splits, seed):
     """Interpreted Triton kernels vs the float64 product and the reference, over awkward
     shapes (1, 127, 129, 257: not multiples of 16, 32, 128 or the tile widths), every width,
     ranks including 0 and 1, batch 1 (the FMA path) and 2–5 (the tl.dot path), and forced
-    splits (the partial-sum + counter path)."""
+    splits (the partial-sum + counter path; an 8-bit band of rank 40 in items of 16
+    vectors beside a 2-bit band in items of 32 or 48)."""
     check_triton(out_f, in_f, ranks, batch, torch.bfloat16 if bf16 else torch.float16,
                  splits, seed)
 
@@ -622,17 +625,18 @@ def test_u_items_cover_each_band_once():
     """Phase-U items: every tile covers each band's vectors once, in chunks of `rows`
     vectors, 8-bit bands in chunks of half as many (a multiple of 16)."""
     kd = kernel.prepare_delta(random_matrix(100, 64, {8: 40, 3: 50, 2: 70}, 7), "cpu")
+    rank = {8: 40, 4: 50, 2: 70}                    # by container width (3 bits in 4)
     for rows in (16, 32, 48, 64):
         table, n, tiles = kd.u_items(64, rows)
         spans = {}
         for c, _, _, r, tile, lo, hi, *_ in table[:n].tolist():
-            assert 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
+            assert r == rank[c] and 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
             spans.setdefault((tile, c), []).append((lo, hi))
         assert len(spans) == 3 * tiles
         for (_, c), s in spans.items():
-            r = {8: 40, 4: 50, 2: 70}[c]
-            assert sorted(s)[0][0] == 0 and sorted(s)[-1][1] == r
-            assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(sorted(s), sorted(s)[1:]))
+            s = sorted(s)
+            assert s[0][0] == 0 and s[-1][1] == rank[c]
+            assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(s, s[1:]))
 
 
 def test_choose_config_next_kernel_start():
