@@ -235,11 +235,10 @@ class KernelDelta:
 
     def u_items(self, block_o: int, rows: int) -> tuple[torch.Tensor, int, int]:
         """Phase-U items for tiles of block_o outputs, each band cut into chunks of `rows`
-        vectors, 8-bit bands into chunks of about half as many (a multiple of 16): their
-        loop costs
-        ~1.4× the instructions per code of 2-bit bands (sm_90 SASS: 4.0 and 2.8), and in a
-        grid of one round the slowest program sets the time (H100, 28672×8192 at batch 1:
-        24.17 -> 23.41 µs, averaged over three workspace offsets). Returns (table, n items
+        vectors, 8-bit bands into chunks of about half as many (a multiple of 16): their loop
+        costs ~1.4× the instructions per code of 2-bit bands (sm_90 SASS: 4.0 and 2.8), and
+        in a grid of one round the slowest program sets the time (H100, 28672×8192 at batch
+        1: 24.17 -> 23.41 µs, averaged over three workspace offsets). Returns (table, n items
         per tenant, most tiles). A tenant without bands gets one empty item per tile, so its
         rows still get the base output."""
         key = ("u", block_o, rows)
@@ -917,6 +916,7 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     pdl = use_pdl(x.device)
     launch_opts = {"launch_pdl": True} if pdl else {}
     base_arg = base if base is not None else y
+    z_width = kd.z_width                    # floats a row of z takes
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
         bj, bo, v_warps, u_warps = cfg.tiles(block_b, kd.group_size)
@@ -930,17 +930,17 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
         u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
         # Two z buffers (zero but for what the last launch left in one, see _z_buffer),
         # then phase U's partial sums; the counters after the z state.
-        acc, locks, z_size = workspace(x.device, B * kd.z_width, B * out_f,
+        acc, locks, z_size = workspace(x.device, B * z_width, B * out_f,
                                        Z_STATE + n_seg * u_tiles)
         try:
             _v_kernel[(n_seg, n_v)](
                 xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v, segs, acc,
-                kd.z_width, z_size, B * kd.z_width, locks, GROUP=kd.group_size,
+                z_width, z_size, B * z_width, locks, GROUP=kd.group_size,
                 STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b, BLOCK_J=bj,
                 STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 num_warps=v_warps, **launch_opts)
             _u_kernel[(n_seg, n_u)](
-                acc, kd.z_width, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
+                acc, z_width, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
                 kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,

@@ -630,7 +630,8 @@ def test_u_items_cover_each_band_once():
         table, n, tiles = kd.u_items(64, rows)
         spans = {}
         for c, _, _, r, tile, lo, hi, *_ in table[:n].tolist():
-            assert r == rank[c] and 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
+            assert r == rank[c]
+            assert 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
             spans.setdefault((tile, c), []).append((lo, hi))
         assert len(spans) == 3 * tiles
         for (_, c), s in spans.items():
