@@ -445,7 +445,7 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
         for B in batches:
             x = torch.randn(B, shape[1], device=device).to(dtype)
             ref = delta_matmul_reference(x, cm)
-            block_b = 1 if B == 1 else max(16, triton.next_power_of_2(B))
+            block_b = block_rows(B)
             tilings = [(64, 512), (128, 512), (64, 1024)] if B == 1 else [(64, 512)]
             regs = (0, 128) if B == 1 else (0,)
             for waves, (v_st, u_st), (block_j, block_o), u_regs in itertools.product(
@@ -484,7 +484,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--check", action="store_true",
-                   help="run the equivalence matrix (issue 4 shapes, batch 1/7/16/64, fp16 "
+                   help="run the equivalence matrix (issue 4 shapes, batch 1/2/7/16/64, fp16 "
                         "and bf16) instead of the timing table")
     p.add_argument("--sweep", action="store_true", help="time launch configurations")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
@@ -523,7 +523,7 @@ def main(argv=None) -> int:
         print(f"copy bandwidth (read + write): {out['copy_gbs']:.0f} GB/s; "
               f"L2 {l2 / 2**20:.0f} MiB; {props.multi_processor_count} SMs")
     if args.check:
-        out["check"] = check(CHECK_SHAPES, (1, 7, 16, 64), (torch.float16, torch.bfloat16),
+        out["check"] = check(CHECK_SHAPES, (1, 2, 7, 16, 64), (torch.float16, torch.bfloat16),
                              device)
     elif args.tenants:
         counts = [int(n) for n in args.tenants.split(",")]

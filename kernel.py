@@ -74,18 +74,21 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   what a kernel wrote (`_wait_previous`); in a grid of one round they are let start only
   once this one's programs are past their main loops, so that they spread over all SMs
   (KernelConfig.early_next).
-* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows); batch
-  2–32 pads to 16/32 rows and uses tl.dot on exact operands: phase V in fp16 for fp16 x
-  (codes ≤ 255 are exact in fp16), in tf32 for bf16 x; phase U in tf32, with z·scale
-  rounded to tf32 like the reference rounds z to the compute dtype.
+* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows), and
+  so does batch 2 from 4096 outputs up: the rows share each code's LOP3, so a code costs
+  one more FFMA, not another pass over the bytes (70B shapes: 2.2× / 1.8× faster than the
+  tl.dot path). Batches 3–32 (2 below 4096 outputs) pad to 16/32 rows and use tl.dot on
+  exact operands: phase V in fp16 for fp16 x (codes ≤ 255 are exact in fp16), in tf32 for
+  bf16 x; phase U in tf32, with z·scale rounded to tf32 like the reference rounds z to the
+  compute dtype.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-70–157× faster than the reference and 40 % / 43 % of copy bandwidth on the two 70B shapes
-(24.4 / 22.8 µs; 28672×8192 ~3 % faster since, with 8-bit phase-U items of half the vectors,
-in a diagnostic run); batch 16 costs 3.2× / 2.8× batch 1. Phase U is close to issue-bound
+70–117× faster than the reference and 42 % / 43 % of copy bandwidth on the two 70B shapes
+(23.2 / 22.9 µs, 0.143 / 0.139 of the dense GEMV); batch 2 costs 1.4× / 1.5× batch 1 (FMA
+path), batch 16 3.5× / 2.8× (tl.dot path). Phase U is close to issue-bound
 and barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
 converting x each for itself; the tl.dot path spends most of its time moving codes into the
 dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots held
@@ -110,10 +113,13 @@ import triton.language as tl
 from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
                        read_delta_file)
 
+FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
+                       # choose_config), larger ones run on tl.dot
 MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
                        # 3.6 fails to compile the 64-row tl.dot path)
 LIFT_LOG2 = 64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
 _LIFT = tl.constexpr(2.0**LIFT_LOG2)
+_FMA_ROWS = tl.constexpr(FMA_ROWS)
 _UNSCALE_EXP = tl.constexpr(127 + 149 - LIFT_LOG2)   # fp32 exponent field of 2^(149 - 64)
 
 
@@ -360,8 +366,8 @@ def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. Grid (segment, item): a segment is the rows of one tenant in the batch (one
 # segment of all rows for a single delta), an item one row of that tenant's work table.
-# Batch 1 (BLOCK_B = 1) runs on CUDA-core FMAs with the codes as denormals; 2–32 rows use
-# tl.dot on the exact codes (fp16 or tf32, see _v_dot and _u_dot).
+# 1–2 rows (BLOCK_B ≤ FMA_ROWS) run on CUDA-core FMAs with the codes as denormals; 16–32
+# rows use tl.dot on the exact codes (fp16 or tf32, see _v_dot and _u_dot).
 
 
 @triton.jit
@@ -413,13 +419,14 @@ def _int_codes(words, C: tl.constexpr, DT: tl.constexpr = tl.float32):
 
 
 @triton.jit
-def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
-           C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_J: tl.constexpr,
-           STAGES: tl.constexpr):
-    """Batch 1: (BLOCK_J,) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of one band.
-    Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A group is
-    read in steps of STEP input positions (64, or 32 where that does not divide it); each
-    code is one FFMA of x·2^(85-pos) with its denormal, so part is Σ x·q·2^-64.
+def _v_fma(x_ptr, stride_x, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi,
+           s_base, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
+           BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+    """Batch 1–2: (BLOCK_B, BLOCK_J) = Σ over groups lo..hi of x · V̂ᵀ for vectors col0.. of
+    one band. Per group, part = Σ x·q and acc += scale·part + zero·Σx (the affine fold). A
+    group is read in steps of STEP input positions (64, or 32 where that does not divide
+    it); each code is one LOP3, then one FFMA a row of x·2^(85-pos) with its denormal, so
+    part is Σ x·q·2^-64.
 
     Every thread needs all of a step's x, lifted by its code's power of two. The lanes
     load, convert and lift it once between them (two values each) and sum it for Σx; the
@@ -434,26 +441,36 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
     t = tl.arange(0, RI)
     k = tl.arange(0, PW)
     p = tl.arange(0, STEP)
+    b = tl.arange(0, BLOCK_B)[:, None]
     lift = _unscale(p % PW, C)                   # of each position's code in its word
     cols = col0 + tl.arange(0, BLOCK_J)
     cmask = cols < r
-    acc = tl.zeros((BLOCK_J,), tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
     for g in tl.range(lo, hi, num_stages=STAGES):
-        part = tl.zeros((BLOCK_J,), tl.float32)
-        xs = 0.0
+        part = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+        xs = tl.zeros((BLOCK_B, 1), tl.float32)
         for h in tl.static_range(GROUP // STEP):
             rows = (g * GROUP + h * STEP) // PW + t
             # Unmasked (masks stop 16-byte loads): columns past the rank read padding or the
             # buffer's slack, and are never stored.
             words = tl.load(words_ptr + w_base + rows[:, None] * ld + cols[None, :])
             pos = g * GROUP + h * STEP + p
-            xv = tl.load(x_ptr + pos, mask=pos < n_in, other=0.0).to(tl.float32)  # (STEP,)
-            xs += tl.sum(xv, 0)
-            xu = tl.sum(tl.join(xv * lift, tl.zeros_like(xv)), 1)  # = xv·lift, see above
-            xu = tl.reshape(xu, (RI, PW))[:, :, None]                        # (RI, PW, 1)
-            prod = xu * _code_denormals(words[:, None, :], k[None, :, None], C)
-            part += tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)
-        s, m = _scale_zero(tl.load(sz_ptr + s_base + g * r + cols, mask=cmask, other=0))
+            for i in tl.static_range(BLOCK_B):       # the rows share each code's LOP3
+                xv = tl.load(x_ptr + i * stride_x + pos, mask=pos < n_in,
+                             other=0.0).to(tl.float32)                       # (STEP,)
+                x_sum = tl.sum(xv, 0)
+                xu = tl.sum(tl.join(xv * lift, tl.zeros_like(xv)), 1)  # = xv·lift, see above
+                xu = tl.reshape(xu, (RI, PW))[:, :, None]                    # (RI, PW, 1)
+                prod = xu * _code_denormals(words[:, None, :], k[None, :, None], C)
+                row = tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)[None, :]
+                if BLOCK_B == 1:
+                    part += row
+                    xs += x_sum
+                else:
+                    part += tl.where(b == i, row, 0.0)
+                    xs += tl.where(b == i, x_sum, 0.0)
+        sz = tl.load(sz_ptr + s_base + g * r + cols[None, :], mask=cmask[None, :], other=0)
+        s, m = _scale_zero(sz)                   # (1, BLOCK_J): a layout like part's
         acc += part * (s * _LIFT) + xs * m
     return acc
 
@@ -462,11 +479,12 @@ def _v_fma(x_ptr, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi, s_base,
 def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0,
            lo, hi, s_base, C: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
            BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
-    """Batch 2–32: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per group a dot of x with
-    the exact codes, then the affine fold as in _v_fma. fp16 x: an fp16 dot (codes ≤ 255
-    are exact in fp16; half the bytes of tf32 through shared memory, H100 batch 16: phase
-    V 44 -> 38 µs at 8192×28672). bf16 x: a tf32 dot (exact too), because Triton's CPU
-    interpreter, which the tests run, gets int -> bf16 conversions and bf16 dots wrong."""
+    """Batch 2–32, padded to 16/32 rows: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per
+    group a dot of x with the exact codes, then the affine fold as in _v_fma. fp16 x: an
+    fp16 dot (codes ≤ 255 are exact in fp16; half the bytes of tf32 through shared memory,
+    H100 batch 16: phase V 44 -> 38 µs at 8192×28672). bf16 x: a tf32 dot (exact too),
+    because Triton's CPU interpreter, which the tests run, gets int -> bf16 conversions and
+    bf16 dots wrong."""
     PW: tl.constexpr = 32 // C
     t = tl.arange(0, STEP // PW)
     b = tl.arange(0, BLOCK_B)
@@ -498,16 +516,17 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
 
 
 @triton.jit
-def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
-           C: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr,
-           STAGES: tl.constexpr):
-    """Batch 1: (32/C, words a slot, slots) = Σ over vectors lo..hi of z · Û for one output
-    tile, and the output index of each entry. A thread owns slots of 32 consecutive outputs
-    (16 at 8 bits), at most 4 words, one 16-byte load: they lie in one quantization group,
-    so one factor z·scale per (vector, slot) serves all their codes, each one LOP3 and one
-    FFMA (_code_denormals). The slots are the last axis, so that Triton's layouts put them
-    across the threads and a slot's words in one thread. Vectors are taken 16/C at a time,
-    unrolled, so their loads are in flight together."""
+def _u_fma(z_ptr, stride_z, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout,
+           tile, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+           BLOCK_O: tl.constexpr, STAGES: tl.constexpr):
+    """Batch 1–2: (BLOCK_B, 32/C, words a slot, slots) = Σ over vectors lo..hi of z · Û for
+    one output tile, and the output index of each entry ((1, ...) of the same shape). A
+    thread owns slots of 32 consecutive outputs (16 at 8 bits), at most 4 words, one 16-byte
+    load: they lie in one quantization group, so one factor z·scale per (row, vector, slot)
+    serves all their codes, each one LOP3, then one FFMA a row (_code_denormals). The slots
+    are the last axis, so that Triton's layouts put them across the threads and a slot's
+    words in one thread. Vectors are taken 16/C at a time, unrolled, so their loads are in
+    flight together."""
     PW: tl.constexpr = 32 // C
     SLOT: tl.constexpr = max(PW, min(32 if C <= 4 else 16, BLOCK_O // 32))   # outputs a slot
     WS: tl.constexpr = SLOT // PW                # words a slot
@@ -516,8 +535,9 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
     w = slot[None, :] * WS + tl.arange(0, WS)[:, None]                       # (WS, NS)
     grp = slot * SLOT // GROUP
     k = tl.arange(0, PW)[:, None, None]
-    acc = tl.zeros((PW, WS, NS), tl.float32)
-    zero_sum = tl.zeros((NS,), tl.float32)
+    b = tl.arange(0, BLOCK_B)[:, None, None, None]
+    acc = tl.zeros((BLOCK_B, PW, WS, NS), tl.float32)
+    zero_sum = tl.zeros((BLOCK_B, 1, 1, NS), tl.float32)
     for j0 in tl.range(lo, hi, 16 // C, num_stages=STAGES):
         for u in tl.static_range(16 // C):
             # No masks. Chunks end at a multiple of 16 vectors but at a band's end, where
@@ -527,21 +547,25 @@ def _u_fma(z_ptr, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gout, tile,
             # loads stay 16-byte vectors and the unrolled loop carries no mask (sm_90 SASS,
             # 2 bits: 831 -> 719 instructions an iteration; H100, 70B shapes: ~0.35 µs).
             words = tl.load(words_ptr + w_base + (j0 + u) * ld + w)
-            z = tl.load(z_ptr + j0 + u)                                  # a scalar
+            # z of each row: scalars (as a tensor, every thread's copy of it went through
+            # shared memory, see the notes at the top)
+            z = tl.load(z_ptr + j0 + u)
+            for i in tl.static_range(1, BLOCK_B):
+                z = tl.where(b == i, tl.load(z_ptr + i * stride_z + j0 + u), z)
             s, m = _scale_zero(tl.load(sz_ptr + s_base + (j0 + u) * n_gout + grp))
             zero_sum += z * m
-            acc += (z * _LIFT * s)[None, None, :] * _code_denormals(words[None, :, :], k, C)
+            acc += (z * _LIFT * s) * _code_denormals(words[None, :, :], k, C)[None]
     o = w[None, :, :] * PW + k
-    return acc * _unscale(k, C) + zero_sum[None, None, :], o
+    return acc * _unscale(k, C)[None] + zero_sum, o[None]
 
 
 @triton.jit
 def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
            n_gout, tile, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
            BLOCK_O: tl.constexpr, STAGES: tl.constexpr):
-    """Batch 2–32: (BLOCK_B, BLOCK_O) = z · Û over vectors lo..hi for one output tile inside
-    one group (BLOCK_O divides the group size): a tf32 dot of z·scale with the exact codes,
-    16 vectors at a time, plus Σ z·zero."""
+    """Batch 2–32, padded to 16/32 rows: (BLOCK_B, BLOCK_O) = z · Û over vectors lo..hi for
+    one output tile inside one group (BLOCK_O divides the group size): a tf32 dot of
+    z·scale with the exact codes, 16 vectors at a time, plus Σ z·zero."""
     PW: tl.constexpr = 32 // C
     BW: tl.constexpr = BLOCK_O // PW
     w = tile * BW + tl.arange(0, BW)
@@ -674,9 +698,10 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
         for i in tl.static_range(4):                  # container width C = 1 << i
             if WIDTHS & (1 << i):
                 if c == (1 << i):
-                    if BLOCK_B == 1:
-                        acc = _v_fma(x_row, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo,
-                                     hi, s_base, 1 << i, GROUP, STEP, BLOCK_J, STAGES)[None, :]
+                    if BLOCK_B <= _FMA_ROWS:
+                        acc = _v_fma(x_row, stride_x, n_in, words_ptr, sz_ptr, w_base,
+                                     ld, r, col0, lo, hi, s_base, 1 << i, GROUP, STEP, BLOCK_B,
+                                     BLOCK_J, STAGES)
                     else:
                         acc = _v_dot(x_row, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base,
                                      ld, r, col0, lo, hi, s_base, 1 << i, GROUP, STEP, BLOCK_B,
@@ -697,15 +722,13 @@ def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock_ptr,
               BLOCK_B: tl.constexpr):
     """Sum an output tile's items (_reduce); the last program adds the base output and
     writes each row back to its place in the caller's batch (order)."""
-    if BLOCK_B == 1:
-        mask = o < n_out
-        offs = row0 * n_out + o
-        dst = tl.load(order_ptr + row0)
+    if BLOCK_B <= _FMA_ROWS:
+        b = tl.arange(0, BLOCK_B)[:, None, None, None]           # val (BLOCK_B, ., ., .)
     else:
         b = tl.arange(0, BLOCK_B)[:, None]
-        mask = (b < n_rows) & (o < n_out)
-        offs = (row0 + b) * n_out + o
-        dst = tl.load(order_ptr + row0 + b, mask=b < n_rows, other=0)
+    mask = (b < n_rows) & (o < n_out)
+    offs = (row0 + b) * n_out + o
+    dst = tl.load(order_ptr + row0 + b, mask=b < n_rows, other=0)
     last, total = _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr)
     if last:
         if HAS_BASE:
@@ -753,12 +776,13 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
     z_ptr += _z_turn(z_ptr, z_size, locks_ptr)
     z_row = z_ptr + row0 * stride_z + z_col
     if tile_items > 0:
-        if BLOCK_B == 1:
+        if BLOCK_B <= _FMA_ROWS:
             for i in tl.static_range(4):              # container width C = 1 << i
                 if WIDTHS & (1 << i):
-                    if c == (1 << i):       # (32/C, BLOCK_O·C/32) values and their outputs
-                        val, o = _u_fma(z_row, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
-                                        n_gout, tile, 1 << i, GROUP, BLOCK_O, STAGES)
+                    if c == (1 << i):       # values (rows, 32/C, words, slots), outputs
+                        val, o = _u_fma(z_row, stride_z, words_ptr, sz_ptr, w_base,
+                                        ld, lo, hi, s_base, n_gout, tile, 1 << i, GROUP,
+                                        BLOCK_B, BLOCK_O, STAGES)
                         if not EARLY_NEXT:
                             _launch_next(PDL)
                         _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr,
@@ -782,30 +806,37 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
 # ----------------------------------------------------------------------------------------------
 # Launch configuration and the launcher both wrappers share.
 
-DOT_J, DOT_WARPS = 64, 4   # batch 2–32: phase-V tile and warps (tl.dot)
+DOT_J, DOT_WARPS = 64, 4   # the tl.dot path: phase-V tile and warps
 
 
 @dataclass
 class KernelConfig:
     """Tiling of one launch pair; `choose_config` picks one per shape, batch and grid.
-    Batch 1 programs are one warp: block_j vectors (phase V) and block_o outputs (phase U)."""
+    FMA-path programs (batch 1–2) are one warp: block_j vectors (phase V) and block_o
+    outputs (phase U)."""
     split_v: int           # items per phase-V tile: its groups cut into this many chunks
     rows_u: int            # vectors per phase-U item (a multiple of 16)
-    block_j: int = 64      # batch 1 phase-V tile: 2 vectors a thread
-    block_o: int = 1024    # batch 1 phase-U tile: 32 outputs a thread
+    block_j: int = 64      # FMA path phase-V tile: 2 vectors a thread
+    block_o: int = 1024    # FMA path phase-U tile: 32 outputs a thread at batch 1
     v_stages: int = 1      # software pipelining depth of the main loops (async copies;
     u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
-    u_regs: int = 128      # batch 1 phase U: registers per thread (0: the compiler's ~160);
+    u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's ~160);
                            #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
-    dot_u_warps: int = DOT_WARPS   # batch 2–32 phase U: warps per program
+    dot_u_warps: int = DOT_WARPS   # tl.dot path phase U: warps per program
     early_next: bool = False       # where a program lets the next kernel start (_launch_next):
                                    #   at its start, or after its main loop (see choose_config)
+    fma_rows: int = FMA_ROWS       # segments of up to this many rows take the FMA path
+
+    def rows(self, block_b: int) -> int:
+        """The rows the kernels pad a plan's block_b-row segments to (block_rows): block_b,
+        or 16 (the tl.dot path) where block_b is more than fma_rows."""
+        return block_b if block_b <= self.fma_rows else max(block_b, 16)
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int, int]:
         """(phase-V tile, phase-U tile, phase-V warps, phase-U warps) for a launch of
         block_b rows. The tl.dot path's phase-U tile lies inside one quantization group."""
-        if block_b == 1:
+        if block_b <= FMA_ROWS:
             return self.block_j, self.block_o, 1, 1
         return DOT_J, math.gcd(group_size, 128), DOT_WARPS, self.dot_u_warps
 
@@ -816,13 +847,18 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
-    per SM (one warp each at batch 1, four on the tl.dot path), 64 for a batch-1 launch over
-    many tenant segments (64 tenants: 3 % faster than 16); plain loads in phase V, 3 pipeline
-    stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512 where 1024
-    would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs); on the
-    tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 %
-    faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on 8192×8192 and
-    11008×4096, 8–16 % slower on 4096×4096).
+    per SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path
+    launch over many tenant segments (64 tenants at batch 1: 3 % faster than 16); plain loads in phase V, 3
+    pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512
+    where 1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs),
+    half that at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs
+    up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 %
+    slower on 8192×8192 and 11008×4096, 8–16 % slower on 4096×4096).
+
+    Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
+    (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
+    4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
+    rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
 
     Under PDL, a kernel's programs take the SM slots this one's free. Where the grid is one
     round (16 programs per SM at most), each program lets the next kernel start only after
@@ -831,19 +867,22 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     132 SMs), and the pair took 27.7 µs instead of 25.7 (4096×14336: 15.4 instead of 12.6).
     A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
     faster so."""
+    fma_rows = FMA_ROWS if kd.shape[0] > 2048 else 1
+    block_b = KernelConfig(1, 16, fma_rows=fma_rows).rows(block_b)
     if waves is None:
-        waves = 64 if block_b == 1 and n_seg > 1 else 16
+        waves = 64 if block_b <= FMA_ROWS and n_seg > 1 else 16
     target = max(1, waves * sm_count // n_seg)
 
     def u_rows(bo):                                           # vectors per phase-U item
         return _pad16(-(-kd.max_rank // -(-target // -(-kd.shape[0] // bo))))
     if block_o is None:
         programs = -(-kd.shape[0] // 1024) * -(-kd.max_rank // u_rows(1024)) * n_seg
-        block_o = 512 if programs < 2 * sm_count else 1024
+        block_o = (512 if programs < 2 * sm_count else 1024) // min(block_b, FMA_ROWS)
+        #   (at 2 rows: 16 outputs a thread, 128 registers without spills)
     if dot_u_warps is None:
         dot_u_warps = 2 if kd.shape[0] >= 16384 else DOT_WARPS
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps,
-                       early_next=waves > 16)
+                       early_next=waves > 16, fma_rows=fma_rows)
     bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
     n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
@@ -919,24 +958,29 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     z_width = kd.z_width                    # floats a row of z takes
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
+        block_b = cfg.rows(block_b)
         bj, bo, v_warps, u_warps = cfg.tiles(block_b, kd.group_size)
-        if cfg.rows_u % 16 or cfg.split_v < 1 or min(cfg.v_stages, cfg.u_stages) < 1 or not (
-                bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
-                and triton.next_power_of_2(bo) == bo) or cfg.dot_u_warps not in (1, 2, 4, 8):
+        if (cfg.rows_u % 16 or cfg.split_v < 1 or min(cfg.v_stages, cfg.u_stages) < 1
+                or not (bj >= 16 and bo >= 32 and triton.next_power_of_2(bj) == bj
+                        and triton.next_power_of_2(bo) == bo)
+                or cfg.dot_u_warps not in (1, 2, 4, 8) or not 1 <= cfg.fma_rows <= FMA_ROWS):
             raise ValueError(f"{cfg}: need split_v ≥ 1, rows_u a multiple of 16, stages ≥ 1, "
                              f"block_j and block_o powers of two ≥ 16 and ≥ 32, dot_u_warps "
-                             f"1, 2, 4 or 8")
+                             f"1, 2, 4 or 8, fma_rows 1 to {FMA_ROWS}")
         v_items, n_v, _ = kd.v_items(bj, cfg.split_v)
         u_items, n_u, u_tiles = kd.u_items(bo, cfg.rows_u)
         # Two z buffers (zero but for what the last launch left in one, see _z_buffer),
         # then phase U's partial sums; the counters after the z state.
         acc, locks, z_size = workspace(x.device, B * z_width, B * out_f,
                                        Z_STATE + n_seg * u_tiles)
+        # Phase V's steps: 64 positions, or 32 where the group size needs it and at 2 rows
+        # on the FMA path (two rows of 64 lifted x took 200 registers a thread, sm_90)
+        step = 32 if kd.group_size % 64 or 1 < block_b <= FMA_ROWS else 64
         try:
             _v_kernel[(n_seg, n_v)](
                 xs, xs.stride(0), in_f, kd.v_words, kd.v_sz, kd.S, v_items, n_v, segs, acc,
                 z_width, z_size, B * z_width, locks, GROUP=kd.group_size,
-                STEP=64 if kd.group_size % 64 == 0 else 32, BLOCK_B=block_b, BLOCK_J=bj,
+                STEP=step, BLOCK_B=block_b, BLOCK_J=bj,
                 STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 num_warps=v_warps, **launch_opts)
             _u_kernel[(n_seg, n_u)](
@@ -946,7 +990,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
                 STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 num_warps=u_warps,
-                maxnreg=cfg.u_regs if cfg.u_regs and block_b == 1 else None, **launch_opts)
+                maxnreg=cfg.u_regs if cfg.u_regs and block_b <= FMA_ROWS else None,
+                **launch_opts)
         except BaseException:
             acc.zero_()                     # a launch that did not finish leaves z unclean
             locks.zero_()
@@ -1113,9 +1158,10 @@ def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
 # many of its rows the batch holds (once per MAX_BATCH = 32 rows beyond that).
 #
 # * Plan. Rows are sorted by tenant (stable) and cut into segments of one tenant and ≤ 32
-#   rows. A 1-row segment takes the batch-1 FMA path, longer ones the tl.dot path padded to
-#   16/32 rows; one launch pair per padding present, so 64 tenants × 1 token is one pair
-#   and never pays for tensor-core tiles. The plan needs the indices on the host: a
+#   rows. Segments of 1–2 rows take the FMA path (2 only from 4096 outputs up, see
+#   choose_config), longer ones the tl.dot path padded to 16/32 rows; one launch pair per
+#   padding present, so 64 tenants × 1 token is one pair and never pays for tensor-core
+#   tiles. The plan needs the indices on the host: a
 #   serving loop has them there; a CUDA index costs one sync, once per batch (use_tenants
 #   makes one plan per batch for every layer).
 # * Grid (segment, item). Item tables are per tenant, padded to the largest tenant's count
@@ -1186,6 +1232,13 @@ class TenantPlan:
         return sum(1 for n in self.rows_per_tenant if n)
 
 
+def block_rows(rows: int) -> int:
+    """The rows a segment of `rows` rows is padded to: none on the FMA path (1 or 2 rows; its
+    kernels read every row they hold), 16 or 32 on the tl.dot path."""
+    n = triton.next_power_of_2(rows)
+    return n if n <= FMA_ROWS else max(16, n)
+
+
 def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
     """tenant_idx (B,) ints in [0, n_tenants) -> TenantPlan on `device`."""
     shape = tuple(torch.as_tensor(tenant_idx).shape)
@@ -1199,7 +1252,7 @@ def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
     for t, n in enumerate(counts):
         for s in range(start, start + n, MAX_BATCH):
             rows = min(MAX_BATCH, start + n - s)
-            block_b = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+            block_b = block_rows(rows)
             buckets.setdefault(block_b, []).append([t, s, rows])
         start += n
     groups = [(bb, torch.tensor(segs, dtype=torch.int32, device=device), len(segs))

@@ -557,12 +557,15 @@ WIDTH_RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 4
 @example(out_f=300, in_f=257, ranks={8: 2, 2: 40}, batch=2, bf16=False, splits=(4, 4), seed=3)
 @example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=1, bf16=False, splits=(2, 2), seed=4)
 @example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=3, bf16=True, splits=(1, 3), seed=5)
+@example(out_f=129, in_f=257, ranks={8: 3, 3: 17, 1: 33}, batch=2, bf16=True, splits=(3, 2),
+         seed=6)
 def test_triton_matches_reference(out_f, in_f, ranks, batch, bf16, splits, seed):
     """Interpreted Triton kernels vs the float64 product and the reference, over awkward
     shapes (1, 127, 129, 257: not multiples of 16, 32, 128 or the tile widths), every width,
-    ranks including 0 and 1, batch 1 (the FMA path) and 2–5 (the tl.dot path), and forced
-    splits (the partial-sum + counter path; an 8-bit band of rank 40 in items of 16
-    vectors beside a 2-bit band in items of 32 or 48)."""
+    ranks including 0 and 1, batch 1–5 (1, and 2 under a forced config: the FMA path; 2 at
+    these small shapes by default, and 3–5: the tl.dot path), and forced splits (the
+    partial-sum + counter path; an 8-bit band of rank 40 in items of 16 vectors beside a
+    2-bit band in items of 32 or 48)."""
     check_triton(out_f, in_f, ranks, batch, torch.bfloat16 if bf16 else torch.float16,
                  splits, seed)
 
@@ -580,17 +583,21 @@ def test_triton_other_group_sizes(group_size):
     (torch.bfloat16, 2.0**-50, 1.0), (torch.bfloat16, 2.0**38, 1.0),
     (torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
 def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
-    """Batch 1 takes codes as fp32 denormals times x or z·scale lifted by powers of two
+    """Batch 1 and 2 take codes as fp32 denormals times x or z·scale lifted by powers of two
     (_code_denormals): still within rounding of the exact product for inputs far from 1,
-    inside the documented range (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64)."""
+    inside the documented range (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64), each row
+    of a batch of 2 against its own exact product."""
     cm = random_matrix(130, 200, {8: 3, 4: 5, 2: 20, 1: 8}, seed=21)
     for band in cm.bands:
         band.S.mul_(s_scale)
-    x = (torch.randn(1, 200, generator=torch.Generator().manual_seed(21)) * x_scale).to(dtype)
-    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
-                            config=small_config(2, 2))
-    exact = x.double() @ decompress_matrix(cm).double().mT
-    assert torch.isfinite(y).all() and rel(y, exact) < 2 * UNIT[dtype], rel(y, exact)
+    kd = kernel.prepare_delta(cm, "cpu")
+    x = (torch.randn(2, 200, generator=torch.Generator().manual_seed(21)) * x_scale).to(dtype)
+    x[1] *= 2                                   # batch 2 on the FMA path: rows of their own
+    for rows in (x[:1], x):
+        y = kernel.delta_matmul(rows, kd, backend="triton", config=small_config(2, 2))
+        exact = rows.double() @ decompress_matrix(cm).double().mT
+        for i in range(rows.shape[0]):
+            assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < 2 * UNIT[dtype], i
 
 
 @pytest.mark.parametrize("block_o", [512, 1024])
@@ -638,6 +645,23 @@ def test_u_items_cover_each_band_once():
             s = sorted(s)
             assert s[0][0] == 0 and s[-1][1] == rank[c]
             assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(s, s[1:]))
+
+
+def test_rows_fma_or_dot_path():
+    """A plan pads 1 and 2 rows to themselves and longer segments to 16 or 32; a 2-row
+    segment takes the FMA path from 4096 outputs up and is padded to 16 for tl.dot below."""
+    assert [kernel.block_rows(n) for n in (1, 2, 3, 4, 16, 17, 32)] == [1, 2, 16, 16, 16, 32, 32]
+    assert {bb for bb, _, _ in kernel.plan_tenants([0, 1, 1], 2, "cpu").groups} == {1, 2}
+
+    def fake(out_f):
+        return SimpleNamespace(shape=(out_f, 4096), group_size=128, max_rank=616,
+                               bands=[[[2, 616]]])
+    large = kernel.choose_config(fake(4096), 2, 132)
+    small = kernel.choose_config(fake(1024), 2, 132)
+    assert [large.rows(b) for b in (1, 2, 16, 32)] == [1, 2, 16, 32]
+    assert [small.rows(b) for b in (1, 2, 16, 32)] == [1, 16, 16, 32]
+    assert large.block_o == kernel.choose_config(fake(4096), 1, 132).block_o // 2
+    assert small.tiles(small.rows(2), 128) == large.tiles(16, 128)
 
 
 def test_choose_config_next_kernel_start():
@@ -704,7 +728,7 @@ def test_wrapper_errors():
         kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
     for bad in (kernel.KernelConfig(0, 16), kernel.KernelConfig(1, 24),
                 kernel.KernelConfig(1, 16, block_j=48), kernel.KernelConfig(1, 16, u_stages=0),
-                kernel.KernelConfig(1, 16, dot_u_warps=3)):
+                kernel.KernelConfig(1, 16, dot_u_warps=3), kernel.KernelConfig(1, 16, fma_rows=4)):
         with pytest.raises(ValueError, match="split_v ≥ 1"):
             kernel.delta_matmul(torch.randn(1, 20).half(), cm, backend="triton", config=bad)
     with pytest.raises(ValueError, match="2 tenants"):
