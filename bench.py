@@ -52,9 +52,9 @@ import triton
 import triton.language as tl
 
 from deltacome import Config, block_shapes, compress_matrix, synthetic_delta
-from kernel import (choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
-                    multi_delta_matmul_reference, plan_tenants, prepare_delta,
-                    prepare_multi_delta)
+from kernel import (block_rows, choose_config, delta_matmul, delta_matmul_reference,
+                    multi_delta_matmul, multi_delta_matmul_reference, plan_tenants,
+                    prepare_delta, prepare_multi_delta)
 
 # (out, in) of the projections, PyTorch Linear layout.
 MODELS = {

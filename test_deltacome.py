@@ -650,7 +650,8 @@ def test_u_items_cover_each_band_once():
 def test_rows_fma_or_dot_path():
     """A plan pads 1 and 2 rows to themselves and longer segments to 16 or 32; a 2-row
     segment takes the FMA path from 4096 outputs up and is padded to 16 for tl.dot below."""
-    assert [kernel.block_rows(n) for n in (1, 2, 3, 4, 16, 17, 32)] == [1, 2, 16, 16, 16, 32, 32]
+    rows = (1, 2, 3, 4, 16, 17, 32)
+    assert [kernel.block_rows(n) for n in rows] == [1, 2, 16, 16, 16, 32, 32]
     assert {bb for bb, _, _ in kernel.plan_tenants([0, 1, 1], 2, "cpu").groups} == {1, 2}
 
     def fake(out_f):
@@ -728,7 +729,8 @@ def test_wrapper_errors():
         kernel.delta_matmul(torch.randn(2, 20), cm, base=torch.randn(2, 11))
     for bad in (kernel.KernelConfig(0, 16), kernel.KernelConfig(1, 24),
                 kernel.KernelConfig(1, 16, block_j=48), kernel.KernelConfig(1, 16, u_stages=0),
-                kernel.KernelConfig(1, 16, dot_u_warps=3), kernel.KernelConfig(1, 16, fma_rows=4)):
+                kernel.KernelConfig(1, 16, dot_u_warps=3),
+                kernel.KernelConfig(1, 16, fma_rows=4)):
         with pytest.raises(ValueError, match="split_v ≥ 1"):
             kernel.delta_matmul(torch.randn(1, 20).half(), cm, backend="triton", config=bad)
     with pytest.raises(ValueError, match="2 tenants"):
