@@ -848,8 +848,8 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
     per SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path
-    launch over many tenant segments (64 tenants at batch 1: 3 % faster than 16); plain loads in phase V, 3
-    pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512
+    launch over tenant segments that read more than 64 MB between them (below); plain loads
+    in phase V, 3 pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512
     where 1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs),
     half that at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs
     up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 %
@@ -859,6 +859,13 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
     4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
     rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
+
+    Launches over several tenant segments (FMA path) aim at 64 programs per SM where the
+    segments read more than 64 MB between them, else 16: one round of larger programs wins
+    while the work is small, several rounds of smaller ones once it is large (H100, µs at
+    16 / 64 programs per SM, N tenants × 1 row: 4096×4096 N=4 12.9 / 16.5, N=16 24.0 / 27.9;
+    4096×11008 N=4 19.6 / 24.5, N=16 58.9 / 58.2; 11008×4096 N=64 206.6 / 176.0; 28672×8192
+    N=16 222.9 / 205.2; 2 rows a tenant alike). Single deltas stay at 16.
 
     Under PDL, a kernel's programs take the SM slots this one's free. Where the grid is one
     round (16 programs per SM at most), each program lets the next kernel start only after
@@ -870,7 +877,8 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     fma_rows = FMA_ROWS if kd.shape[0] > 2048 else 1
     block_b = KernelConfig(1, 16, fma_rows=fma_rows).rows(block_b)
     if waves is None:
-        waves = 64 if block_b <= FMA_ROWS and n_seg > 1 else 16
+        launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
+        waves = 64 if block_b <= FMA_ROWS and n_seg > 1 and launch_bytes > 64 * 2**20 else 16
     target = max(1, waves * sm_count // n_seg)
 
     def u_rows(bo):                                           # vectors per phase-U item

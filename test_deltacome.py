@@ -620,6 +620,7 @@ def test_choose_config_phase_u_tile():
     SM (a 4096×4096 delta of rank 616 on 132 SMs); at least 16 vectors per item."""
     def fake(out_f, in_f, rank):
         return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
+                               device_bytes=(out_f * rank // 2,),
                                bands=[[[2, rank]]])
     small = kernel.choose_config(fake(4096, 4096, 616), 1, 132)
     large = kernel.choose_config(fake(28672, 8192, 1921), 1, 132)
@@ -656,6 +657,7 @@ def test_rows_fma_or_dot_path():
 
     def fake(out_f):
         return SimpleNamespace(shape=(out_f, 4096), group_size=128, max_rank=616,
+                               device_bytes=(out_f * 616 // 2,),
                                bands=[[[2, 616]]])
     large = kernel.choose_config(fake(4096), 2, 132)
     small = kernel.choose_config(fake(1024), 2, 132)
@@ -666,13 +668,17 @@ def test_rows_fma_or_dot_path():
 
 
 def test_choose_config_next_kernel_start():
-    """A one-round grid lets the next kernel start after the main loop; 64 tenants at batch
-    1 (64 programs per SM, several rounds) let it start at once."""
+    """A one-round grid lets the next kernel start after the main loop; tenant segments that
+    read more than 64 MB between them on the FMA path (64 programs per SM, several rounds)
+    let it start at once."""
     shape = SimpleNamespace(shape=(4096, 4096), group_size=128, max_rank=616,
-                            bands=[[[2, 616]]] * 64)
+                            bands=[[[2, 616]]] * 64, device_bytes=(2_100_000,) * 64)
     assert not kernel.choose_config(shape, 1, 132).early_next
     assert not kernel.choose_config(shape, 16, 132, n_seg=64).early_next
-    assert kernel.choose_config(shape, 1, 132, n_seg=64).early_next
+    assert kernel.choose_config(shape, 1, 132, n_seg=64).waves == 64
+    assert kernel.choose_config(shape, 2, 132, n_seg=64).early_next
+    assert kernel.choose_config(shape, 1, 132, n_seg=16).waves == 16     # 34 MB
+    assert not kernel.choose_config(shape, 1, 132, n_seg=16).early_next
 
 
 def test_triton_counters_reset_and_base_fused():
