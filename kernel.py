@@ -221,7 +221,11 @@ class KernelDelta:
 
     def v_items(self, block_j: int, split: int) -> tuple[torch.Tensor, int, int]:
         """Phase-V items for tiles of block_j vectors, each tile's groups cut into `split`
-        chunks: (table (N·n, ITEM_COLS), n items per tenant, most tiles of a tenant)."""
+        chunks, 8-bit bands' into about twice as many: their loop costs ~1.24× the
+        instructions per code of 2-bit bands (sm_90 SASS: 3.45 and 2.78), and in a grid of
+        one round the slowest program sets the time (H200 timeline, 8192×28672: 8-bit items
+        11.3 µs at the median, 2-bit 9.2). Returns (table (N·n, ITEM_COLS), n items per
+        tenant, most tiles of a tenant)."""
         key = ("v", block_j, split)
         if key not in self._tables:
             n_groups = -(-self.shape[1] // self.group_size)
@@ -230,9 +234,10 @@ class KernelDelta:
             for bands in self.bands:
                 rows, tile = [], 0
                 for c, r, vwb, ldv, vsb, _, _, _, sb, zc in bands:
+                    n = per if c < 8 else -(-per // 2)
                     for col0 in range(0, r, block_j):
-                        chunks = range(0, n_groups, per)
-                        rows += [[c, vwb, ldv, r, col0, lo, min(lo + per, n_groups), vsb, sb,
+                        chunks = range(0, n_groups, n)
+                        rows += [[c, vwb, ldv, r, col0, lo, min(lo + n, n_groups), vsb, sb,
                                   zc, tile, len(chunks)] for lo in chunks]
                         tile += 1
                 tables.append((rows, tile))

@@ -667,6 +667,25 @@ def test_rows_fma_or_dot_path():
     assert small.tiles(small.rows(2), 128) == large.tiles(16, 128)
 
 
+def test_v_items_cover_each_tile_once():
+    """Phase-V items: every tile of block_j vectors covers the groups once, in `split`
+    chunks, 8-bit bands in chunks of half as many groups (rounded up)."""
+    kd = kernel.prepare_delta(random_matrix(64, 1000, {8: 40, 3: 50, 2: 70}, 8), "cpu")
+    n_groups = -(-1000 // 128)                                   # 8
+    for split in (1, 2, 3, 8):
+        per = -(-n_groups // split)
+        table, n, _ = kd.v_items(16, split)
+        spans = {}
+        for c, _, _, r, col0, lo, hi, _, _, _, tile, count, *_ in table[:n].tolist():
+            assert 0 < hi - lo <= (per if c < 8 else -(-per // 2))
+            spans.setdefault((c, col0, tile, count), []).append((lo, hi))
+        assert sum(-(-r // 16) for r in (40, 50, 70)) == len({t for _, _, t, _ in spans})
+        for (_, _, _, count), s in spans.items():
+            s = sorted(s)
+            assert len(s) == count and s[0][0] == 0 and s[-1][1] == n_groups
+            assert all(a[1] == b[0] for a, b in zip(s, s[1:]))
+
+
 def test_choose_config_next_kernel_start():
     """A one-round grid lets the next kernel start after the main loop; tenant segments that
     read more than 64 MB between them on the FMA path (64 programs per SM, several rounds)
