@@ -86,9 +86,9 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-70–117× faster than the reference and 42 % / 43 % of copy bandwidth on the two 70B shapes
-(23.2 / 22.9 µs, 0.143 / 0.139 of the dense GEMV); batch 2 costs 1.4× / 1.5× batch 1 (FMA
-path), batch 16 3.5× / 2.8× (tl.dot path). Phase U is close to issue-bound
+69–140× faster than the reference and 42 % / 44 % of copy bandwidth on the two 70B shapes
+(23.1 / 22.2 µs, 0.142 / 0.135 of the dense GEMV); batch 2 costs 1.4× / 1.5× batch 1 (FMA
+path), batch 16 3.5× / 2.9× (tl.dot path). Phase U is close to issue-bound
 and barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
 converting x each for itself; the tl.dot path spends most of its time moving codes into the
 dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots held
