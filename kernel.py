@@ -851,14 +851,14 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   v_stages: int = 1, u_stages: int = 3, u_regs: int = 128,
                   dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
-    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs
-    per SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path
-    launch over tenant segments that read more than 64 MB between them (below); plain loads
-    in phase V, 3 pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512
-    where 1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs),
-    half that at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs
-    up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 %
-    slower on 8192×8192 and 11008×4096, 8–16 % slower on 4096×4096).
+    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
+    SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
+    tenant segments that read more than 64 MB between them (below); plain loads in phase V, 3
+    pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512 where
+    1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs), half that
+    at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch
+    2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on
+    8192×8192 and 11008×4096, 8–16 % slower on 4096×4096).
 
     Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
