@@ -879,7 +879,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     132 SMs), and the pair took 27.7 µs instead of 25.7 (4096×14336: 15.4 instead of 12.6).
     A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
     faster so."""
-    fma_rows = FMA_ROWS if kd.shape[0] > 2048 else 1
+    fma_rows = FMA_ROWS if kd.shape[0] >= 4096 else 1
     block_b = KernelConfig(1, 16, fma_rows=fma_rows).rows(block_b)
     if waves is None:
         launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
