@@ -468,12 +468,8 @@ def _v_fma(x_ptr, stride_x, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi
                 xu = tl.reshape(xu, (RI, PW))[:, :, None]                    # (RI, PW, 1)
                 prod = xu * _code_denormals(words[:, None, :], k[None, :, None], C)
                 row = tl.sum(tl.reshape(prod, (STEP, BLOCK_J)), 0)[None, :]
-                if BLOCK_B == 1:
-                    part += row
-                    xs += x_sum
-                else:
-                    part += tl.where(b == i, row, 0.0)
-                    xs += tl.where(b == i, x_sum, 0.0)
+                part += tl.where(b == i, row, 0.0)   # row i of part (folds at 1 row)
+                xs += tl.where(b == i, x_sum, 0.0)
         sz = tl.load(sz_ptr + s_base + g * r + cols[None, :], mask=cmask[None, :], other=0)
         s, m = _scale_zero(sz)                   # (1, BLOCK_J): a layout like part's
         acc += part * (s * _LIFT) + xs * m
@@ -814,6 +810,12 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
 DOT_J, DOT_WARPS = 64, 4   # the tl.dot path: phase-V tile and warps
 
 
+def _padded_rows(block_b: int, fma_rows: int) -> int:
+    """The rows the kernels take a segment of block_b rows (a power of two) as: block_b on
+    the FMA path (up to fma_rows), at least 16 on the tl.dot path."""
+    return block_b if block_b <= fma_rows else max(block_b, 16)
+
+
 @dataclass
 class KernelConfig:
     """Tiling of one launch pair; `choose_config` picks one per shape, batch and grid.
@@ -836,7 +838,7 @@ class KernelConfig:
     def rows(self, block_b: int) -> int:
         """The rows the kernels pad a plan's block_b-row segments to (block_rows): block_b,
         or 16 (the tl.dot path) where block_b is more than fma_rows."""
-        return block_b if block_b <= self.fma_rows else max(block_b, 16)
+        return _padded_rows(block_b, self.fma_rows)
 
     def tiles(self, block_b: int, group_size: int) -> tuple[int, int, int, int]:
         """(phase-V tile, phase-U tile, phase-V warps, phase-U warps) for a launch of
@@ -880,7 +882,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
     faster so."""
     fma_rows = FMA_ROWS if kd.shape[0] >= 4096 else 1
-    block_b = KernelConfig(1, 16, fma_rows=fma_rows).rows(block_b)
+    block_b = _padded_rows(block_b, fma_rows)
     if waves is None:
         launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
         waves = 64 if block_b <= FMA_ROWS and n_seg > 1 and launch_bytes > 64 * 2**20 else 16
@@ -1248,8 +1250,7 @@ class TenantPlan:
 def block_rows(rows: int) -> int:
     """The rows a segment of `rows` rows is padded to: none on the FMA path (1 or 2 rows; its
     kernels read every row they hold), 16 or 32 on the tl.dot path."""
-    n = triton.next_power_of_2(rows)
-    return n if n <= FMA_ROWS else max(16, n)
+    return _padded_rows(triton.next_power_of_2(rows), FMA_ROWS)
 
 
 def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:

@@ -615,18 +615,22 @@ def test_triton_phase_u_tiles_of_large_shapes(block_o):
     assert_workspace_clean()
 
 
+def fake_delta(out_f, in_f, rank, tenants=1):
+    """What choose_config reads of a KernelDelta: one 2-bit band of `rank` a tenant."""
+    return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
+                           bands=[[[2, rank]]] * tenants,
+                           device_bytes=(rank * (out_f + in_f) // 4,) * tenants)
+
+
 def test_choose_config_phase_u_tile():
     """1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per
     SM (a 4096×4096 delta of rank 616 on 132 SMs); at least 16 vectors per item."""
-    def fake(out_f, in_f, rank):
-        return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
-                               device_bytes=(out_f * rank // 2,),
-                               bands=[[[2, rank]]])
-    small = kernel.choose_config(fake(4096, 4096, 616), 1, 132)
-    large = kernel.choose_config(fake(28672, 8192, 1921), 1, 132)
+    small = kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132)
+    large = kernel.choose_config(fake_delta(28672, 8192, 1921), 1, 132)
     assert (small.block_o, small.rows_u) == (512, 16)
     assert (large.block_o, large.rows_u) == (1024, 32)
-    assert kernel.choose_config(fake(4096, 4096, 616), 1, 132, block_o=1024).block_o == 1024
+    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132, block_o=1024).block_o \
+        == 1024
 
 
 def test_u_items_cover_each_band_once():
@@ -654,16 +658,12 @@ def test_rows_fma_or_dot_path():
     rows = (1, 2, 3, 4, 16, 17, 32)
     assert [kernel.block_rows(n) for n in rows] == [1, 2, 16, 16, 16, 32, 32]
     assert {bb for bb, _, _ in kernel.plan_tenants([0, 1, 1], 2, "cpu").groups} == {1, 2}
-
-    def fake(out_f):
-        return SimpleNamespace(shape=(out_f, 4096), group_size=128, max_rank=616,
-                               device_bytes=(out_f * 616 // 2,),
-                               bands=[[[2, 616]]])
-    large = kernel.choose_config(fake(4096), 2, 132)
-    small = kernel.choose_config(fake(1024), 2, 132)
+    kd = fake_delta(4096, 4096, 616)
+    large = kernel.choose_config(kd, 2, 132)
+    small = kernel.choose_config(fake_delta(1024, 4096, 616), 2, 132)
     assert [large.rows(b) for b in (1, 2, 16, 32)] == [1, 2, 16, 32]
     assert [small.rows(b) for b in (1, 2, 16, 32)] == [1, 16, 16, 32]
-    assert large.block_o == kernel.choose_config(fake(4096), 1, 132).block_o // 2
+    assert large.block_o == kernel.choose_config(kd, 1, 132).block_o // 2
     assert small.tiles(small.rows(2), 128) == large.tiles(16, 128)
 
 
@@ -690,13 +690,12 @@ def test_choose_config_next_kernel_start():
     """A one-round grid lets the next kernel start after the main loop; tenant segments that
     read more than 64 MB between them on the FMA path (64 programs per SM, several rounds)
     let it start at once."""
-    shape = SimpleNamespace(shape=(4096, 4096), group_size=128, max_rank=616,
-                            bands=[[[2, 616]]] * 64, device_bytes=(2_100_000,) * 64)
+    shape = fake_delta(4096, 4096, 616, tenants=64)                 # 1.26 MB a tenant
     assert not kernel.choose_config(shape, 1, 132).early_next
     assert not kernel.choose_config(shape, 16, 132, n_seg=64).early_next
     assert kernel.choose_config(shape, 1, 132, n_seg=64).waves == 64
     assert kernel.choose_config(shape, 2, 132, n_seg=64).early_next
-    assert kernel.choose_config(shape, 1, 132, n_seg=16).waves == 16     # 34 MB
+    assert kernel.choose_config(shape, 1, 132, n_seg=16).waves == 16     # 20 MB
     assert not kernel.choose_config(shape, 1, 132, n_seg=16).early_next
 
 
