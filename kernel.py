@@ -854,13 +854,14 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int = 64, block_o: int | None = None,
-                  v_stages: int = 1, u_stages: int = 3, u_regs: int = 128,
+                  v_stages: int | None = None, u_stages: int | None = None, u_regs: int = 128,
                   dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
     SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
     tenant segments that read more than 64 MB between them (below); plain loads in phase V, 3
-    pipeline stages and 128 registers in phase U; phase-U tiles of 1024 outputs, or 512 where
+    pipeline stages and 128 registers in phase U, but at batch 1 (below); phase-U tiles of
+    1024 outputs, or 512 where
     1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs), half that
     at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch
     2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on
@@ -870,6 +871,13 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
     4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
     rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
+
+    A single delta at batch 1 pipelines phase U 4 deep where it is at most 16 MB, and phase
+    V 2 deep (and phase U 3) where it is larger (H100, µs, mean of three workspace offsets,
+    default / V 2 stages / U 4 stages: 4096×4096 9.84 / 10.38 / 9.49, 1024×8192 9.06 / 9.41 /
+    8.63, 4096×11008 11.48 / 11.83 / 11.10, 14336×4096 13.34 / 13.66 / 13.21, 8192×8192 13.39
+    / 13.60 / 13.32; 30 MB: 28672×8192 22.78 / 22.50 / 23.62, 8192×28672 22.60 / 22.00 /
+    23.72; the 7B and 8B shapes are at most 8.4 MB). At batch 2 both were slower.
 
     Launches over several tenant segments (FMA path) aim at 64 programs per SM where the
     segments read more than 64 MB between them, else 16: one round of larger programs wins
@@ -887,9 +895,14 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     faster so."""
     fma_rows = FMA_ROWS if kd.shape[0] >= 4096 else 1
     block_b = _padded_rows(block_b, fma_rows)
+    launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
     if waves is None:
-        launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
         waves = 64 if block_b <= FMA_ROWS and n_seg > 1 and launch_bytes > 64 * 2**20 else 16
+    one_row, large = block_b == 1 and n_seg == 1, launch_bytes > 16 * 2**20
+    if v_stages is None:
+        v_stages = 2 if one_row and large else 1
+    if u_stages is None:
+        u_stages = 4 if one_row and not large else 3
     target = max(1, waves * sm_count // n_seg)
 
     def u_rows(bo):                                           # vectors per phase-U item

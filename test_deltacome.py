@@ -633,6 +633,20 @@ def test_choose_config_phase_u_tile():
         == 1024
 
 
+def test_choose_config_stages():
+    """A single delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep
+    above; batch 2 and tenant launches keep 1 and 3 stages."""
+    small, large = fake_delta(4096, 4096, 616), fake_delta(28672, 8192, 1921)   # 1.3, 18 MB
+    stages = lambda cfg: (cfg.v_stages, cfg.u_stages)
+    assert stages(kernel.choose_config(small, 1, 132)) == (1, 4)
+    assert stages(kernel.choose_config(large, 1, 132)) == (2, 3)
+    assert stages(kernel.choose_config(small, 2, 132)) == (1, 3)
+    assert stages(kernel.choose_config(large, 2, 132)) == (1, 3)
+    assert stages(kernel.choose_config(fake_delta(4096, 4096, 616, 4), 1, 132, n_seg=4)) \
+        == (1, 3)
+    assert stages(kernel.choose_config(small, 1, 132, v_stages=3, u_stages=2)) == (3, 2)
+
+
 def test_u_items_cover_each_band_once():
     """Phase-U items: every tile covers each band's vectors once, in chunks of `rows`
     vectors, 8-bit bands in chunks of half as many (a multiple of 16)."""
