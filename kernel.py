@@ -853,7 +853,8 @@ class KernelConfig:
 
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
-                  waves: int | None = None, block_j: int = 64, block_o: int | None = None,
+                  waves: int | None = None, block_j: int | None = None,
+                  block_o: int | None = None,
                   v_stages: int | None = None, u_stages: int | None = None, u_regs: int = 128,
                   dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
@@ -871,6 +872,14 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
     4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
     rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
+
+    Phase-V tiles on the FMA path are 64 vectors, or 32 where 64-vector tiles of one group
+    each would still fill less than half the grid: short inputs (4096: 32 groups) and small
+    ranks (H100, µs, mean of three workspace offsets, batch 1 64 -> 32 / batch 2: 4096×4096
+    9.46 -> 8.85 / 12.46 -> 11.95, 11008×4096 12.21 -> 11.93 / 16.38 -> 15.91, 14336×4096
+    13.06 -> 12.87 / 18.52 -> 18.00, 1024×4096 7.90 -> 7.54, 1024×8192 8.82 -> 7.85; where the
+    grid fills without them, 32-vector tiles were slower: 4096×11008 11.09 -> 11.88, 8192×8192
+    13.02 -> 13.46, 8192×28672 21.80 -> 22.97).
 
     A single delta at batch 1 pipelines phase U 4 deep where it is at most 16 MB, and phase
     V 2 deep (and phase U 3) where it is larger (H100, µs, mean of three workspace offsets,
@@ -904,6 +913,10 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     if u_stages is None:
         u_stages = 4 if one_row and not large else 3
     target = max(1, waves * sm_count // n_seg)
+    n_groups = -(-kd.shape[1] // kd.group_size)
+    if block_j is None:
+        tiles_64 = max(sum(-(-b[1] // 64) for b in bands) for bands in kd.bands)
+        block_j = 32 if block_b <= FMA_ROWS and tiles_64 * n_groups < target / 2 else 64
 
     def u_rows(bo):                                           # vectors per phase-U item
         return _pad16(-(-kd.max_rank // -(-target // -(-kd.shape[0] // bo))))
@@ -916,7 +929,6 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps,
                        early_next=waves > 16, fma_rows=fma_rows)
     bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
-    n_groups = -(-kd.shape[1] // kd.group_size)
     v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
     cfg.split_v = max(1, min(n_groups, -(-target // v_tiles)))
     cfg.rows_u = u_rows(bo)

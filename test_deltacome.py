@@ -633,6 +633,16 @@ def test_choose_config_phase_u_tile():
         == 1024
 
 
+def test_choose_config_phase_v_tile():
+    """FMA-path phase-V tiles of 64 vectors, or 32 where 64-vector tiles of one group each
+    would fill less than half the grid (16 programs per SM): 4096 inputs are 32 groups."""
+    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132).block_j == 32   # 320
+    assert kernel.choose_config(fake_delta(4096, 4096, 616), 2, 132).block_j == 32
+    assert kernel.choose_config(fake_delta(4096, 11008, 900), 1, 132).block_j == 64  # 1290
+    assert kernel.choose_config(fake_delta(28672, 8192, 1921), 1, 132).block_j == 64
+    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132, block_j=64).block_j == 64
+
+
 def test_choose_config_stages():
     """A single delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep
     above; batch 2 and tenant launches keep 1 and 3 stages."""
