@@ -67,9 +67,10 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   the workspace, and phase U zeroes the other one (the launch before used it) while it
   reads this one, so no program waits for all others to finish with z (`_z_buffer`,
   `_z_turn`). In phase U a tile with several items adds them into a zeroed fp32 workspace
-  and the last item (an acq_rel counter) reads the sum, resets the workspace and writes the
-  result. No memset, no extra launch. The order of the adds, and so the last bits, can vary
-  between runs. On Hopper both kernels use programmatic dependent launch:
+  and the last item (a counter: each count releases, the last acquires) reads the sum,
+  resets the workspace and writes the result. No memset, no extra launch. The order of the
+  adds, and so the last bits, can vary between runs. On Hopper both kernels use
+  programmatic dependent launch:
   the next kernel's programs start as this one's finish, and wait only before they read
   what a kernel wrote (`_wait_previous`); in a grid of one round they are let start only
   once this one's programs are past their main loops, so that they spread over all SMs
@@ -86,11 +87,12 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-69–140× faster than the reference and 42 % / 44 % of copy bandwidth on the two 70B shapes
-(23.1 / 22.2 µs, 0.142 / 0.135 of the dense GEMV); batch 2 costs 1.4× / 1.5× batch 1 (FMA
-path), batch 16 3.5× / 2.9× (tl.dot path). Phase U is close to issue-bound
-and barely faster from L2; phase V got 22 % faster per kernel when its threads stopped
-converting x each for itself; the tl.dot path spends most of its time moving codes into the
+81–140× faster than the reference and 43 % / 46 % of copy bandwidth on the two 70B shapes
+(22.5 / 21.4 µs, 0.140 / 0.130 of the dense GEMV); batch 2 costs 1.5× batch 1 (FMA path),
+batch 16 3.5× / 2.9× (tl.dot path). Both batch-1 phases are latency-bound with few warps
+per SM (ncu: phase U issues on 40 % of cycles, phase V's warps wait on memory in 40 % of
+samples), and items taken from a shared counter to balance them were slower (each item
+pays its round trips again); the tl.dot path spends most of its time moving codes into the
 dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots held
 in registers (Marlin-style, beyond what Triton lets one control), fewer instructions per
 vector in phase U's loop, and fewer round trips in phase U.
