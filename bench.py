@@ -33,6 +33,7 @@ Usage:
     python bench.py --models llama-2-7b --batches 1,16 --json runs/bench.json
     python bench.py --tenants 1,4,16,64 --models llama-2-7b      # multi-tenant scenario
     python bench.py --ceiling            # what one bare read-only launch streams
+    python bench.py --sweep 4096x4096 --batches 2   # launch configurations vs choose_config
     ncu --kernel-name regex:"_[uv]_kernel" --launch-skip 4 --launch-count 2 \
         python bench.py --profile 28672x8192 --batches 1       # profile the third call
 """
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 
 from deltacome import Config, block_shapes, compress_matrix, synthetic_delta
-from kernel import (block_rows, choose_config, delta_matmul, delta_matmul_reference,
+from kernel import (FMA_ROWS, block_rows, choose_config, delta_matmul, delta_matmul_reference,
                     multi_delta_matmul, multi_delta_matmul_reference, plan_tenants,
                     prepare_delta, prepare_multi_delta)
 
@@ -66,6 +67,8 @@ MODELS = {
 CPU_MODELS = {"tiny (CPU)": {"hidden": 512, "kv": 128, "inter": 1376, "layers": 2,
                              "vocab": 512}}
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+SWEEP_SHAPES = ("4096x4096", "28672x8192", "8192x28672")
+SWEEP_BATCHES = (1, 2, 16)
 TENANTS = (1, 4, 16, 64)
 HBM_BYTES = 80e9       # one 80 GB H100; weights only (no KV cache, activations or workspace)
 CHECK_SHAPES = [(4095, 11007), (4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672),
@@ -435,7 +438,8 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
 
 def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
     """Times launch configurations per shape/batch, for tuning choose_config: programs per
-    SM (waves), pipeline stages and, at batch 1, the tile widths and phase U's registers."""
+    SM (waves), pipeline stages and, on the FMA path (batch 1-2), the tile widths and phase
+    U's registers; then prints choose_config's pick beside the fastest."""
     rows = []
     sm = torch.cuda.get_device_properties(device).multi_processor_count
     for shape in shapes:
@@ -446,27 +450,52 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
             x = torch.randn(B, shape[1], device=device).to(dtype)
             ref = delta_matmul_reference(x, cm)
             block_b = block_rows(B)
-            tilings = [(64, 512), (128, 512), (64, 1024)] if B == 1 else [(64, 512)]
-            regs = (0, 128) if B == 1 else (0,)
-            for waves, (v_st, u_st), (block_j, block_o), u_regs in itertools.product(
-                    (8, 16, 32, 64), ((1, 2), (1, 3), (2, 2), (3, 3)), tilings, regs):
-                cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
-                                    block_o=block_o, v_stages=v_st, u_stages=u_st,
-                                    u_regs=u_regs)
+            fma = choose_config(kds[0], block_b, sm).rows(block_b) <= FMA_ROWS
+            o = 512 // min(B, FMA_ROWS)
+            tilings = [(32, o), (64, o), (64, 2 * o), (128, o)] if fma else [(None, None)]
+            configs = [None] + list(itertools.product(
+                (8, 16, 32), ((1, 2), (1, 3), (1, 4), (2, 2), (2, 3)), tilings,
+                (0, 128) if fma else (128,)))
+            for c in configs:
+                if c is None:                                       # choose_config's pick
+                    cfg = choose_config(kds[0], block_b, sm)
+                else:
+                    waves, (v_st, u_st), (block_j, block_o), u_regs = c
+                    cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
+                                        block_o=block_o, v_stages=v_st, u_stages=u_st,
+                                        u_regs=u_regs)
+                bj, bo, _, _ = cfg.tiles(cfg.rows(block_b), kds[0].group_size)
                 err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
                 us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
                               for k in kds], graph=True)
                 gbs = cm.nbytes() / us / 1e3
-                rows.append(dict(shape=list(shape), batch=B, waves=waves, v_stages=v_st,
-                                 u_stages=u_st, u_regs=u_regs,
-                                 block_j=block_j, block_o=block_o, split_v=cfg.split_v,
-                                 rows_u=cfg.rows_u, us=us, gbs=gbs, err=err))
-                print(f"sweep {shape} B={B} waves={waves} stages={v_st},{u_st} "
-                      f"block_j={block_j} block_o={block_o} u_regs={u_regs} "
-                      f"split_v={cfg.split_v} rows_u={cfg.rows_u} {us:8.1f} µs "
-                      f"{gbs:7.0f} GB/s err {err:.1e}",
+                rows.append(dict(shape=list(shape), batch=B, default=c is None,
+                                 waves=cfg.waves, v_stages=cfg.v_stages,
+                                 u_stages=cfg.u_stages, u_regs=cfg.u_regs, block_j=bj,
+                                 block_o=bo, split_v=cfg.split_v, rows_u=cfg.rows_u, us=us,
+                                 gbs=gbs, err=err))
+                print(f"sweep {shape} B={B} {'default ' if c is None else ''}"
+                      f"waves={cfg.waves} stages={cfg.v_stages},{cfg.u_stages} block_j={bj} "
+                      f"block_o={bo} u_regs={cfg.u_regs} split_v={cfg.split_v} "
+                      f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
                       flush=True)
+            mine = [r for r in rows if r["shape"] == list(shape) and r["batch"] == B]
+            best = min(mine, key=lambda r: r["us"])
+            print(f"sweep {shape} B={B}: choose_config {mine[0]['us']:.1f} µs, fastest "
+                  f"{best['us']:.1f} µs (waves={best['waves']} stages={best['v_stages']},"
+                  f"{best['u_stages']} block_j={best['block_j']} block_o={best['block_o']} "
+                  f"u_regs={best['u_regs']})", flush=True)
     return rows
+
+
+def parse_shape(p, option: str, text: str) -> tuple[int, int]:
+    """OUTxIN -> (out, in), or the parser's one-line error."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+        assert len(shape) == 2 and min(shape) > 0
+    except (ValueError, AssertionError):
+        p.error(f"{option} takes OUTxIN, e.g. 28672x8192, not {text!r}")
+    return shape
 
 
 def versions_line(device) -> str:
@@ -481,12 +510,16 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS),
                    help="comma-separated keys of MODELS (default: all)")
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--batches", help="comma-separated batch sizes (default: "
+                   f"{','.join(map(str, BATCHES))}; with --sweep: "
+                   f"{','.join(map(str, SWEEP_BATCHES))})")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--check", action="store_true",
                    help="run the equivalence matrix (issue 4 shapes, batch 1/2/7/16/64, fp16 "
                         "and bf16) instead of the timing table")
-    p.add_argument("--sweep", action="store_true", help="time launch configurations")
+    p.add_argument("--sweep", nargs="?", const=",".join(SWEEP_SHAPES), metavar="OUTxIN,...",
+                   help=f"time launch configurations at these shapes (default "
+                        f"{','.join(SWEEP_SHAPES)}) and batches")
     p.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
     p.add_argument("--tenants", metavar="N,N,...",
                    help=f"run the multi-tenant scenario instead of the table, for these tenant "
@@ -502,19 +535,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ",".join(
+        map(str, SWEEP_BATCHES if args.sweep else BATCHES))).split(",")]
     out = {"versions": versions_line(device), "argv": sys.argv[1:]}
     print(out["versions"])
-    if (args.check or args.ceiling or args.profile) and device.type != "cuda":
-        print("--check, --ceiling and --profile need CUDA")
+    if (args.check or args.ceiling or args.profile or args.sweep) and device.type != "cuda":
+        print("--check, --ceiling, --profile and --sweep need CUDA")
         return 2
     if args.profile:
-        try:
-            shape = tuple(int(v) for v in args.profile.lower().split("x"))
-            assert len(shape) == 2 and min(shape) > 0
-        except (ValueError, AssertionError):
-            p.error(f"--profile takes OUTxIN, e.g. 28672x8192, not {args.profile!r}")
-        profile_workload(shape, batches[0], dtype, device)
+        profile_workload(parse_shape(p, "--profile", args.profile), batches[0], dtype, device)
         return 0
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -540,8 +569,8 @@ def main(argv=None) -> int:
     elif args.ceiling:
         out["ceiling"] = streaming_ceiling((1, 2, 4, 8, 16, 32), device, l2, out["copy_gbs"])
     elif args.sweep:
-        out["sweep"] = sweep([(4096, 4096), (28672, 8192), (8192, 28672)], (1, 16), dtype,
-                             device, l2)
+        shapes = [parse_shape(p, "--sweep", v) for v in args.sweep.split(",")]
+        out["sweep"] = sweep(shapes, batches, dtype, device, l2)
     else:
         if device.type == "cuda":
             models = {k: MODELS[k] for k in args.models.split(",")}
