@@ -56,7 +56,8 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
   loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
   plain loads, because every thread needs all of a step's x and async copies of it cost
-  more in shared memory than they hide; the lanes of a warp convert and lift that x once
+  more in shared memory than they hide (but for a single delta above 16 MB at batch 1, where
+  2 stages measured faster: choose_config); the lanes of a warp convert and lift that x once
   between them and share it through shared memory (_v_fma). A value all threads share in
   phase U (z of a vector) is loaded as a scalar: as a tensor, each thread's copy went
   through shared memory, and that made phase U twice as slow (ncu: 80 % of its
@@ -856,19 +857,19 @@ class KernelConfig:
 
 def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int | None = None,
-                  block_o: int | None = None,
-                  v_stages: int | None = None, u_stages: int | None = None, u_regs: int = 128,
+                  block_o: int | None = None, v_stages: int | None = None,
+                  u_stages: int | None = None, u_regs: int = 128,
                   dot_u_warps: int | None = None) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
     SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
     tenant segments that read more than 64 MB between them (below); plain loads in phase V, 3
-    pipeline stages and 128 registers in phase U, but at batch 1 (below); phase-U tiles of
-    1024 outputs, or 512 where
-    1024 would leave fewer than 2 programs per SM (4096×4096: 6.4 instead of 7.0 µs), half that
-    at 2 rows; on the tl.dot path, phase-U programs of 2 warps from 16384 outputs up (batch
-    2–16: 10–12 % faster on 28672×8192; 2–6 % faster on 8192×28672 but 5–6 % slower on
-    8192×8192 and 11008×4096, 8–16 % slower on 4096×4096).
+    pipeline stages and 128 registers in phase U (a single delta at batch 1: below);
+    1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per SM
+    (4096×4096: 6.4 instead of 7.0 µs), half that at 2 rows; on the tl.dot path, phase-U
+    programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 %
+    faster on 8192×28672 but 5–6 % slower on 8192×8192 and 11008×4096, 8–16 % slower on
+    4096×4096).
 
     Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,

@@ -646,15 +646,14 @@ def test_choose_config_phase_v_tile():
 def test_choose_config_stages():
     """A single delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep
     above; batch 2 and tenant launches keep 1 and 3 stages."""
+    def stages(kd, block_b, **kw):
+        cfg = kernel.choose_config(kd, block_b, 132, **kw)
+        return cfg.v_stages, cfg.u_stages
     small, large = fake_delta(4096, 4096, 616), fake_delta(28672, 8192, 1921)   # 1.3, 18 MB
-    stages = lambda cfg: (cfg.v_stages, cfg.u_stages)
-    assert stages(kernel.choose_config(small, 1, 132)) == (1, 4)
-    assert stages(kernel.choose_config(large, 1, 132)) == (2, 3)
-    assert stages(kernel.choose_config(small, 2, 132)) == (1, 3)
-    assert stages(kernel.choose_config(large, 2, 132)) == (1, 3)
-    assert stages(kernel.choose_config(fake_delta(4096, 4096, 616, 4), 1, 132, n_seg=4)) \
-        == (1, 3)
-    assert stages(kernel.choose_config(small, 1, 132, v_stages=3, u_stages=2)) == (3, 2)
+    assert stages(small, 1) == (1, 4) and stages(large, 1) == (2, 3)
+    assert stages(small, 2) == (1, 3) and stages(large, 2) == (1, 3)
+    assert stages(fake_delta(4096, 4096, 616, tenants=4), 1, n_seg=4) == (1, 3)
+    assert stages(small, 1, v_stages=3, u_stages=2) == (3, 2)
 
 
 def test_u_items_cover_each_band_once():
