@@ -450,38 +450,36 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
             x = torch.randn(B, shape[1], device=device).to(dtype)
             ref = delta_matmul_reference(x, cm)
             block_b = block_rows(B)
-            fma = choose_config(kds[0], block_b, sm).rows(block_b) <= FMA_ROWS
+            pick = choose_config(kds[0], block_b, sm)
+            fma = pick.rows(block_b) <= FMA_ROWS
             o = 512 // min(B, FMA_ROWS)
             tilings = [(32, o), (64, o), (64, 2 * o), (128, o)] if fma else [(None, None)]
-            configs = [None] + list(itertools.product(
-                (8, 16, 32), ((1, 2), (1, 3), (1, 4), (2, 2), (2, 3)), tilings,
-                (0, 128) if fma else (128,)))
-            for c in configs:
-                if c is None:                                       # choose_config's pick
-                    cfg = choose_config(kds[0], block_b, sm)
-                else:
-                    waves, (v_st, u_st), (block_j, block_o), u_regs = c
-                    cfg = choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
-                                        block_o=block_o, v_stages=v_st, u_stages=u_st,
-                                        u_regs=u_regs)
+            configs = [pick] + [
+                choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
+                              block_o=block_o, v_stages=v_st, u_stages=u_st, u_regs=u_regs)
+                for waves, (v_st, u_st), (block_j, block_o), u_regs in itertools.product(
+                    (8, 16, 32), ((1, 2), (1, 3), (1, 4), (2, 2), (2, 3)), tilings,
+                    (0, 128) if fma else (128,))]
+            for cfg in configs:
                 bj, bo, _, _ = cfg.tiles(cfg.rows(block_b), kds[0].group_size)
                 err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
                 us = time_us([lambda k=k: delta_matmul(x, k, backend="triton", config=cfg)
                               for k in kds], graph=True)
                 gbs = cm.nbytes() / us / 1e3
-                rows.append(dict(shape=list(shape), batch=B, default=c is None,
+                rows.append(dict(shape=list(shape), batch=B, default=cfg is pick,
                                  waves=cfg.waves, v_stages=cfg.v_stages,
                                  u_stages=cfg.u_stages, u_regs=cfg.u_regs, block_j=bj,
                                  block_o=bo, split_v=cfg.split_v, rows_u=cfg.rows_u, us=us,
                                  gbs=gbs, err=err))
-                print(f"sweep {shape} B={B} {'default ' if c is None else ''}"
+                print(f"sweep {shape} B={B} {'default ' if cfg is pick else ''}"
                       f"waves={cfg.waves} stages={cfg.v_stages},{cfg.u_stages} block_j={bj} "
                       f"block_o={bo} u_regs={cfg.u_regs} split_v={cfg.split_v} "
                       f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
                       flush=True)
             mine = [r for r in rows if r["shape"] == list(shape) and r["batch"] == B]
             best = min(mine, key=lambda r: r["us"])
-            print(f"sweep {shape} B={B}: choose_config {mine[0]['us']:.1f} µs, fastest "
+            default = next(r for r in mine if r["default"])
+            print(f"sweep {shape} B={B}: choose_config {default['us']:.1f} µs, fastest "
                   f"{best['us']:.1f} µs (waves={best['waves']} stages={best['v_stages']},"
                   f"{best['u_stages']} block_j={best['block_j']} block_o={best['block_o']} "
                   f"u_regs={best['u_regs']})", flush=True)

@@ -917,9 +917,11 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
         u_stages = 4 if one_row and not large else 3
     target = max(1, waves * sm_count // n_seg)
     n_groups = -(-kd.shape[1] // kd.group_size)
+
+    def v_tiles(bj):                                          # phase-V tiles, largest tenant
+        return max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands)
     if block_j is None:
-        tiles_64 = max(sum(-(-b[1] // 64) for b in bands) for bands in kd.bands)
-        block_j = 32 if block_b <= FMA_ROWS and tiles_64 * n_groups < target / 2 else 64
+        block_j = 32 if block_b <= FMA_ROWS and v_tiles(64) * n_groups < target / 2 else 64
 
     def u_rows(bo):                                           # vectors per phase-U item
         return _pad16(-(-kd.max_rank // -(-target // -(-kd.shape[0] // bo))))
@@ -932,8 +934,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps,
                        early_next=waves > 16, fma_rows=fma_rows)
     bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
-    v_tiles = max(1, max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands))
-    cfg.split_v = max(1, min(n_groups, -(-target // v_tiles)))
+    cfg.split_v = max(1, min(n_groups, -(-target // max(1, v_tiles(bj)))))
     cfg.rows_u = u_rows(bo)
     return cfg
 
