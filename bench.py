@@ -438,8 +438,9 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
 
 def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
     """Times launch configurations per shape/batch, for tuning choose_config: programs per
-    SM (waves), pipeline stages and, on the FMA path (batch 1-2), the tile widths and phase
-    U's registers; then prints choose_config's pick beside the fastest."""
+    SM (waves), pipeline stages, on the FMA path (batch 1-2) the tile widths and phase U's
+    registers, on the tl.dot path phase U's fp16 or tf32 dot; then prints choose_config's
+    pick beside the fastest."""
     rows = []
     sm = torch.cuda.get_device_properties(device).multi_processor_count
     for shape in shapes:
@@ -456,10 +457,12 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
             tilings = [(32, o), (64, o), (64, 2 * o), (128, o)] if fma else [(None, None)]
             configs = [pick] + [
                 choose_config(kds[0], block_b, sm, waves=waves, block_j=block_j,
-                              block_o=block_o, v_stages=v_st, u_stages=u_st, u_regs=u_regs)
-                for waves, (v_st, u_st), (block_j, block_o), u_regs in itertools.product(
-                    (8, 16, 32), ((1, 2), (1, 3), (1, 4), (2, 2), (2, 3)), tilings,
-                    (0, 128) if fma else (128,))]
+                              block_o=block_o, v_stages=v_st, u_stages=u_st, u_regs=u_regs,
+                              u_fp16=u_fp16)
+                for waves, (v_st, u_st), (block_j, block_o), u_regs, u_fp16 in
+                itertools.product((8, 16, 32), ((1, 2), (1, 3), (1, 4), (2, 2), (2, 3)),
+                                  tilings, (0, 128) if fma else (128,),
+                                  (True,) if fma else (True, False))]
             for cfg in configs:
                 bj, bo, _, _ = cfg.tiles(cfg.rows(block_b), kds[0].group_size)
                 err = rel_err(delta_matmul(x, kds[0], backend="triton", config=cfg), ref)
@@ -469,20 +472,20 @@ def sweep(shapes, batches, dtype, device, l2_bytes) -> list[dict]:
                 rows.append(dict(shape=list(shape), batch=B, default=cfg is pick,
                                  waves=cfg.waves, v_stages=cfg.v_stages,
                                  u_stages=cfg.u_stages, u_regs=cfg.u_regs, block_j=bj,
-                                 block_o=bo, split_v=cfg.split_v, rows_u=cfg.rows_u, us=us,
-                                 gbs=gbs, err=err))
+                                 block_o=bo, u_fp16=cfg.u_fp16, split_v=cfg.split_v,
+                                 rows_u=cfg.rows_u, us=us, gbs=gbs, err=err))
                 print(f"sweep {shape} B={B} {'default ' if cfg is pick else ''}"
                       f"waves={cfg.waves} stages={cfg.v_stages},{cfg.u_stages} block_j={bj} "
-                      f"block_o={bo} u_regs={cfg.u_regs} split_v={cfg.split_v} "
-                      f"rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} GB/s err {err:.1e}",
-                      flush=True)
+                      f"block_o={bo} u_regs={cfg.u_regs} u_fp16={cfg.u_fp16} "
+                      f"split_v={cfg.split_v} rows_u={cfg.rows_u} {us:8.1f} µs {gbs:7.0f} "
+                      f"GB/s err {err:.1e}", flush=True)
             mine = [r for r in rows if r["shape"] == list(shape) and r["batch"] == B]
             best = min(mine, key=lambda r: r["us"])
             default = next(r for r in mine if r["default"])
             print(f"sweep {shape} B={B}: choose_config {default['us']:.1f} µs, fastest "
                   f"{best['us']:.1f} µs (waves={best['waves']} stages={best['v_stages']},"
                   f"{best['u_stages']} block_j={best['block_j']} block_o={best['block_o']} "
-                  f"u_regs={best['u_regs']})", flush=True)
+                  f"u_regs={best['u_regs']} u_fp16={best['u_fp16']})", flush=True)
     return rows
 
 

@@ -80,9 +80,10 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   so does batch 2 from 4096 outputs up: the rows share each code's LOP3, so a code costs
   one more FFMA, not another pass over the bytes (70B shapes: 2.2× / 1.8× faster than the
   tl.dot path). Batches 3–32 (2 below 4096 outputs) pad to 16/32 rows and use tl.dot on
-  exact operands: phase V in fp16 for fp16 x (codes ≤ 255 are exact in fp16), in tf32 for
-  bf16 x; phase U in tf32, with z·scale rounded to tf32 like the reference rounds z to the
-  compute dtype.
+  exact codes: phase V in fp16 for fp16 x (codes ≤ 255 are exact in fp16), in tf32 for
+  bf16 x; phase U in fp16 from 8192 outputs up, with z·scale lifted per row by a power of
+  two into fp16's range (any magnitude, 10 bits kept), else in tf32 (10 bits too), like
+  the reference rounds z to the compute dtype.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
@@ -564,12 +565,30 @@ def _u_fma(z_ptr, stride_z, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gou
 
 
 @triton.jit
+def _row_lift(zs):
+    """(rows, 16) fp32 -> (lift, unlift): per row the powers of two 2^(141 - e) and
+    2^(e - 141), e the biased exponent of the row's largest |value|, which lift it into
+    [2^14, 2^15). As fp16 the lifted values are then rounded like tf32 (10 bits) at any
+    magnitude, and cannot overflow (fp16 ends at 65504). e is kept in 15..254 so that both
+    are normal floats; a zero row then stays zero, and inf or NaN stays itself."""
+    e = (tl.max(tl.abs(zs), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.minimum(tl.maximum(e, 15), 254)
+    return (((268 - e) << 23).to(tl.float32, bitcast=True),
+            ((e - 14) << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base,
            n_gout, tile, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
-           BLOCK_O: tl.constexpr, STAGES: tl.constexpr):
+           BLOCK_O: tl.constexpr, STAGES: tl.constexpr, FP16: tl.constexpr):
     """Batch 2–32, padded to 16/32 rows: (BLOCK_B, BLOCK_O) = z · Û over vectors lo..hi for
-    one output tile inside one group (BLOCK_O divides the group size): a tf32 dot of
-    z·scale with the exact codes, 16 vectors at a time, plus Σ z·zero."""
+    one output tile inside one group (BLOCK_O divides the group size): a dot of z·scale
+    with the exact codes, 16 vectors at a time, plus Σ z·zero. FP16: an fp16 dot of
+    z·scale lifted per row and step by _row_lift (undone on its fp32 result), else a tf32
+    dot of z·scale. Both round z·scale to 10 bits; fp16 codes are half the bytes of fp32
+    ones on their way through shared memory to the tensor cores (H100, batch 16, µs,
+    tf32 -> fp16: 28672×8192 79.3 -> 70.9, 14336×4096 29.7 -> 27.5, 8192×8192 31.0 ->
+    30.2, but 4096×4096 16.4 -> 17.0 and 4096×11008 25.8 -> 27.0: see choose_config)."""
     PW: tl.constexpr = 32 // C
     BW: tl.constexpr = BLOCK_O // PW
     w = tile * BW + tl.arange(0, BW)
@@ -584,12 +603,18 @@ def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_bas
         rmask = rows < hi
         words = tl.load(words_ptr + w_base + rows[:, None] * ld + w[None, :],
                         mask=rmask[:, None] & wmask[None, :], other=0)       # (16, BW)
-        q = tl.reshape(_int_codes(words, C), (16, BLOCK_O))                  # o = w·PW + k
         smask = rmask & (rows * 0 + grp < n_gout)
         s, m = _scale_zero(tl.load(sz_ptr + s_base + rows * n_gout + grp, mask=smask, other=0))
         zt = tl.load(z_ptr + b[:, None] * stride_z + rows[None, :],
                      mask=(b[:, None] < n_rows) & rmask[None, :], other=0.0)  # (BLOCK_B, 16)
-        acc = tl.dot(zt * s[None, :], q, acc, input_precision="tf32")
+        zs = zt * s[None, :]
+        if FP16:
+            lift, unlift = _row_lift(zs)
+            q = tl.reshape(_int_codes(words, C, tl.float16), (16, BLOCK_O))  # o = w·PW + k
+            acc += tl.dot((zs * lift[:, None]).to(tl.float16), q) * unlift[:, None]
+        else:
+            q = tl.reshape(_int_codes(words, C), (16, BLOCK_O))
+            acc = tl.dot(zs, q, acc, input_precision="tf32")
         zero_sum += tl.sum(zt * m[None, :], 1)
     return acc + zero_sum[:, None]
 
@@ -771,7 +796,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr,
-              EARLY_NEXT: tl.constexpr):
+              EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
     _v_kernel."""
@@ -803,7 +828,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                     if c == (1 << i):
                         acc = _u_dot(z_row, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld,
                                      lo, hi, s_base, n_gout, tile, 1 << i, GROUP, BLOCK_B,
-                                     BLOCK_O, STAGES)
+                                     BLOCK_O, STAGES, U_FP16)
             if not EARLY_NEXT:
                 _launch_next(PDL)
             o = (tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
@@ -838,6 +863,7 @@ class KernelConfig:
     u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's ~160);
                            #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
     dot_u_warps: int = DOT_WARPS   # tl.dot path phase U: warps per program
+    u_fp16: bool = True            # tl.dot path phase U: an fp16 dot, else tf32 (_u_dot)
     early_next: bool = False       # where a program lets the next kernel start (_launch_next):
                                    #   at its start, or after its main loop (see choose_config)
     fma_rows: int = FMA_ROWS       # segments of up to this many rows take the FMA path
@@ -859,7 +885,8 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   waves: int | None = None, block_j: int | None = None,
                   block_o: int | None = None, v_stages: int | None = None,
                   u_stages: int | None = None, u_regs: int = 128,
-                  dot_u_warps: int | None = None) -> KernelConfig:
+                  dot_u_warps: int | None = None, u_fp16: bool | None = None
+                  ) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
     Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
     SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
@@ -869,7 +896,11 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     (4096×4096: 6.4 instead of 7.0 µs), half that at 2 rows; on the tl.dot path, phase-U
     programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 %
     faster on 8192×28672 but 5–6 % slower on 8192×8192 and 11008×4096, 8–16 % slower on
-    4096×4096).
+    4096×4096), and an fp16 dot in phase U from 8192 outputs up, tf32 below (H100, batch
+    16, tf32 / fp16, µs, mean of three workspace offsets: 28672×8192 79.3 / 70.9,
+    8192×28672 62.8 / 60.8, 14336×4096 29.7 / 27.5, 11008×4096 25.1 / 24.5, 8192×8192
+    31.0 / 30.2; 4096×4096 16.4 / 17.0, 4096×11008 25.8 / 27.0, 1024×4096 8.7 / 8.7;
+    batch 4 alike).
 
     Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
     (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
@@ -931,8 +962,10 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
         #   (at 2 rows: 16 outputs a thread, 128 registers without spills)
     if dot_u_warps is None:
         dot_u_warps = 2 if kd.shape[0] >= 16384 else DOT_WARPS
+    if u_fp16 is None:
+        u_fp16 = kd.shape[0] >= 8192
     cfg = KernelConfig(1, 16, block_j, block_o, v_stages, u_stages, waves, u_regs, dot_u_warps,
-                       early_next=waves > 16, fma_rows=fma_rows)
+                       u_fp16, early_next=waves > 16, fma_rows=fma_rows)
     bj, bo, _, _ = cfg.tiles(block_b, kd.group_size)
     cfg.split_v = max(1, min(n_groups, -(-target // max(1, v_tiles(bj)))))
     cfg.rows_u = u_rows(bo)
@@ -1037,7 +1070,7 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
                 STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
-                num_warps=u_warps,
+                U_FP16=cfg.u_fp16, num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b <= FMA_ROWS else None,
                 **launch_opts)
         except BaseException:
