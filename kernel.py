@@ -119,8 +119,8 @@ from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequant
 
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
-MAX_BATCH = 32         # rows per launch; larger batches are cut into chunks of 32 (Triton
-                       # 3.6 fails to compile the 64-row tl.dot path)
+MAX_BATCH = 32         # rows per launch at most; larger batches are cut into chunks (Triton
+                       # 3.6 fails to compile the 64-row tl.dot path; see rows_per_launch)
 LIFT_LOG2 = 64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
 _LIFT = tl.constexpr(2.0**LIFT_LOG2)
 _FMA_ROWS = tl.constexpr(FMA_ROWS)
@@ -1110,6 +1110,15 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
     return backend
 
 
+def rows_per_launch(shape: tuple[int, int]) -> int:
+    """The chunks delta_matmul cuts a batch into: MAX_BATCH rows, or 16 from 14336 outputs
+    up, where phase U's 32-row tiles cost more than two launches of 16 rows (H100, fp16, µs,
+    batch 32 in one launch / in two: 28672×8192 180.0 / 142.2, 14336×4096 59.9 / 54.8,
+    11008×4096 50.0 / 49.1; the other way 8192×28672 107.6 / 122.1, 8192×8192 59.3 / 61.8,
+    4096×4096 30.3 / 36.0). Tenant plans keep MAX_BATCH: one plan serves every layer."""
+    return 16 if shape[0] >= 14336 else MAX_BATCH
+
+
 def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
                  base: torch.Tensor | None = None, backend: str = "auto",
                  config: KernelConfig | None = None) -> torch.Tensor:
@@ -1138,14 +1147,15 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
         return x.new_zeros(*lead, out_f)
     b2 = None if base is None else base.reshape(-1, out_f).contiguous()
     chunks = []
-    for i in range(0, x2.shape[0], MAX_BATCH):
-        xc = x2[i:i + MAX_BATCH]
+    step = rows_per_launch(kd.shape)
+    for i in range(0, x2.shape[0], step):
+        xc = x2[i:i + step]
         key = ("plan", xc.shape[0])                  # one tenant: the plan depends on B only
         if key not in kd._tables:
             kd._tables[key] = plan_tenants(torch.zeros(xc.shape[0], dtype=torch.int64), 1,
                                            x.device)
         chunks.append(launch(xc, kd, kd._tables[key],
-                             None if b2 is None else b2[i:i + MAX_BATCH], config))
+                             None if b2 is None else b2[i:i + step], config))
     y = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
     return y.reshape(*lead, out_f)
 

@@ -790,6 +790,22 @@ def test_triton_batch_over_max_batch():
     assert y.shape == want.shape and rel(y, want) < 2 * UNIT[torch.float16]
 
 
+def test_batch_chunks_by_shape(monkeypatch):
+    """delta_matmul launches batches in chunks of 32 rows, of 16 from 14336 outputs up, and
+    puts the chunks' results back in order."""
+    def fake_launch(xc, kd, plan, base, config):
+        launched.append(xc.shape[0])
+        return xc[:, :1].expand(-1, kd.shape[0]).clone()         # each row's first input
+    monkeypatch.setattr(kernel, "launch", fake_launch)
+    for out_f, want in ((14336, [16, 16, 16, 2]), (11008, [32, 18])):
+        launched = []
+        kd = SimpleNamespace(shape=(out_f, 8), n_tenants=1, S=torch.zeros(1), _tables={})
+        monkeypatch.setattr(kernel, "KernelDelta", SimpleNamespace)
+        x = torch.arange(50 * 8, dtype=torch.float16).reshape(50, 8)
+        y = kernel.delta_matmul(x, kd, backend="triton")
+        assert launched == want and torch.equal(y[:, 0], x[:, 0]), out_f
+
+
 def test_wrapper_errors():
     cm = random_matrix(10, 20, {2: 3}, seed=7)
     with pytest.raises(ValueError, match="expects"):
