@@ -89,15 +89,16 @@ The fp32 workspace and the counters are shared by every prepared delta on a devi
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-81–140× faster than the reference and 43 % / 46 % of copy bandwidth on the two 70B shapes
-(22.5 / 21.4 µs, 0.140 / 0.130 of the dense GEMV); batch 2 costs 1.5× batch 1 (FMA path),
-batch 16 3.5× / 2.9× (tl.dot path). Both batch-1 phases are latency-bound with few warps
+71–126× faster than the reference and 44 % / 45 % of copy bandwidth on the two 70B shapes
+(22.2 / 21.9 µs, 0.138 / 0.133 of the dense GEMV); batch 2 costs 1.5× batch 1 (FMA path),
+batch 16 3.2× / 2.8× (tl.dot path). Both batch-1 phases are latency-bound with few warps
 per SM (ncu: phase U issues on 40 % of cycles, phase V's warps wait on memory in 40 % of
 samples), and items taken from a shared counter to balance them were slower (each item
 pays its round trips again); the tl.dot path spends most of its time moving codes into the
-dot layout through shared memory. The next steps are fp16 pairs into tensor-core dots held
-in registers (Marlin-style, beyond what Triton lets one control), fewer instructions per
-vector in phase U's loop, and fewer round trips in phase U.
+dot layout through shared memory (batch 16: one shared-memory load per code in phase U).
+The next steps are fp16 pairs into tensor-core dots held in registers (Marlin-style, beyond
+what Triton lets one control), fewer instructions per vector in phase U's loop, and fewer
+round trips in phase U.
 """
 
 from __future__ import annotations
