@@ -594,7 +594,7 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     """Batch 1 and 2 take codes as fp32 denormals times x or z·scale lifted by powers of two
     (_code_denormals), batch 3 an fp16 dot of z·scale lifted per row (_row_lift): still
     within rounding of the exact product for inputs far from 1, inside the documented range
-    (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64; none for batch 3), each row of a batch
+    of batch 1–2 (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64), each row of a batch
     against its own exact product."""
     cm = random_matrix(130, 200, {8: 3, 4: 5, 2: 20, 1: 8}, seed=21)
     for band in cm.bands:
@@ -793,15 +793,17 @@ def test_triton_batch_over_max_batch():
 def test_batch_chunks_by_shape(monkeypatch):
     """delta_matmul launches batches in chunks of 32 rows, of 16 from 14336 outputs up, and
     puts the chunks' results back in order."""
+    launched = []
+
     def fake_launch(xc, kd, plan, base, config):
         launched.append(xc.shape[0])
         return xc[:, :1].expand(-1, kd.shape[0]).clone()         # each row's first input
     monkeypatch.setattr(kernel, "launch", fake_launch)
+    monkeypatch.setattr(kernel, "KernelDelta", SimpleNamespace)  # a stand-in delta passes
+    x = torch.arange(50 * 8, dtype=torch.float16).reshape(50, 8)
     for out_f, want in ((14336, [16, 16, 16, 2]), (11008, [32, 18])):
-        launched = []
+        launched.clear()
         kd = SimpleNamespace(shape=(out_f, 8), n_tenants=1, S=torch.zeros(1), _tables={})
-        monkeypatch.setattr(kernel, "KernelDelta", SimpleNamespace)
-        x = torch.arange(50 * 8, dtype=torch.float16).reshape(50, 8)
         y = kernel.delta_matmul(x, kd, backend="triton")
         assert launched == want and torch.equal(y[:, 0], x[:, 0]), out_f
 
