@@ -1071,7 +1071,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
                 STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
-                U_FP16=cfg.u_fp16, num_warps=u_warps,
+                # (only the tl.dot path reads U_FP16: one FMA-path compile for both values)
+                U_FP16=cfg.u_fp16 and block_b > FMA_ROWS, num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b <= FMA_ROWS else None,
                 **launch_opts)
         except BaseException:

@@ -602,10 +602,11 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     kd = kernel.prepare_delta(cm, "cpu")
     x = (torch.randn(3, 200, generator=torch.Generator().manual_seed(21)) * x_scale).to(dtype)
     x[1] *= 2                                   # batch 2 on the FMA path: rows of their own
+    config = small_config(2, 2)
     for rows in (x[:1], x[:2], x):
-        y = kernel.delta_matmul(rows, kd, backend="triton", config=small_config(2, 2))
+        y = kernel.delta_matmul(rows, kd, backend="triton", config=config)
         exact = rows.double() @ decompress_matrix(cm).double().mT
-        bound = dot_units(rows.shape[0], small_config(2, 2)) * UNIT[dtype]
+        bound = dot_units(rows.shape[0], config) * UNIT[dtype]
         for i in range(rows.shape[0]):
             assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < bound, i
 
