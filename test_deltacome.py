@@ -1574,6 +1574,62 @@ def test_truncated_or_extended_file_is_refused(small, tmp_path):
             read_delta_file(bad)
 
 
+def test_delta_must_fit_base_and_model(small, tmp_path):
+    """What a file cannot know about itself: a carried tensor of another shape or dtype than
+    BASE's, a matrix whose shape fits its own tensors (159 inputs pack like 160) but not
+    BASE. In a file without checksums it reads; apply, verify and patch_model refuse it."""
+    for corrupt, message in (
+            (tensor_edit(lambda t: t.__setitem__("carry.model.norm.weight",
+                                                 torch.ones(39).half())), "model.norm.weight"),
+            (tensor_edit(lambda t: t.__setitem__("carry.model.norm.weight",
+                                                 torch.ones(40, dtype=torch.int32))),
+             "model.norm.weight"),
+            (set_entry("shape", [40, 159]), UP.removesuffix(".weight"))):
+        bad = rewrite_delta(small.file.delta, tmp_path / "bad.safetensors", corrupt)
+        read_delta_file(bad)                              # the file alone cannot know
+        for args in (("apply", small.file.base, bad, tmp_path / "m.safetensors"),
+                     ("verify", small.file.base, bad, small.file.merged)):
+            code, err = run_cli(*args)
+            assert code == 2 and message in err and err.count("\n") == 1, err
+        model = linear_model(small.file.base)
+        state = model_state(model)
+        with pytest.raises(DeltaComeError, match=message):
+            kernel.patch_model(model, bad)
+        assert_same_state(model, state)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("tenants", [False, True])
+def test_patch_model_is_all_or_nothing(small, tenants):
+    """A valid file that does not fit the model only at its last matrix (the model's layer has
+    another shape): before, the carried tensors were copied and earlier layers swapped by
+    then, and a retry failed with 'already patched'. Now the model is left as it was, and a
+    retry once the model fits patches it: the layer computes x (W_base + Δ̂)ᵀ."""
+    delta = read_delta_file(small.file.delta)
+    last = list(delta.matrices)[-1]
+    path = last.removesuffix(".weight")
+    model = linear_model(small.file.base)
+    good = model.get_submodule(path)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, torch.nn.Linear(3, 5, bias=False))
+    state = model_state(model)
+    patch = (lambda m: kernel.patch_model_tenants(m, [small.file.delta] * 2, "reference")) \
+        if tenants else (lambda m: kernel.patch_model(m, small.file.delta, "reference"))
+    with pytest.raises(DeltaComeError, match=path):
+        patch(model)
+    assert_same_state(model, state)
+    setattr(model.get_submodule(parent), child, good)
+    assert sorted(patch(model)) == sorted(delta.matrices)
+    x = torch.randn(3, good.in_features, generator=torch.Generator().manual_seed(0))
+    w = good.weight.float() + decompress_matrix(delta.matrices[last])
+    layer = model.get_submodule(path)
+    with torch.no_grad():
+        y = layer(x, torch.tensor([0, 1, 0])) if tenants else layer(x)
+    assert rel(y, x @ w.mT) < 1e-5
+    norm = load_file(str(small.file.ft))["model.norm.weight"].float()
+    assert torch.equal(model.get_submodule("model.norm").weight, norm)
+
+
 def test_compress_output_onto_an_input_is_refused(small, tmp_path):
     """OUT that is BASE, FT, one of FT's shards, FT's directory or lies inside it, a link to
     BASE (symbolic or hard), or a shard that an index names outside FT's directory: refused
