@@ -947,11 +947,11 @@ def pick_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device) if isinstance(device, str) else None
     if m is None:
-        raise DeltaComeError(f"--device {short(device)}: expected auto, cpu, cuda or cuda:N")
+        raise DeltaComeError(f"device {short(device)}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeltaComeError(f"--device {device}: CUDA is not available on this machine")
+        raise DeltaComeError(f"device {device}: CUDA is not available on this machine")
     if m.group(1) and int(m.group(1)) >= torch.cuda.device_count():
-        raise DeltaComeError(f"--device {device}: this machine has "
+        raise DeltaComeError(f"device {device}: this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
