@@ -43,6 +43,7 @@ import struct
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,12 @@ from safetensors import safe_open
 
 FORMAT_NAME = "deltacome"
 FORMAT_VERSION = 1
+MAX_GROUP_SIZE = 4096      # a group of more elements than this is longer than any vector we see
+
+# The dtypes a matrix may have to be compressed: Δ is taken in fp32 and W_base + Δ̂ rounded
+# back to them. Integer, bool and float8 tensors are carried exactly instead.
+FLOAT_DTYPES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 
 class DeltaComeError(Exception):
@@ -87,8 +94,12 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise DeltaComeError(f"{index}: not a valid safetensors index ({e})") from None
+            if not (isinstance(weight_map, dict)
+                    and all(isinstance(v, str) for v in weight_map.values())):
+                raise DeltaComeError(f"{index}: not a valid safetensors index ('weight_map' is "
+                                     f"not an object of file names)")
             return {name: path / shard for name, shard in weight_map.items()}
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
@@ -141,8 +152,16 @@ class CheckpointReader:
 
 
 def check_finite(name: str, t: torch.Tensor, where: str):
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    """Refuse NaN or Inf in a floating-point tensor (float8 through fp32: it has no isfinite)."""
+    if t.is_floating_point() and not torch.isfinite(
+            t if t.dtype in FLOAT_DTYPES else t.float()).all():
         raise DeltaComeError(f"{where}: tensor {name} contains NaN or Inf")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same dtype, shape and bytes (torch.equal lacks float8, and NaN ≠ NaN)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(tensor_bytes(a), tensor_bytes(b)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,29 +633,59 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
 # Everything is vector-major and contiguous, so a kernel reads a band in coalesced rows.
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-          torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-          torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+          torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+          torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+
+
+def dtype_name(dtype: torch.dtype, name: str) -> str:
+    """The safetensors name of a dtype; `name` is the tensor's, for the error."""
+    if dtype not in DTYPES:
+        raise DeltaComeError(f"tensor {name}: dtype {dtype} has no safetensors name here")
+    return DTYPES[dtype]
+
+
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes, (numel · element size,) uint8, on the CPU (a view where it can)."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensor_checksum(name: str, t: torch.Tensor) -> str:
+    """CRC-32 of a tensor's dtype name, shape and bytes, as 8 hex digits. CRC-32 detects
+    every error confined to 32 consecutive bits: one flipped bit or changed byte anywhere in
+    them always gives a different checksum."""
+    crc = zlib.crc32(f"{dtype_name(t.dtype, name)}{list(t.shape)}".encode())
+    return f"{zlib.crc32(tensor_bytes(t).numpy(), crc):08x}"
+
+
+def text_checksum(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 class SafetensorsWriter:
     """Writes a .safetensors file tensor by tensor without holding them all in memory.
 
     Data goes to a scratch file as it comes; `finish` writes the header, streams the data
-    after it, and renames into place, so OUT is never seen half-written.
+    after it, and renames into place, so OUT is never seen half-written. With
+    checksums=True, `checksums` maps every tensor name to its tensor_checksum.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, checksums: bool = False):
         self.path = Path(path)
         self.header, self.offset = {}, 0
+        self.checksums = {} if checksums else None
         self._data = tempfile.TemporaryFile(dir=self.path.parent)
 
     def add(self, name: str, tensor: torch.Tensor):
         assert name not in self.header, f"duplicate tensor {name}"
-        t = tensor.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self.header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+        tensor = tensor.detach().to("cpu")
+        raw = tensor_bytes(tensor).numpy()
+        self.header[name] = {"dtype": dtype_name(tensor.dtype, name), "shape": list(tensor.shape),
                              "data_offsets": [self.offset, self.offset + len(raw)]}
-        self._data.write(raw)
+        if self.checksums is not None:
+            self.checksums[name] = tensor_checksum(name, tensor)
+        self._data.write(raw.data)
         self.offset += len(raw)
 
     def finish(self, metadata: dict[str, str]):
@@ -678,36 +727,213 @@ class DeltaFile:
     meta: dict
 
 
-def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
-    """Load a delta file written by `compress`; the inverse of the format above."""
-    with open_safetensors(Path(path)) as f:
-        raw = (f.metadata() or {}).get(FORMAT_NAME)
-        if raw is None:
-            raise DeltaComeError(f"{path}: not a deltacome file (no '{FORMAT_NAME}' metadata)")
+# ----------------------------------------------------------------------------------------------
+# Reading a delta file back. Nothing in a file is taken on trust: before any of it is used,
+# `read_delta_file` checks
+#   1. the metadata: JSON with the keys and types `compress` writes (check_meta);
+#   2. the tensors: exactly those the metadata implies, each with the shape and dtype that
+#      its out, in, rank, bits and group size give (expected_tensors: a function per kind);
+#   3. that S, scales, zeros and carried tensors are finite;
+#   4. the checksums, where the file has them (every file written since they were added):
+#      CRC-32 of the metadata text and of each tensor (tensor_checksum). Only they see a
+#      flipped bit inside packed codes, where any bit pattern is a valid code. Files written
+#      before them get checks 1-3.
+# What a file cannot know, the shapes and dtypes BASE gives its tensors, is checked where
+# BASE (check_against_base) or the model (kernel.patch_model) is at hand.
+
+META_CHECKSUM = f"{FORMAT_NAME}.crc32"      # metadata key: text_checksum of the JSON entry
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def short(x) -> str:
+    """repr(x) cut to 40 characters, for an error message about a value read from a file."""
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def check_meta(meta, where) -> dict:
+    """The parsed 'deltacome' metadata entry -> itself, if it has the keys and types `compress`
+    writes; else a DeltaComeError naming the first thing wrong."""
+    def need(ok: bool, what: str):
+        if not ok:
+            raise DeltaComeError(f"{where}: corrupt metadata: {what}")
+
+    need(isinstance(meta, dict), f"not a JSON object but {short(meta)}")
+    need(meta.get("format") == FORMAT_NAME, f"'format' is {short(meta.get('format'))}, "
+                                            f"not {FORMAT_NAME!r}")
+    need(is_int(meta.get("version")), f"'version' is {short(meta.get('version'))}, "
+                                      f"not an integer")
+    if meta["version"] != FORMAT_VERSION:
+        raise DeltaComeError(f"{where}: format version {meta['version']} is not supported "
+                             f"(this reader knows {FORMAT_VERSION})")
+    g = meta.get("group_size")
+    need(is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0,
+         f"'group_size' is {short(g)}, not a multiple of 32 in 32..{MAX_GROUP_SIZE}")
+    need(isinstance(meta.get("config", {}), dict), "'config' is not a JSON object")
+    matrices, carried = meta.get("matrices"), meta.get("carried")
+    need(isinstance(matrices, dict), "'matrices' is not a JSON object")
+    for name, m in matrices.items():
+        check_matrix_meta(m, lambda ok, what: need(ok, f"matrix {name}: {what}"))
+    need(isinstance(carried, list) and all(isinstance(n, str) for n in carried)
+         and len(set(carried)) == len(carried), "'carried' is not a list of distinct names")
+    need(not set(carried) & set(matrices), "a tensor is listed as compressed and as carried")
+    sums = meta.get("checksums", {})
+    need(isinstance(sums, dict) and all(isinstance(v, str) and re.fullmatch("[0-9a-f]{8}", v)
+                                        for v in sums.values()),
+         "'checksums' is not a JSON object of 8-hex-digit strings")
+    return meta
+
+
+def check_matrix_meta(m, need):
+    """One entry of 'matrices': shape [out, in], a float dtype, bands [[bits, rank], ...]."""
+    need(isinstance(m, dict), "not a JSON object")
+    shape, bands, error = m.get("shape"), m.get("bands"), m.get("error", 0.0)
+    need(isinstance(shape, list) and len(shape) == 2 and all(is_int(n) and n >= 0 for n in shape),
+         f"'shape' is {short(shape)}, not [out, in]")
+    need(m.get("dtype") in FLOAT_DTYPES.values(),
+         f"'dtype' is {short(m.get('dtype'))}, not one of {', '.join(FLOAT_DTYPES.values())}")
+    need(isinstance(bands, list) and all(
+        isinstance(b, list) and len(b) == 2 and is_int(b[0]) and 1 <= b[0] <= 8
+        and is_int(b[1]) and b[1] >= 0 for b in bands),
+         "'bands' is not a list of [bits 1..8, rank ≥ 0]")
+    need(sum(rank for _, rank in bands) <= min(shape),
+         f"its ranks add up to more than min(out, in) = {min(shape)}")
+    need(isinstance(error, (int, float)) and not isinstance(error, bool), "'error' is not a number")
+
+
+def matrix_tensors(name: str, m: dict, group_size: int) -> dict:
+    """The tensors of one compressed matrix in the file: tensor name -> (shape, dtype)."""
+    out_f, in_f = m["shape"]
+    specs = {}
+    for k, (bits, rank) in enumerate(m["bands"]):
+        p = f"{name}.band{k}"
+        specs[f"{p}.S"] = ((rank,), torch.float32)
+        for side, n in (("U", out_f), ("V", in_f)):
+            words = -(-n // (32 // container_bits(bits)))
+            specs[f"{p}.{side}.codes"] = ((rank, words), torch.int32)
+            specs[f"{p}.{side}.scale"] = ((rank, -(-n // group_size)), torch.float16)
+            specs[f"{p}.{side}.zero"] = ((rank, -(-n // group_size)), torch.float16)
+    return specs
+
+
+def expected_tensors(meta: dict) -> dict:
+    """Every tensor a file's metadata implies: name -> (shape, dtype), or None where the file
+    does not fix them (a carried tensor is whatever FT held there)."""
+    specs = {}
+    for name, m in meta["matrices"].items():
+        specs.update(matrix_tensors(name, m, meta["group_size"]))
+    specs.update({f"carry.{name}": None for name in meta["carried"]})
+    return specs
+
+
+def read_delta_meta(metadata: dict, path) -> dict:
+    """A file's safetensors metadata -> its checked 'deltacome' entry (checks 1 and 4 above)."""
+    raw = metadata.get(FORMAT_NAME)
+    if raw is None:
+        raise DeltaComeError(f"{path}: not a deltacome file (no '{FORMAT_NAME}' metadata)")
+    crc = metadata.get(META_CHECKSUM)
+    if crc is not None and crc != text_checksum(raw):
+        raise DeltaComeError(f"{path}: the metadata fails its checksum (the file is corrupt)")
+    try:
         meta = json.loads(raw)
-        if meta.get("version") != FORMAT_VERSION:
-            raise DeltaComeError(f"{path}: format version {meta.get('version')} is not "
-                                 f"supported (this reader knows {FORMAT_VERSION})")
-        g = meta["group_size"]
+    except (ValueError, RecursionError):
+        raise DeltaComeError(f"{path}: corrupt metadata: not JSON") from None
+    check_meta(meta, path)
+    if "checksums" in meta and crc is None:
+        raise DeltaComeError(f"{path}: corrupt metadata: tensor checksums but no "
+                             f"'{META_CHECKSUM}'")
+    return meta
 
-        def get(key):
-            return f.get_tensor(key).to(device)
 
-        matrices = {}
-        for name, m in meta["matrices"].items():
-            out_f, in_f = m["shape"]
-            bands = []
-            for k, (bits, rank) in enumerate(m["bands"]):
-                p = f"{name}.band{k}"
-                U = QuantizedVectors(get(f"{p}.U.codes"), get(f"{p}.U.scale"),
-                                     get(f"{p}.U.zero"), bits, out_f, g)
-                V = QuantizedVectors(get(f"{p}.V.codes"), get(f"{p}.V.scale"),
-                                     get(f"{p}.V.zero"), bits, in_f, g)
-                bands.append(Band(bits, get(f"{p}.S"), U, V))
-                assert bands[-1].rank == rank, f"{path}: {p} has rank {bands[-1].rank}, not {rank}"
-            matrices[name] = CompressedMatrix((out_f, in_f), m["dtype"], bands)
-        carried = {name: get(f"carry.{name}") for name in meta["carried"]}
+def check_tensor(name: str, t: torch.Tensor, spec, checksum: str | None, path):
+    """One tensor read from a delta file: its shape and dtype against `spec` (if not None),
+    finite if floating point, and its checksum (if the file has one)."""
+    if spec is not None and (tuple(t.shape), t.dtype) != spec:
+        raise DeltaComeError(f"{path}: tensor {name} is {dtype_name(t.dtype, name)} "
+                             f"{tuple(t.shape)}, the metadata implies "
+                             f"{dtype_name(spec[1], name)} {spec[0]}")
+    check_finite(name, t, str(path))
+    if checksum is not None and tensor_checksum(name, t) != checksum:
+        raise DeltaComeError(f"{path}: tensor {name} fails its checksum (the file is corrupt)")
+
+
+def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
+    """Load a delta file written by `compress`, the inverse of the format above; a file that
+    fails any check above is refused with a DeltaComeError before any of it is returned."""
+    path = Path(path)
+    with open_safetensors(path) as f:
+        meta = read_delta_meta(f.metadata() or {}, path)
+        specs, names = expected_tensors(meta), set(f.keys())
+        if names != set(specs):
+            odd = sorted(names ^ set(specs))[0]
+            raise DeltaComeError(f"{path}: tensor {odd} " + ("is in the file but not in its "
+                                 "metadata" if odd in names else "is missing from the file"))
+        sums = meta.get("checksums")
+        if sums is not None and set(sums) != names:
+            raise DeltaComeError(f"{path}: corrupt metadata: the checksums do not name the "
+                                 f"file's tensors")
+        tensors = {}
+        for name in sorted(names):
+            try:
+                tensors[name] = f.get_tensor(name)
+            except Exception as e:     # safetensors' own error types
+                raise DeltaComeError(f"{path}: cannot read tensor {name} ({e})") from None
+            check_tensor(name, tensors[name], specs[name], (sums or {}).get(name), path)
+    g = meta["group_size"]
+
+    def qv(p: str, bits: int, n: int) -> QuantizedVectors:
+        return QuantizedVectors(*(tensors[f"{p}.{part}"].to(device)
+                                  for part in ("codes", "scale", "zero")), bits, n, g)
+    matrices = {}
+    for name, m in meta["matrices"].items():
+        out_f, in_f = m["shape"]
+        bands = []
+        for k, (bits, _) in enumerate(m["bands"]):
+            p = f"{name}.band{k}"
+            bands.append(Band(bits, tensors[f"{p}.S"].to(device), qv(f"{p}.U", bits, out_f),
+                              qv(f"{p}.V", bits, in_f)))
+        matrices[name] = CompressedMatrix((out_f, in_f), m["dtype"], bands)
+    carried = {name: tensors[f"carry.{name}"].to(device) for name in meta["carried"]}
     return DeltaFile(matrices, carried, meta)
+
+
+def checkpoint_layout(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name) of every tensor of a checkpoint, from its files'
+    headers alone (checkpoint_files gives `files`)."""
+    layout = {}
+    for file in sorted(set(files.values())):
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                layout[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return layout
+
+
+def check_against_base(delta: DeltaFile, layout: dict, delta_path, base):
+    """Refuse a delta that does not fit BASE (layout: checkpoint_layout of BASE): a tensor BASE
+    lacks, a matrix of another shape or not floating point in BASE, a carried tensor of
+    another shape or dtype."""
+    floats = {DTYPES[d] for d in FLOAT_DTYPES}
+    for name in [*delta.matrices, *delta.carried]:
+        if name not in layout:
+            raise DeltaComeError(f"{delta_path}: tensor {name} is not in BASE {base} "
+                                 f"(a delta made against another base?)")
+    for name, cm in delta.matrices.items():
+        shape, dtype = layout[name]
+        if shape != cm.shape:
+            raise DeltaComeError(f"tensor {name}: shape {shape} in BASE but {cm.shape} in the "
+                                 f"delta file")
+        if dtype not in floats:
+            raise DeltaComeError(f"tensor {name}: {dtype} in BASE, not a floating-point matrix "
+                                 f"a delta can be added to")
+    for name, t in delta.carried.items():
+        if (tuple(t.shape), dtype_name(t.dtype, name)) != layout[name]:
+            raise DeltaComeError(f"carried tensor {name}: {dtype_name(t.dtype, name)} "
+                                 f"{tuple(t.shape)} in {delta_path}, {layout[name][1]} "
+                                 f"{layout[name][0]} in BASE")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,15 +941,23 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
 
 
 def pick_device(device: str) -> torch.device:
+    """'auto' (cuda where there is one, else cpu), 'cpu', 'cuda' or 'cuda:N' -> torch.device.
+    Anything else (a typo, '', 'meta', 'mps'), or a CUDA device this machine lacks, is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    if m is None:
+        raise DeltaComeError(f"device {short(device)}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeltaComeError(f"--device {device}: CUDA is not available on this machine")
+        raise DeltaComeError(f"device {device}: CUDA is not available on this machine")
+    if m.group(1) and int(m.group(1)) >= torch.cuda.device_count():
+        raise DeltaComeError(f"device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
 
 
 def check_writable(out: Path, directory_ok: bool = False):
-    parent = out.resolve().parent
+    parent = Path(os.path.abspath(out)).parent          # of OUT itself, not of a link's target
     if not parent.is_dir():
         raise DeltaComeError(f"{out}: directory {parent} does not exist")
     try:                            # probe for real: permission bits say nothing to root
@@ -733,8 +967,119 @@ def check_writable(out: Path, directory_ok: bool = False):
     except OSError as e:
         raise DeltaComeError(f"{out}: directory {parent} is not writable ({e.strerror})") from None
     if out.is_dir() and not directory_ok:
-        raise DeltaComeError(f"{out}: is a directory; the delta is written as one "
-                             f".safetensors file")
+        raise DeltaComeError(f"{out}: is a directory; OUT is written as one .safetensors file")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs. No command writes over one of its inputs, and none replaces anything it did not
+# write: an existing OUT is replaced only with overwrite=True (--overwrite), and only if it is
+# a delta file (compress), a checkpoint `apply` wrote, or a directory `example` wrote. `apply`
+# and `example` leave a MARKER file in each directory they write, listing what they put there;
+# a directory holding anything else is not theirs to replace. Every check runs before any
+# tensor is read.
+
+MARKER = ".deltacome"                # JSON: {"written_by": "deltacome apply", "files": [...]}
+MERGED_KEY = "deltacome.merged"      # metadata of each file `apply` writes: the delta file's name
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """a and b are one file or directory: the same resolved path (symbolic links followed) or
+    the same inode (hard links, bind mounts)."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except (OSError, RuntimeError):      # one does not exist; or a symbolic link loop
+        return False
+
+
+def encloses(outer: Path, inner: Path) -> bool:
+    """`inner` is `outer` or lies somewhere inside it."""
+    try:
+        inner = inner.resolve()
+    except (OSError, RuntimeError):      # a symbolic link loop
+        return False
+    return any(same_path(outer, p) for p in (inner, *inner.parents))
+
+
+def check_apart(out: Path, inputs) -> None:
+    """Refuse an OUT that is, contains or lies inside one of `inputs`, or that is or contains
+    the current directory."""
+    for path in map(Path, inputs):
+        relation = ("is" if same_path(out, path) else "lies inside" if encloses(path, out)
+                    else "contains" if encloses(out, path) else None)
+        if relation:
+            raise DeltaComeError(f"{out}: {relation} the input {path}; choose an OUT apart from "
+                                 f"the inputs")
+    if encloses(out, Path.cwd()):
+        raise DeltaComeError(f"{out}: is or contains the current directory; choose another OUT")
+
+
+def file_metadata(path: Path) -> dict:
+    """The safetensors metadata of `path`, or {} if it is not a readable safetensors file."""
+    try:
+        with open_safetensors(path) as f:
+            return f.metadata() or {}
+    except DeltaComeError:
+        return {}
+
+
+def written_by(directory: Path, command: str) -> bool:
+    """`directory` holds a MARKER saying `command` wrote it, and nothing the MARKER does not
+    list."""
+    try:
+        record = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    ours = isinstance(record, dict) and record.get("written_by") == f"deltacome {command}"
+    files = record.get("files") if ours else None
+    return (isinstance(files, list) and all(isinstance(f, str) for f in files)
+            and {p.name for p in directory.iterdir()} <= {MARKER, *files})
+
+
+def write_marker(directory: Path, command: str) -> None:
+    """Mark `directory` as written by `command`, listing everything in it."""
+    files = sorted(p.name for p in directory.iterdir() if p.name != MARKER)
+    (directory / MARKER).write_text(json.dumps({"written_by": f"deltacome {command}",
+                                                "files": files}, indent=1) + "\n")
+
+
+def is_delta_file(path: Path) -> bool:
+    return path.is_file() and FORMAT_NAME in file_metadata(path)
+
+
+def is_merged(path: Path) -> bool:
+    """`path` is a checkpoint `apply` wrote: a directory it marked, or a file with MERGED_KEY."""
+    return written_by(path, "apply") if path.is_dir() else MERGED_KEY in file_metadata(path)
+
+
+def check_replaceable(out: Path, overwrite: bool, ours, what: str) -> None:
+    """Refuse an existing OUT unless ours(OUT) (it is `what`) and `overwrite`. An absent OUT,
+    or an empty directory, holds nothing to lose."""
+    if not os.path.lexists(out) or (out.is_dir() and not out.is_symlink()
+                                    and not any(out.iterdir())):
+        return
+    if not ours(out):
+        raise DeltaComeError(f"{out}: exists and is not {what} (or holds files it did not "
+                             f"write); not replaced, choose another OUT")
+    if not overwrite:
+        raise DeltaComeError(f"{out}: exists ({what}); pass --overwrite to replace it")
+
+
+def move_into_place(final: Path, out: Path) -> None:
+    """Rename `final` to `out`, replacing what is there (checked: ours to replace). Renames
+    only, so OUT is never half-written; on failure the old OUT is put back."""
+    if not os.path.lexists(out):
+        os.replace(final, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+    try:
+        os.replace(out, old / out.name)
+        try:
+            os.replace(final, out)
+        except OSError:
+            os.replace(old / out.name, out)
+            raise
+    finally:
+        shutil.rmtree(old)
 
 
 def prefetched(fn, items, depth: int = 2):
@@ -766,6 +1111,7 @@ class Summary:
     file_bytes: int = 0
     gpu_peak_bytes: int = 0
     errors: list[float] = field(default_factory=list)
+    not_float: dict[str, str] = field(default_factory=dict)  # selected matrices carried: dtypes
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("read", "svd+quantize", "write"), 0.0))
 
@@ -786,18 +1132,29 @@ class Summary:
                 ("peak host RSS", f"{peak_rss_mb():,.0f} MB")]
         if self.gpu_peak_bytes:
             rows.append(("peak GPU memory", f"{self.gpu_peak_bytes / 1e6:,.0f} MB"))
+        if self.not_float:
+            dtypes = ", ".join(sorted(set(self.not_float.values())))
+            rows.append(("not compressed", f"{len(self.not_float)} matrices matching --include "
+                                           f"are not floating point ({dtypes}): carried exactly"))
         return "\n".join(f"{k:<22}{v}" for k, v in rows)
 
 
 def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Config(),
-             progress: bool = True) -> Summary:
-    """Compress FT's delta against BASE into the delta file OUT; returns a Summary."""
+             progress: bool = True, overwrite: bool = False) -> Summary:
+    """Compress FT's delta against BASE into the delta file OUT; returns a Summary. OUT must
+    lie apart from BASE and FT; an existing OUT is replaced only if it is a delta file and
+    `overwrite` is set. Only floating-point matrices are compressed: others that --include
+    selects (integer, bool, float8) are carried exactly, like every unselected tensor."""
     from tqdm import tqdm
 
-    out = Path(out)
-    check_writable(out)
-    device = pick_device(cfg.device)
+    base, ft, out = Path(base), Path(ft), Path(out)
+    check_apart(out, [base, ft])
     base_r, ft_r = CheckpointReader(base), CheckpointReader(ft)
+    check_apart(out, {*base_r.files.values(), *ft_r.files.values()})   # shards an index names
+    check_writable(out)
+    check_replaceable(out, overwrite, is_delta_file, "a delta file")
+    check_config(cfg)
+    device = pick_device(cfg.device)
     missing = sorted(set(base_r.names()) - set(ft_r.names()))
     extra = sorted(set(ft_r.names()) - set(base_r.names()))
     if missing or extra:
@@ -816,7 +1173,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         check_finite(name, w_ft, str(ft))
         return name, w_base, w_ft, extract_delta(w_base, w_ft, name)
 
-    writer = SafetensorsWriter(out)
+    writer = SafetensorsWriter(out, checksums=True)
     try:
         t0 = time.perf_counter()
         for name, w_base, w_ft, delta in tqdm(prefetched(read, base_r.names()), desc="compress",
@@ -825,7 +1182,11 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
             t1 = time.perf_counter()
             summary.seconds["read"] += t1 - t0
             t2 = t1
-            if w_base.ndim == 2 and include.search(name):
+            selected = w_base.ndim == 2 and include.search(name)
+            if selected and w_base.dtype not in FLOAT_DTYPES:   # Δ̂ rounded back is not exact
+                summary.not_float[name] = str(w_base.dtype).removeprefix("torch.")
+                selected = False
+            if selected:
                 delta = delta.to(device)
                 cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."))
                 err = relative_error(delta, decompress_matrix(cm))
@@ -839,14 +1200,16 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                 summary.delta_fp16_bytes += 2 * delta.numel()
                 summary.compressed_bytes += cm.nbytes()
                 summary.errors.append(err)
-            elif not torch.equal(w_base, w_ft):
+            elif not same_bits(w_base, w_ft):
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
             t0 = time.perf_counter()
             summary.seconds["write"] += t0 - t2
         t3 = time.perf_counter()
-        writer.finish({FORMAT_NAME: json.dumps(meta)})
+        meta["checksums"] = writer.checksums
+        text = json.dumps(meta)
+        writer.finish({FORMAT_NAME: text, META_CHECKSUM: text_checksum(text)})
         summary.seconds["write"] += time.perf_counter() - t3
     except BaseException:
         writer.abort()
@@ -861,68 +1224,78 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
 
 
 def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str = "auto",
-          progress: bool = True) -> Path:
+          progress: bool = True, overwrite: bool = False) -> Path:
     """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and dtype:
     a single file if BASE is a file, else a directory with BASE's shards, index, config and
-    tokenizer files. Built under a scratch name and renamed into place when complete."""
+    tokenizer files. Built under a scratch name and renamed into place when complete. OUT
+    must lie apart from BASE and the delta file; an existing OUT is replaced only if `apply`
+    wrote it (is_merged) and `overwrite` is set. BASE must be finite and fit the delta
+    (check_against_base), and W_base + Δ̂ finite in BASE's dtype."""
     from tqdm import tqdm
 
-    base, out = Path(base), Path(out)
-    dev = pick_device(device)
+    base, delta_path, out = Path(base), Path(delta_path), Path(os.path.abspath(out))
+    check_apart(out, [base, delta_path])
     files = checkpoint_files(base)
+    check_apart(out, set(files.values()))
+    check_writable(out, directory_ok=base.is_dir())
+    check_replaceable(out, overwrite, is_merged, "a checkpoint written by apply")
+    dev = pick_device(device)
     delta = read_delta_file(delta_path)
-    unknown = sorted((set(delta.matrices) | set(delta.carried)) - set(files))
-    if unknown:
-        raise DeltaComeError(f"{delta_path}: tensor {unknown[0]} is not in BASE {base} "
-                             f"(a delta made against another base?)")
-    parent = out.resolve().parent
-    check_writable(out, directory_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
+    check_against_base(delta, checkpoint_layout(files), delta_path, base)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        shards = sorted(set(files.values()))
-        for shard in tqdm(shards, desc="apply", unit="shard", disable=not progress):
-            target = scratch / (out.name if base.is_file() else shard.name)
-            writer = SafetensorsWriter(target)
-            with open_safetensors(shard) as f:
-                meta = f.metadata() or {}
-                for name in f.keys():
-                    w = f.get_tensor(name)
-                    if name in delta.matrices:
-                        cm = delta.matrices[name]
-                        if tuple(w.shape) != cm.shape:
-                            raise DeltaComeError(f"tensor {name}: shape {tuple(w.shape)} in BASE "
-                                                 f"but {cm.shape} in the delta file")
-                        dhat = decompress_matrix(cm.to(dev))
-                        w = (w.to(dev).float() + dhat).to(w.dtype)
-                    elif name in delta.carried:
-                        w = delta.carried[name]
-                    writer.add(name, w)
-            writer.finish(meta)
+        with tqdm(sorted(set(files.values())), desc="apply", unit="shard",
+                  disable=not progress) as shards:
+            for shard in shards:
+                target = scratch / (out.name if base.is_file() else shard.name)
+                merge_shard(shard, delta, dev, target, delta_path.name)
         if base.is_dir():
             for extra in base.iterdir():
-                if extra.is_file() and extra.suffix != ".safetensors":
+                if extra.is_file() and extra.suffix != ".safetensors" and extra.name != MARKER:
                     shutil.copy2(extra, scratch / extra.name)
+            write_marker(scratch, "apply")
             final = scratch
         else:
             final = scratch / out.name
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / out.name)
-            os.replace(final, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(final, out)
+        move_into_place(final, out)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
     return out
 
 
+def merge_shard(shard: Path, delta: DeltaFile, device, target: Path, delta_name: str):
+    """One file of BASE -> the same file of the fine-tune at `target`: compressed matrices
+    rebuilt as W_base + Δ̂ on `device` and rounded to BASE's dtype, carried tensors taken
+    from the delta file, every other tensor copied."""
+    writer = SafetensorsWriter(target)
+    try:
+        with open_safetensors(shard) as f:
+            for name in f.keys():
+                w = f.get_tensor(name)
+                check_finite(name, w, f"BASE {shard}")
+                if name in delta.matrices:
+                    dhat = decompress_matrix(delta.matrices[name].to(device))
+                    w = (w.to(device).float() + dhat).to(w.dtype)
+                    if not torch.isfinite(w).all():
+                        raise DeltaComeError(f"tensor {name}: W_base + Δ̂ is not finite in "
+                                             f"{w.dtype} (the delta file is corrupt, or made "
+                                             f"for another base)")
+                elif name in delta.carried:
+                    w = delta.carried[name]
+                writer.add(name, w)
+            writer.finish({**(f.metadata() or {}), MERGED_KEY: delta_name})
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
            progress: bool = True) -> str:
     """Check a rebuilt checkpoint against BASE + Δ̂ recomputed here on the CPU, independently
     of `apply`: compressed matrices must agree to one rounding of their dtype (apply may have
-    summed on a GPU, whose matmul rounds differently), every other tensor exactly."""
+    summed on a GPU, whose matmul rounds differently), every other tensor exactly; NaN or
+    Inf anywhere fails."""
     from tqdm import tqdm
 
     delta = read_delta_file(delta_path)
@@ -930,9 +1303,12 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
             contextlib.closing(CheckpointReader(merged)) as merged_r:
         if sorted(base_r.names()) != sorted(merged_r.names()):
             raise DeltaComeError(f"{merged}: its tensor names differ from BASE {base}")
-        worst = max((verify_tensor(name, base_r.get(name), merged_r.get(name), delta, merged)
-                     for name in tqdm(base_r.names(), desc="verify", unit="tensor",
-                                      disable=not progress)), default=0.0)
+        check_against_base(delta, checkpoint_layout(base_r.files), delta_path, base)
+        worst = 0.0
+        with tqdm(base_r.names(), desc="verify", unit="tensor", disable=not progress) as names:
+            for name in names:      # an error closes the bar first: its line ends before ours
+                worst = max(worst, verify_tensor(name, base_r.get(name), merged_r.get(name),
+                                                 delta, merged))
         count = len(base_r.names())
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
             f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
@@ -941,19 +1317,21 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
 def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: DeltaFile,
                   merged: str | Path) -> float:
     """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
-    (at most 1, else an error); every other tensor must be exact (0)."""
+    (at most 1, else an error); every other tensor must be bit-exact (0)."""
     if w.dtype != w_base.dtype or w.shape != w_base.shape:
         raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
                              f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
+    check_finite(name, w_base, "BASE")
     if name not in delta.matrices:
-        if not torch.equal(w, delta.carried.get(name, w_base)):
+        if not same_bits(w, delta.carried.get(name, w_base)):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
         return 0.0
+    check_finite(name, w, str(merged))
     expected = w_base.float() + decompress_matrix(delta.matrices[name])
     ulp = torch.finfo(w.dtype).eps * expected.abs().clamp_min(torch.finfo(w.dtype).tiny)
-    excess = float(((w.float() - expected).abs() / ulp).max())
-    if excess > 1.0:
+    excess = float(((w.float() - expected).abs() / ulp).amax()) if w.numel() else 0.0
+    if not excess <= 1.0:                                        # NaN fails too
         raise DeltaComeError(f"tensor {name}: differs from BASE + Δ̂ by {excess:.2f} "
                              f"ulp of {w.dtype}")
     return excess
@@ -970,7 +1348,7 @@ def info(delta_path: str | Path) -> str:
         bands = ",".join(f"{b.bits}:{b.rank}" for b in cm.bands) or "(empty)"
         err = d.meta["matrices"][name].get("error", float("nan"))
         rows.append(f"{name:<52}{'x'.join(map(str, cm.shape)):>13}  {bands:<26}{nb:>11,}"
-                    f"{nb / full:>8.4f}{err:>9.4f}")
+                    f"{nb / max(full, 1):>8.4f}{err:>9.4f}")
         total, fp16 = total + nb, fp16 + full
     carried = sum(t.numel() * t.element_size() for t in d.carried.values())
     rows += [f"{len(d.matrices)} matrices: {total:,} bytes = {total / max(fp16, 1):.4f} of their "
@@ -1006,12 +1384,13 @@ LLAMA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_at
 def make_example(directory: str | Path, model: str = "tiny", layers: int | None = None,
                  width: int | None = None, seed: int = 0, sharded: bool = True,
                  dtype: torch.dtype = torch.float16, device: str = "cpu",
-                 progress: bool = False) -> tuple[Path, Path]:
+                 progress: bool = False, overwrite: bool = False) -> tuple[Path, Path]:
     """Write BASE and FT checkpoints of a Llama-shaped model (MODEL_SHAPES; `layers` and
     `width` override its depth and hidden size) whose projection deltas have a long-tailed
     spectrum (synthetic_delta), norms and lm_head fine-tuned a little, the embedding unchanged.
     Sharded: one shard per layer plus one for the rest, written as generated, so memory holds
-    one layer, never the model. Returns (base_dir, ft_dir)."""
+    one layer, never the model. An existing base/ or ft/ is replaced only if make_example
+    wrote it and `overwrite` is set. Returns (base_dir, ft_dir)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -1051,6 +1430,9 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
     directory = Path(directory)
     dirs = (directory / "base", directory / "ft")
     for d in dirs:
+        check_replaceable(d, overwrite, lambda p: written_by(p, "example"),
+                          "a directory written by example")
+    for d in dirs:
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
@@ -1072,6 +1454,7 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
                 {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
         else:
             save_file(everything, str(d / "model.safetensors"), {"format": "pt"})
+        write_marker(d, "example")
     return dirs
 
 
@@ -1099,8 +1482,17 @@ def synthetic_delta(out_f: int, in_f: int, gen: torch.Generator, alpha: float = 
 COMMANDS = ("apply", "info", "verify", "example")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a value starting with '-' and a digit (--budget -1/16) is read as
+    the option's value, as Python 3.13 reads it, not taken for an unknown option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="deltacome.py" if command == "compress" else f"deltacome.py {command}",
         description=__doc__.split("\n\n")[0] + "\n\nCommands:\n"
         "  deltacome.py BASE FT OUT [options]     compress FT's delta against BASE into OUT\n"
@@ -1120,28 +1512,32 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             p.add_argument("--model", choices=sorted(MODEL_SHAPES), default="tiny",
                            help="shapes of the generated pair (default tiny: 2 layers, "
                                 "hidden 256); llama-2-7b is 2 × 13.5 GB in fp16")
-            p.add_argument("--layers", type=int, help="override the number of layers")
-            p.add_argument("--width", type=int, help="override the hidden size (intermediate "
-                                                     "= 2.6875 × width, as Llama-2)")
+            p.add_argument("--layers", type=option(check_positive, integer),
+                           help="override the number of layers")
+            p.add_argument("--width", type=option(check_positive, integer),
+                           help="override the hidden size (intermediate = 2.6875 × width, "
+                                "as Llama-2)")
             p.add_argument("--pair-only", action="store_true",
                            help="only write base/ and ft/, do not compress or apply")
         p.add_argument("--budget", type=fraction, default=d.budget,
                        help="bytes per matrix as a fraction of its fp16 delta, e.g. 1/16 "
                             "(default), 1/32, 0.05")
-        p.add_argument("--method", default=d.method,
+        p.add_argument("--method", default=d.method, type=option(check_method),
                        help="'greedy' (default: measured marginal-return allocation), 'paper' "
                             f"({PAPER_BANDS}), or a band spec BITS:RANK,... with RANK '*' = "
                             "what the budget leaves")
         p.add_argument("--widths", default=",".join(map(str, d.widths)),
+                       type=option(check_widths, integers),
                        help="candidate bit widths for greedy (default %(default)s)")
-        p.add_argument("--group-size", type=int, default=d.group_size,
-                       help="elements per quantization group, a multiple of 32 (default 128)")
+        p.add_argument("--group-size", type=option(check_group_size, integer),
+                       default=d.group_size, help="elements per quantization group, a multiple "
+                                                  f"of 32 up to {MAX_GROUP_SIZE} (default 128)")
         p.add_argument("--quantizer", choices=("mse", "minmax"), default=d.quantizer,
                        help="mse (default): per-group clipping search + least-squares fit; "
                             "minmax: plain asymmetric min-max")
         p.add_argument("--no-refit", action="store_true",
                        help="quantize U as is instead of refitting it to the quantized V")
-        p.add_argument("--include", default=d.include,
+        p.add_argument("--include", default=d.include, type=option(check_include),
                        help="regex on tensor names selecting the 2-D matrices to compress "
                             "(default: weights inside numbered transformer blocks)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
@@ -1157,7 +1553,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "verify":
         p.add_argument("merged", help="the checkpoint `apply` rebuilt")
     if command in ("compress", "example", "apply"):
-        p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:N")
+        p.add_argument("--device", default=d.device, type=option(check_device),
+                       help="auto (default), cpu, cuda, cuda:N")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUT, if deltacome wrote it (never anything "
+                            "else, never an input)")
     if command != "info":
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -1174,23 +1574,91 @@ def fraction(text: str) -> float:
     return value
 
 
-def config_from_args(args) -> Config:
+# Option values are checked as argparse parses them (`option`), before any file is read;
+# `compress` runs the same checks on the Config an API caller gives it (check_config).
+
+
+def option(check, parse=str):
+    """An argparse `type`: check(parse(text)), its error made argparse's one-line message."""
+    def convert(text: str):
+        try:
+            return check(parse(text))
+        except (DeltaComeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def integer(text: str) -> int:
     try:
-        widths = tuple(int(w) for w in args.widths.split(","))
+        return int(text)
     except ValueError:
-        raise DeltaComeError(f"--widths: expected comma-separated integers, got {args.widths!r}")
-    if not all(0 <= w <= 8 for w in widths):
-        raise DeltaComeError(f"--widths: every width must be in 0..8, got {args.widths}")
-    if args.group_size <= 0 or args.group_size % 32:
-        raise DeltaComeError(f"--group-size must be a positive multiple of 32, got "
-                             f"{args.group_size}")
+        raise ValueError(f"not an integer: {text!r}") from None
+
+
+def integers(text: str) -> tuple[int, ...]:
+    return tuple(integer(part) for part in text.split(","))
+
+
+def check_positive(n: int) -> int:
+    if not (is_int(n) and n > 0):
+        raise DeltaComeError(f"expected a positive integer, got {short(n)}")
+    return n
+
+
+def check_group_size(g: int) -> int:
+    if not (is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0):
+        raise DeltaComeError(f"group size must be a multiple of 32 in 32..{MAX_GROUP_SIZE}, "
+                             f"got {short(g)}")
+    return g
+
+
+def check_widths(widths) -> tuple[int, ...]:
+    if not (isinstance(widths, (tuple, list)) and widths
+            and all(is_int(w) and 0 <= w <= 8 for w in widths)):
+        raise DeltaComeError(f"widths must be integers in 0..8, got {short(widths)}")
+    return tuple(widths)
+
+
+def check_method(method: str) -> str:
+    if not isinstance(method, str):
+        raise DeltaComeError(f"method must be 'greedy', 'paper' or a band spec, got "
+                             f"{short(method)}")
+    if method not in ("greedy", "paper"):
+        parse_bands(method)
+    return method
+
+
+def check_include(pattern: str) -> str:
     try:
-        re.compile(args.include)
-    except re.error as e:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
         raise DeltaComeError(f"--include: bad regex ({e})") from None
-    if args.method not in ("greedy", "paper"):
-        parse_bands(args.method)
-    return Config(budget=args.budget, method=args.method, widths=widths,
+    return pattern
+
+
+def check_device(device: str) -> str:
+    pick_device(device)
+    return device
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse a Config that `compress` cannot honour, naming the field."""
+    if not (isinstance(cfg.budget, (int, float)) and 0 < cfg.budget <= 1):
+        raise DeltaComeError(f"budget must be in (0, 1], got {short(cfg.budget)}")
+    for name, allowed in (("quantizer", ("mse", "minmax")), ("svd", ("full", "gram", "lowrank"))):
+        if getattr(cfg, name) not in allowed:
+            raise DeltaComeError(f"{name} must be one of {', '.join(allowed)}, got "
+                                 f"{short(getattr(cfg, name))}")
+    check_method(cfg.method)
+    check_widths(cfg.widths)
+    check_group_size(cfg.group_size)
+    check_include(cfg.include)
+    check_device(cfg.device)
+    return cfg
+
+
+def config_from_args(args) -> Config:
+    return Config(budget=args.budget, method=args.method, widths=args.widths,
                   group_size=args.group_size, refit=not args.no_refit,
                   quantizer=args.quantizer, include=args.include,
                   device=args.device, svd=args.svd)
@@ -1203,11 +1671,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "compress":
             summary = compress(args.base, args.ft, args.out, config_from_args(args),
-                               progress=not args.quiet)
+                               progress=not args.quiet, overwrite=args.overwrite)
             print(summary.table())
             print(f"wrote {args.out}")
         elif command == "apply":
-            apply(args.base, args.delta, args.out, args.device, progress=not args.quiet)
+            apply(args.base, args.delta, args.out, args.device, progress=not args.quiet,
+                  overwrite=args.overwrite)
             print(f"wrote {args.out}")
         elif command == "info":
             print(info(args.delta))
@@ -1216,20 +1685,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_from_args(args)
             directory = Path(args.dir)
+            check_replaceable(directory / "delta.safetensors", args.overwrite, is_delta_file,
+                              "a delta file")
+            check_replaceable(directory / "merged", args.overwrite, is_merged,
+                              "a checkpoint written by apply")
             directory.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
             base, ft = make_example(directory, args.model, args.layers, args.width,
-                                    device=str(pick_device(cfg.device)), progress=not args.quiet)
+                                    device=str(pick_device(cfg.device)), progress=not args.quiet,
+                                    overwrite=args.overwrite)
             print(f"wrote example pair {base} and {ft} in {time.perf_counter() - t:.1f}s")
             if args.pair_only:
                 return 0
             summary = compress(base, ft, directory / "delta.safetensors", cfg,
-                               progress=not args.quiet)
+                               progress=not args.quiet, overwrite=args.overwrite)
             print(summary.table())
             print(info(directory / "delta.safetensors"))
             t = time.perf_counter()
             apply(base, directory / "delta.safetensors", directory / "merged", cfg.device,
-                  progress=not args.quiet)
+                  progress=not args.quiet, overwrite=args.overwrite)
             print(f"apply took {time.perf_counter() - t:.1f}s")
             print(f"wrote {directory / 'delta.safetensors'} and the rebuilt fine-tune "
                   f"{directory / 'merged'}")

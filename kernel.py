@@ -116,7 +116,7 @@ import triton
 import triton.language as tl
 
 from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
-                       read_delta_file)
+                       read_delta_file, same_bits)
 
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
@@ -1199,44 +1199,81 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> li
     """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
     matrix NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
     tensor is copied into the parameter or buffer of that name. Returns the patched names.
-    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight)."""
+    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight).
+
+    All or nothing: the file is checked when read (deltacome.read_delta_file), then every
+    change is checked against the model and built (a ModelPatch) before any is made; a
+    corrupt file, or one that does not fit the model, raises DeltaComeError and leaves the
+    model as it was."""
     delta = read_delta_file(delta_path)
-    copy_carried(model, delta.carried, delta_path)
+    patch = ModelPatch(model, delta_path)
+    copy_carried(patch, delta.carried)
     for name, cm in delta.matrices.items():
-        replace_linear(model, name, lambda layer: DeltaLinear(layer, cm, backend), delta_path)
+        replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
+    patch.commit()
     return list(delta.matrices)
 
 
-def copy_carried(model: torch.nn.Module, carried: dict, source) -> None:
-    """Copy a delta file's carried tensors (FT's norms, embeddings, ...) into the model's
-    parameters or buffers of the same names; `source` names the file in errors."""
-    state = model.state_dict(keep_vars=True)
+@dataclass
+class ModelPatch:
+    """Changes to a model, planned (checked and built) before any is made: `copy_carried` and
+    `replace_linear` add to the plan and raise DeltaComeError on anything that does not
+    fit, leaving the model untouched; `commit` then makes every change, and only assigns
+    what was already built (copies of tensors already in the target's dtype and device,
+    modules already constructed), so it does not fail halfway."""
+    model: torch.nn.Module
+    source: object                                  # the delta file(s), named in errors
+    copies: list = field(default_factory=list)      # (model tensor, value to copy into it)
+    swaps: dict = field(default_factory=dict)       # module path -> its replacement
+
+    def commit(self) -> None:
+        with torch.no_grad():
+            for target, value in self.copies:
+                target.copy_(value)
+        for path, module in self.swaps.items():
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+
+def copy_carried(patch: ModelPatch, carried: dict) -> None:
+    """Plan copying a delta file's carried tensors (FT's norms, embeddings, ...) into the
+    model's parameters or buffers of the same names: each must exist with the same shape,
+    and be floating point where the carried tensor is (else of its very dtype)."""
+    state = patch.model.state_dict(keep_vars=True)
     for name, tensor in carried.items():
         if name not in state:
-            raise DeltaComeError(f"{source}: carried tensor {name} is not in the model")
-        if state[name].shape != tensor.shape:
+            raise DeltaComeError(f"{patch.source}: carried tensor {name} is not in the model")
+        target = state[name]
+        if target.shape != tensor.shape:
             raise DeltaComeError(f"carried tensor {name}: {tuple(tensor.shape)} in the delta "
-                                 f"file, {tuple(state[name].shape)} in the model")
-        with torch.no_grad():
-            state[name].copy_(tensor)
+                                 f"file, {tuple(target.shape)} in the model")
+        if (target.is_floating_point() != tensor.is_floating_point()
+                or not tensor.is_floating_point() and target.dtype != tensor.dtype):
+            raise DeltaComeError(f"carried tensor {name}: {tensor.dtype} in the delta file, "
+                                 f"{target.dtype} in the model")
+        patch.copies.append((target, tensor.to(target.device, target.dtype)))
 
 
-def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
-    """Swap the nn.Linear that holds matrix `name` (NAME.weight) for make(that Linear)."""
+def replace_linear(patch: ModelPatch, name: str, make) -> None:
+    """Plan swapping the nn.Linear that holds matrix `name` (NAME.weight) for make(that
+    Linear), built now; make's ValueError (e.g. a shape that does not fit) becomes a
+    DeltaComeError."""
+    source = patch.source
     if not name.endswith(".weight"):
         raise DeltaComeError(f"{source}: matrix {name} is not a '.weight' tensor")
     path = name.removesuffix(".weight")
     try:
-        layer = model.get_submodule(path)
+        layer = patch.model.get_submodule(path)
     except AttributeError:
         raise DeltaComeError(f"{source}: the model has no module {path} (for {name})")
-    if isinstance(layer, (DeltaLinear, MultiDeltaLinear)):
+    if isinstance(layer, (DeltaLinear, MultiDeltaLinear)) or path in patch.swaps:
         raise DeltaComeError(f"{path} is already patched")
     if not isinstance(layer, torch.nn.Linear):
         raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, make(layer))
+    try:
+        patch.swaps[path] = make(layer)
+    except ValueError as e:
+        raise DeltaComeError(f"{source}: {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1495,7 +1532,8 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     whatever the fine-tunes changed outside the compressed matrices) are shared by every
     tenant of one model, so they must be equal in all N files; they are then copied into the
     model. Tenants that differ there cannot share one model: that is an error, naming the
-    tensor. Call the model inside `use_tenants(model, tenant_idx)`."""
+    tensor. All or nothing, like patch_model. Call the model inside
+    `use_tenants(model, tenant_idx)`."""
     paths = [Path(p) for p in delta_paths]
     if not paths:
         raise DeltaComeError("patch_model_tenants needs at least one delta file")
@@ -1509,15 +1547,17 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     for name in sorted(set().union(*(f.carried for f in files))):
         first = next(t for t, f in enumerate(files) if name in f.carried)
         for t, f in enumerate(files):
-            if name not in f.carried or not torch.equal(f.carried[name],
-                                                        files[first].carried[name]):
+            if name not in f.carried or not same_bits(f.carried[name],
+                                                      files[first].carried[name]):
                 raise DeltaComeError(f"carried tensor {name} differs between {paths[first]} "
                                      f"and {paths[t]}: tenants of one model must share every "
                                      f"tensor outside the compressed matrices")
-    copy_carried(model, files[0].carried, paths[0])
+    patch = ModelPatch(model, paths[0])
+    copy_carried(patch, files[0].carried)
     for name in names:
-        replace_linear(model, name, lambda layer: MultiDeltaLinear(
-            layer, [f.matrices[name] for f in files], backend), paths[0])
+        replace_linear(patch, name, lambda layer: MultiDeltaLinear(
+            layer, [f.matrices[name] for f in files], backend))
+    patch.commit()
     return names
 
 

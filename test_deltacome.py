@@ -17,6 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -321,7 +322,7 @@ def test_cli_methods_and_budgets(pair, tmp_path):
                   ["--svd", "lowrank"], ["--svd", "gram"],
                   ["--quantizer", "minmax", "--group-size", "64"]):
         out = tmp_path / "d.safetensors"
-        assert run_cli(base, ft, out, *extra) == (0, ""), extra
+        assert run_cli(base, ft, out, *extra, "--overwrite") == (0, ""), extra
         budget = dc.read_delta_file(out).meta["config"]["budget"]
         for cm in dc.read_delta_file(out).matrices.values():
             assert cm.nbytes() <= dc.budget_bytes(*cm.shape, budget)
@@ -1237,3 +1238,715 @@ def test_compressed_model_equals_deltacome_file_round_trip(tmp_path):
         if b[name].ndim == 2 and "layers" in name:
             rec = ev.reconstruct("greedy", f[name] - b[name], 1 / 16)
             assert torch.allclose(merged[name], b[name] + rec.delta_hat, atol=1e-6)
+
+
+# =============================================================================================
+# Safety: delta files validated on read (metadata, every tensor's shape and dtype, finiteness,
+# checksums), outputs kept apart from inputs and from anything deltacome did not write,
+# integer matrices carried exactly, non-finite values refused, options checked as they are
+# parsed, patch_model all or nothing.
+
+UP, QP = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+FAST = Config(device="cpu", quantizer="minmax")     # these tests need a file, not its quality
+
+
+def write_checkpoint(path: Path, tensors: dict, sharded: bool) -> Path:
+    """tensors as one .safetensors file at `path`, or as a HF directory of two shards (the
+    matrices, the rest) with an index and a config.json."""
+    if not sharded:
+        save_file(tensors, str(path))
+        return path
+    path.mkdir()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if v.ndim == 2},
+              "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if v.ndim != 2}}
+    for shard, part in shards.items():
+        save_file(part, str(path / shard), {"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, part in shards.items() for k in part}}))
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small fp16 pair (an up_proj 40×160, wider than one 128-group, a q_proj 40×40, a norm
+    that the fine-tune changed, an embedding it did not) as single files and as sharded
+    directories, each compressed (with checksums) and merged back."""
+    root = tmp_path_factory.mktemp("safety")
+    gen = torch.Generator().manual_seed(0)
+    base, ft = {}, {}
+    for name, (o, i) in ((UP, (40, 160)), (QP, (40, 40))):
+        base[name] = (torch.randn(o, i, generator=gen) / math.sqrt(i)).half()
+        ft[name] = (base[name].float() + synthetic_delta(o, i, gen, scale=0.5)).half()
+    base["model.norm.weight"] = torch.ones(40).half()
+    ft["model.norm.weight"] = (1 + 0.01 * torch.randn(40, generator=gen)).half()
+    base["model.embed_tokens.weight"] = ft["model.embed_tokens.weight"] = \
+        torch.randn(10, 40, generator=gen).half()
+    ns = SimpleNamespace(root=root, tensors=(base, ft))
+    for kind, sharded in (("file", False), ("dir", True)):
+        b = write_checkpoint(root / f"base-{kind}", base, sharded)
+        f = write_checkpoint(root / f"ft-{kind}", ft, sharded)
+        delta = root / f"delta-{kind}.safetensors"
+        compress(b, f, delta, FAST, progress=False)
+        merged = apply(b, delta, root / f"merged-{kind}", "cpu", progress=False)
+        setattr(ns, kind, SimpleNamespace(base=b, ft=f, delta=delta, merged=merged))
+    return ns
+
+
+def tree(path: Path) -> dict:
+    """Everything under `path` (a file or a directory): relative name -> bytes (None for a
+    directory), to check that a command changed nothing."""
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+def rewrite_delta(src: Path, dst: Path, corrupt=None) -> Path:
+    """Copy a delta file as files were written before checksums (so only the structural checks
+    stand between a corruption and its use), with corrupt(meta, tensors) -> metadata text
+    applied: it may edit the parsed metadata and the tensors in place."""
+    from safetensors import safe_open
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()[dc.FORMAT_NAME])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["checksums"]
+    text = corrupt(meta, tensors) if corrupt else json.dumps(meta)
+    save_file(tensors, str(dst), {dc.FORMAT_NAME: text})
+    return dst
+
+
+def meta_edit(fn):
+    """A corruption of the metadata alone: fn(meta) edits it in place."""
+    def corrupt(meta, tensors):
+        fn(meta)
+        return json.dumps(meta)
+    return corrupt
+
+
+def tensor_edit(fn):
+    """A corruption of the tensors alone: fn(tensors) edits the dict in place."""
+    def corrupt(meta, tensors):
+        fn(tensors)
+        return json.dumps(meta)
+    return corrupt
+
+
+def set_entry(key, value, matrix=UP):
+    return meta_edit(lambda m: m["matrices"][matrix].__setitem__(key, value))
+
+
+def set_band(index, value):
+    return meta_edit(lambda m: m["matrices"][UP]["bands"][0].__setitem__(index, value))
+
+
+def set_value(name, index, value):
+    return tensor_edit(lambda t: t[name].view(-1).__setitem__(index, value))
+
+
+B0 = f"{UP}.band0"
+CORRUPT_DELTAS = {          # case: (corruption, the start of what the error names)
+    "metadata not JSON": (lambda m, t: '{"format": "deltacome", ', "corrupt metadata: not JSON"),
+    "metadata a list": (lambda m, t: "[1, 2]", "not a JSON object"),
+    "metadata a number": (lambda m, t: "3", "not a JSON object"),
+    "no format": (meta_edit(lambda m: m.pop("format")), "'format'"),
+    "no version": (meta_edit(lambda m: m.pop("version")), "'version'"),
+    "version a string": (meta_edit(lambda m: m.update(version="1")), "'version' is '1'"),
+    "version 2": (meta_edit(lambda m: m.update(version=2)), "format version 2"),
+    "no group_size": (meta_edit(lambda m: m.pop("group_size")), "'group_size'"),
+    "group size 0": (meta_edit(lambda m: m.update(group_size=0)), "'group_size' is 0"),
+    "group size 64": (meta_edit(lambda m: m.update(group_size=64)), "the metadata implies"),
+    "group size 'abc'": (meta_edit(lambda m: m.update(group_size="abc")), "'group_size'"),
+    "group size 2^30": (meta_edit(lambda m: m.update(group_size=2**30)), "'group_size'"),
+    "group size true": (meta_edit(lambda m: m.update(group_size=True)), "'group_size'"),
+    "no matrices": (meta_edit(lambda m: m.pop("matrices")), "'matrices'"),
+    "matrices a list": (meta_edit(lambda m: m.update(matrices=[UP])), "'matrices'"),
+    "no carried": (meta_edit(lambda m: m.pop("carried")), "'carried'"),
+    "carried twice": (meta_edit(lambda m: m["carried"].append(m["carried"][0])), "'carried'"),
+    "carried and compressed": (meta_edit(lambda m: m["carried"].append(UP)), "compressed and"),
+    "matrix not an object": (meta_edit(lambda m: m["matrices"].update({UP: 5})), "not a JSON"),
+    "shape 3-D": (set_entry("shape", [40, 160, 1]), "'shape'"),
+    "shape negative": (set_entry("shape", [-40, 160]), "'shape'"),
+    "shapes swapped": (set_entry("shape", [160, 40]), "the metadata implies"),
+    "dtype int8": (set_entry("dtype", "int8"), "'dtype'"),
+    "bands not a list": (set_entry("bands", "4:3"), "'bands'"),
+    "band not a pair": (meta_edit(lambda m: m["matrices"][UP]["bands"][0].append(1)), "'bands'"),
+    "bits 0": (set_band(0, 0), "'bands'"),
+    "bits 9": (set_band(0, 9), "'bands'"),
+    "bits changed": (meta_edit(lambda m: m["matrices"][UP]["bands"][0].__setitem__(
+        0, 2 if m["matrices"][UP]["bands"][0][0] > 2 else 4)), "the metadata implies"),
+    "rank larger": (meta_edit(lambda m: m["matrices"][UP]["bands"][0].__setitem__(
+        1, m["matrices"][UP]["bands"][0][1] + 1)), "the metadata implies"),
+    "ranks over min(out, in)": (set_band(1, 41), "ranks add up"),
+    "rank negative": (set_band(1, -1), "'bands'"),
+    "error a string": (set_entry("error", "abc"), "'error'"),
+    "band tensor missing": (tensor_edit(lambda t: t.pop(f"{B0}.U.codes")), "tensor"),
+    "carried tensor missing": (tensor_edit(lambda t: t.pop("carry.model.norm.weight")), "tensor"),
+    "extra tensor": (tensor_edit(lambda t: t.__setitem__("carry.x", torch.ones(2))), "tensor"),
+    "codes short": (tensor_edit(lambda t: t.__setitem__(f"{B0}.V.codes",
+                                                        t[f"{B0}.V.codes"][:, :-1].clone())),
+                    "the metadata implies"),
+    "rows short": (tensor_edit(lambda t: t.__setitem__(f"{B0}.U.codes",
+                                                       t[f"{B0}.U.codes"][:-1].clone())),
+                   "the metadata implies"),
+    "scales short": (tensor_edit(lambda t: t.__setitem__(f"{B0}.V.scale",
+                                                         t[f"{B0}.V.scale"][:, :-1].clone())),
+                     "the metadata implies"),
+    "codes float": (tensor_edit(lambda t: t.__setitem__(f"{B0}.U.codes",
+                                                        t[f"{B0}.U.codes"].float())),
+                    "the metadata implies"),
+    "S fp16": (tensor_edit(lambda t: t.__setitem__(f"{B0}.S", t[f"{B0}.S"].half())),
+               "the metadata implies"),
+    "NaN S": (set_value(f"{B0}.S", 0, float("nan")), "NaN or Inf"),
+    "Inf scale": (set_value(f"{B0}.U.scale", 0, float("inf")), "NaN or Inf"),
+    "NaN zero": (set_value(f"{B0}.V.zero", 1, float("nan")), "NaN or Inf"),
+    "NaN carried": (set_value("carry.model.norm.weight", 3, float("nan")), "NaN or Inf"),
+}
+
+
+def linear_model(base_file: Path) -> torch.nn.Module:
+    """An nn.Module whose state_dict has BASE's names, in fp32: an nn.Linear (no bias) for
+    each 2-D weight of a block, a parameter for everything else."""
+    root = torch.nn.Module()
+    for name, w in load_file(str(base_file)).items():
+        *path, leaf = name.split(".")
+        linear = w.ndim == 2 and ".layers." in name
+        module = root
+        for part in path[:-1] if linear else path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        if linear:
+            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            layer.weight.data.copy_(w)
+            module.add_module(path[-1], layer)
+        else:
+            module.register_parameter(leaf, torch.nn.Parameter(w.float(), requires_grad=False))
+    return root
+
+
+def model_state(model: torch.nn.Module):
+    """What patching may change: every tensor's bytes and every module's type."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def assert_same_state(model, state):
+    tensors, modules = model_state(model)
+    assert modules == state[1]
+    assert tensors.keys() == state[0].keys()
+    assert all(dc.same_bits(tensors[k], state[0][k]) for k in tensors)
+
+
+def test_file_without_checksums_still_loads(small, tmp_path):
+    """A file as written before checksums (none in its metadata) reads back the same."""
+    old = rewrite_delta(small.file.delta, tmp_path / "old.safetensors")
+    a, b = read_delta_file(small.file.delta), read_delta_file(old)
+    assert "checksums" in a.meta and "checksums" not in b.meta
+    assert a.matrices.keys() == b.matrices.keys() and a.carried.keys() == b.carried.keys()
+    for name in a.matrices:
+        assert torch.equal(decompress_matrix(a.matrices[name]), decompress_matrix(b.matrices[name]))
+    assert all(dc.same_bits(a.carried[k], b.carried[k]) for k in a.carried)
+    assert run_cli("verify", small.file.base, old, small.file.merged)[0] == 0
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_DELTAS))
+def test_corrupt_delta_file_is_refused_everywhere(small, tmp_path, case):
+    """Each class of corruption, in a file without checksums so that the structural checks
+    alone must catch it: read_delta_file, info, apply and verify refuse it in one line (apply
+    writing nothing), and patch_model leaves the model as it was."""
+    corrupt, message = CORRUPT_DELTAS[case]
+    bad = rewrite_delta(small.file.delta, tmp_path / "bad.safetensors", corrupt)
+    with pytest.raises(DeltaComeError, match=re.escape(message)):
+        read_delta_file(bad)
+    out = tmp_path / "merged.safetensors"
+    for args in (("info", bad), ("apply", small.file.base, bad, out),
+                 ("verify", small.file.base, bad, small.file.merged)):
+        code, err = run_cli(*args)
+        assert code == 2 and err.startswith("deltacome: error:") and err.count("\n") == 1, \
+            (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+    model = linear_model(small.file.base)
+    state = model_state(model)
+    with pytest.raises(DeltaComeError):
+        kernel.patch_model(model, bad)
+    assert_same_state(model, state)
+
+
+def flip_positions(data: bytes) -> dict[str, int]:
+    """Byte offsets of the parts of a delta file a corruption can hit: the header length, the
+    JSON header's keys and values (metadata text, its checksum, the checksums of tensors, a
+    tensor's dtype, shape and offsets), and the first and last byte of every tensor."""
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].decode()              # the JSON header, the metadata a string in it
+    header = json.loads(text)
+    meta = header["__metadata__"]
+    first_sum = next(iter(json.loads(meta[dc.FORMAT_NAME])["checksums"].values()))
+    carried = text.index('"carry.model.norm.weight"')
+    pos = {"header length, low byte": 0, "header length, high byte": 7,
+           "metadata key": 8 + text.index('"deltacome"') + 1,
+           "metadata checksum key": 8 + text.index(dc.META_CHECKSUM) + 10,
+           "metadata checksum": 8 + text.index(meta[dc.META_CHECKSUM]),
+           "version": 8 + text.index('\\"version\\": 1') + len('\\"version\\": '),
+           "a tensor checksum": 8 + text.index(first_sum) + 3,
+           "carried dtype": 8 + text.index('"F16"', carried) + 1,
+           "carried shape": 8 + text.index('"shape":[', carried) + len('"shape":[')}
+    if text != text.rstrip():
+        pos["header padding"] = 8 + len(text.rstrip())
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["data_offsets"][1] > entry["data_offsets"][0]:
+            start, stop = entry["data_offsets"]
+            pos[f"{name} first byte"] = 8 + n + start
+            pos[f"{name} last byte"] = 8 + n + stop - 1
+    return pos
+
+
+def delta_tensors(d) -> dict:
+    """Every tensor of a read delta file, by a name of its own."""
+    tensors = dict(d.carried)
+    for name, cm in d.matrices.items():
+        for k, band in enumerate(cm.bands):
+            tensors[f"{name}.{k}.S"] = band.S
+            for side, qv in (("U", band.U), ("V", band.V)):
+                for part in ("codes", "scale", "zero"):
+                    tensors[f"{name}.{k}.{side}.{part}"] = getattr(qv, part)
+    return tensors
+
+
+def refused_or_same(path: Path, good) -> bool:
+    """read_delta_file(path) refuses the file (DeltaComeError), or reads back exactly `good`;
+    any other exception fails the test."""
+    try:
+        d = read_delta_file(path)
+    except DeltaComeError:
+        return True
+    a, b = delta_tensors(d), delta_tensors(good)
+    return (d.meta == good.meta and a.keys() == b.keys()
+            and all(dc.same_bits(a[k], b[k]) for k in a))
+
+
+def test_flipped_bit_in_each_part_of_a_file_is_refused(small, tmp_path):
+    """One bit flipped in each part of a checksummed file that flip_positions names: each of
+    the 8 bits of a byte of the header length, the JSON header, the metadata and its
+    checksum; the lowest and highest bit of every tensor's first and last byte. All refused
+    (by safetensors' header checks, the structural checks or the checksums)."""
+    data = small.file.delta.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    for part, at in flip_positions(data).items():
+        for bit in (0, 7) if part.endswith(" byte") and "header" not in part else range(8):
+            flipped = bytearray(data)
+            flipped[at] ^= 1 << bit
+            bad.write_bytes(flipped)
+            try:
+                read_delta_file(bad)
+            except DeltaComeError:
+                continue
+            pytest.fail(f"accepted a flip of bit {bit} in the {part} (byte {at})")
+
+
+@settings(deadline=None, max_examples=150,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.floats(0, 1, exclude_max=True), change=st.integers(1, 255), bits=st.booleans())
+def test_any_single_corruption_is_refused(small, where, change, bits):
+    """The property: in a file written with checksums, any one flipped bit (bits=True: the
+    change is a power of two), anywhere in the file, is refused; any other change of one
+    byte to another value is refused too, or (only where it turns JSON whitespace of the
+    header into other whitespace) reads back exactly the same file. Changes inside a tensor's
+    bytes, dtype or shape are caught by its CRC-32 (certain for any change confined to 32
+    consecutive bits), changes in the metadata text by the metadata's CRC-32, changes to the
+    header's structure by safetensors or the structural checks. Not covered: several
+    changes far apart (CRC-32 misses about 1 in 2^32 of those), and a file rewritten whole
+    with fresh checksums, which is a different, valid file."""
+    data = small.file.delta.read_bytes()
+    at = int(where * len(data))
+    change = 1 << (change % 8) if bits else change
+    flipped = bytearray(data)
+    flipped[at] ^= change
+    bad = small.root / "corrupt.safetensors"
+    bad.write_bytes(flipped)
+    if bits:
+        with pytest.raises(DeltaComeError):
+            read_delta_file(bad)
+    else:
+        assert refused_or_same(bad, read_delta_file(small.file.delta)), (at, change)
+
+
+def test_truncated_or_extended_file_is_refused(small, tmp_path):
+    data = small.file.delta.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    for cut in (data[:-1], data[:8], data + b"\0", data + data[-4:]):
+        bad.write_bytes(cut)
+        with pytest.raises(DeltaComeError):
+            read_delta_file(bad)
+
+
+def test_delta_must_fit_base_and_model(small, tmp_path):
+    """What a file cannot know about itself: a carried tensor of another shape or dtype than
+    BASE's, a matrix whose shape fits its own tensors (159 inputs pack like 160) but not
+    BASE. In a file without checksums it reads; apply, verify and patch_model refuse it."""
+    for corrupt, message in (
+            (tensor_edit(lambda t: t.__setitem__("carry.model.norm.weight",
+                                                 torch.ones(39).half())), "model.norm.weight"),
+            (tensor_edit(lambda t: t.__setitem__("carry.model.norm.weight",
+                                                 torch.ones(40, dtype=torch.int32))),
+             "model.norm.weight"),
+            (set_entry("shape", [40, 159]), UP.removesuffix(".weight"))):
+        bad = rewrite_delta(small.file.delta, tmp_path / "bad.safetensors", corrupt)
+        read_delta_file(bad)                              # the file alone cannot know
+        for args in (("apply", small.file.base, bad, tmp_path / "m.safetensors"),
+                     ("verify", small.file.base, bad, small.file.merged)):
+            code, err = run_cli(*args)
+            assert code == 2 and message in err and err.count("\n") == 1, err
+        model = linear_model(small.file.base)
+        state = model_state(model)
+        with pytest.raises(DeltaComeError, match=message):
+            kernel.patch_model(model, bad)
+        assert_same_state(model, state)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("tenants", [False, True])
+def test_patch_model_is_all_or_nothing(small, tenants):
+    """A valid file that does not fit the model only at its last matrix (the model's layer has
+    another shape): before, the carried tensors were copied and earlier layers swapped by
+    then, and a retry failed with 'already patched'. Now the model is left as it was, and a
+    retry once the model fits patches it: the layer computes x (W_base + Δ̂)ᵀ."""
+    delta = read_delta_file(small.file.delta)
+    last = list(delta.matrices)[-1]
+    path = last.removesuffix(".weight")
+    model = linear_model(small.file.base)
+    good = model.get_submodule(path)
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, torch.nn.Linear(3, 5, bias=False))
+    state = model_state(model)
+    patch = (lambda m: kernel.patch_model_tenants(m, [small.file.delta] * 2, "reference")) \
+        if tenants else (lambda m: kernel.patch_model(m, small.file.delta, "reference"))
+    with pytest.raises(DeltaComeError, match=path):
+        patch(model)
+    assert_same_state(model, state)
+    setattr(model.get_submodule(parent), child, good)
+    assert sorted(patch(model)) == sorted(delta.matrices)
+    x = torch.randn(3, good.in_features, generator=torch.Generator().manual_seed(0))
+    w = good.weight.detach().float() + decompress_matrix(delta.matrices[last])
+    layer = model.get_submodule(path)
+    with torch.no_grad():
+        y = layer(x, torch.tensor([0, 1, 0])) if tenants else layer(x)
+    assert rel(y, x @ w.mT) < 1e-5
+    norm = load_file(str(small.file.ft))["model.norm.weight"].float()
+    assert torch.equal(model.get_submodule("model.norm").weight, norm)
+
+
+def test_compress_output_onto_an_input_is_refused(small, tmp_path):
+    """OUT that is BASE, FT, one of FT's shards, FT's directory or lies inside it, a link to
+    BASE (symbolic or hard), or a shard that an index names outside FT's directory: refused
+    in one line before anything is read or written; every input unchanged."""
+    shard = sorted(small.dir.ft.glob("model-*.safetensors"))[0]
+    (tmp_path / "link").symlink_to(small.file.base)
+    os.link(shard, tmp_path / "hard")
+    outside = tmp_path / "ft-outside"                        # an index naming ../shared.st
+    outside.mkdir()
+    shutil.copy(shard, tmp_path / "shared.safetensors")
+    index = json.loads((small.dir.ft / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "../shared.safetensors" if v == shard.name else v
+                           for k, v in index["weight_map"].items()}
+    shutil.copy(small.dir.ft / "model-00002-of-00002.safetensors", outside)
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = {p: tree(p) for p in (small.file.base, small.file.ft, small.dir.base, small.dir.ft,
+                                   tmp_path)}
+    cases = [(small.file.base, small.file.ft, small.file.base, "is the input"),
+             (small.file.base, small.file.ft, small.file.ft, "is the input"),
+             (small.dir.base, small.dir.ft, shard, "lies inside the input"),
+             (small.dir.base, small.dir.ft, small.dir.ft, "is the input"),
+             (small.dir.base, small.dir.ft, small.dir.ft / "d.safetensors", "lies inside"),
+             (small.file.base, small.file.ft, tmp_path / "link", "is the input"),
+             (small.dir.base, small.dir.ft, tmp_path / "hard", "is the input"),
+             (small.dir.base, outside, tmp_path / "shared.safetensors", "is the input")]
+    for base, ft, out, message in cases:
+        code, err = run_cli(base, ft, out, "--overwrite")
+        assert code == 2 and message in err and err.count("\n") == 1, (out, err)
+    assert {p: tree(p) for p in before} == before
+
+
+def test_apply_output_onto_an_input_is_refused(small, tmp_path, monkeypatch):
+    """apply's OUT that is BASE (file or directory), the delta file, a directory holding BASE,
+    or the current directory: refused in one line; nothing changed, nothing left behind."""
+    home = tmp_path / "home"
+    shutil.copytree(small.dir.base, home / "base")
+    shutil.copy(small.dir.delta, home / "delta.safetensors")
+    monkeypatch.chdir(home)
+    before = {p: tree(p) for p in (small.file.base, small.dir.base, small.file.delta, home)}
+    cases = [(small.file.base, small.file.delta, small.file.base, "is the input"),
+             (small.dir.base, small.dir.delta, small.dir.base, "is the input"),
+             (small.file.base, small.file.delta, small.file.delta, "is the input"),
+             (home / "base", "delta.safetensors", home, "contains the input"),
+             (home / "base", "delta.safetensors", ".", "contains the input"),
+             (small.dir.base, small.dir.delta, ".", "current directory"),
+             (small.dir.base, small.dir.delta, "..", "current directory")]
+    for base, delta, out, message in cases:
+        code, err = run_cli("apply", base, delta, out, "--overwrite")
+        assert code == 2 and message in err and err.count("\n") == 1, (out, err)
+    assert {p: tree(p) for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_apply_never_replaces_what_it_did_not_write(small, tmp_path):
+    """A directory of unrelated files (and subfolders) as OUT is refused, --overwrite or not;
+    so is a checkpoint apply wrote once a file is added to it, and an unrelated file."""
+    mine = tmp_path / "my_models"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "sub" / "weights.bin").write_bytes(b"\1\2")
+    mine_file = tmp_path / "mine.safetensors"
+    save_file({"x": torch.ones(2)}, str(mine_file))
+    merged = tmp_path / "merged"
+    assert run_cli("apply", small.dir.base, small.dir.delta, merged) == (0, "")
+    (merged / "README.md").write_text("added by me")
+    before = {p: tree(p) for p in (mine, mine_file, merged)}
+    for base, delta, out in ((small.dir.base, small.dir.delta, mine),
+                             (small.dir.base, small.dir.delta, merged),
+                             (small.file.base, small.file.delta, mine_file)):
+        for extra in ([], ["--overwrite"]):
+            code, err = run_cli("apply", base, delta, out, *extra)
+            assert code == 2 and "not replaced" in err and err.count("\n") == 1, err
+    assert {p: tree(p) for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine.safetensors",
+                                                          "my_models"]
+
+
+def test_overwrite_replaces_our_own_outputs(small, tmp_path, monkeypatch):
+    """compress and apply write an absent OUT or an empty directory; an output of their own
+    needs --overwrite, and is then replaced whole. A failure while replacing leaves the old
+    output as it was and no scratch behind."""
+    for kind in ("file", "dir"):
+        s = getattr(small, kind)
+        delta = tmp_path / f"d-{kind}.safetensors"
+        fast = ("--quantizer", "minmax")
+        assert run_cli(s.base, s.ft, delta, *fast) == (0, "")
+        code, err = run_cli(s.base, s.ft, delta, *fast, "--budget", "1/8")
+        assert code == 2 and "pass --overwrite" in err
+        assert run_cli(s.base, s.ft, delta, *fast, "--budget", "1/8", "--overwrite") == (0, "")
+        assert read_delta_file(delta).meta["config"]["budget"] == 1 / 8
+        merged = tmp_path / f"merged-{kind}"
+        if kind == "dir":
+            merged.mkdir()                                   # empty: nothing to lose
+        assert run_cli("apply", s.base, s.delta, merged) == (0, "")
+        first = tree(merged)
+        code, err = run_cli("apply", s.base, delta, merged)
+        assert code == 2 and "pass --overwrite" in err and tree(merged) == first
+        assert run_cli("apply", s.base, delta, merged, "--overwrite") == (0, "")
+        assert tree(merged) != first
+        assert run_cli("verify", s.base, delta, merged) == (0, "")
+
+    def failing(*args):
+        raise DeltaComeError("simulated failure")
+    monkeypatch.setattr(dc, "merge_shard", failing)
+    before = tree(tmp_path / "merged-dir")
+    code, err = run_cli("apply", small.dir.base, small.dir.delta, tmp_path / "merged-dir",
+                        "--overwrite")
+    assert code == 2 and "simulated failure" in err and tree(tmp_path / "merged-dir") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-dir.safetensors",
+                                                          "d-file.safetensors", "merged-dir",
+                                                          "merged-file"]
+
+
+def test_compress_never_replaces_an_unrelated_file(small, tmp_path):
+    mine = tmp_path / "notes.safetensors"
+    save_file({"x": torch.ones(2)}, str(mine))
+    text = tmp_path / "notes.txt"
+    text.write_text("mine")
+    for out in (mine, text):
+        before = tree(out)
+        code, err = run_cli(small.file.base, small.file.ft, out, "--overwrite")
+        assert code == 2 and "not replaced" in err and err.count("\n") == 1, err
+        assert tree(out) == before
+
+
+def test_example_keeps_directories_it_did_not_write(tmp_path):
+    """`example DIR` writes base/ and ft/ in DIR; a base/ of the user's is never deleted."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "mine.txt").write_text("mine")
+    args = ("example", tmp_path, "--pair-only", "--layers", "1", "--width", "32")
+    for extra in ([], ["--overwrite"]):
+        code, err = run_cli(*args, *extra)
+        assert code == 2 and "not replaced" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert (tmp_path / "base" / "mine.txt").read_text() == "mine"
+    (tmp_path / "base" / "mine.txt").unlink()
+    assert run_cli(*args) == (0, "")                            # an empty base/ is fine
+    code, err = run_cli(*args)
+    assert code == 2 and "pass --overwrite" in err
+    assert run_cli(*args, "--overwrite") == (0, "")
+
+
+def checkpoint_pair(tmp_path: Path, base: dict, ft: dict) -> tuple[Path, Path]:
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    return tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+
+
+def test_integer_matrices_are_carried_exactly(tmp_path):
+    """Matrices that --include selects but that are not floating point (int8, uint8, int32,
+    bool, float8) are carried bit-exact, never compressed; uint16 tensors are carried too.
+    compress, apply and verify all handle them, and the summary reports them."""
+    gen = torch.Generator().manual_seed(0)
+    layer = "model.layers.0."
+    base = {layer + "q_proj.weight": torch.randn(32, 48, generator=gen).half(),
+            layer + "i8.weight": torch.randint(-128, 128, (32, 64), generator=gen).to(torch.int8),
+            layer + "u8.weight": torch.randint(0, 256, (32, 64), generator=gen).to(torch.uint8),
+            layer + "i32.weight": torch.randint(-2**31, 2**31 - 1, (8, 8), generator=gen,
+                                                dtype=torch.int64).to(torch.int32),
+            layer + "mask.weight": torch.rand(16, 16, generator=gen) > 0.5,
+            layer + "f8.weight": torch.randn(16, 32, generator=gen).to(torch.float8_e4m3fn),
+            "model.u16": torch.arange(10, dtype=torch.int32).to(torch.uint16)}
+    ft = {k: v.clone() for k, v in base.items()}
+    ft[layer + "q_proj.weight"] += (0.1 * torch.randn(32, 48, generator=gen)).half()
+    for k in ("i8", "u8", "i32"):
+        ft[layer + f"{k}.weight"][0, :3] += 3
+    ft[layer + "mask.weight"] = ~ft[layer + "mask.weight"]
+    ft[layer + "f8.weight"] = (ft[layer + "f8.weight"].float() * 2).to(torch.float8_e4m3fn)
+    ft["model.u16"] = torch.arange(1, 11, dtype=torch.int32).to(torch.uint16)
+    b, f = checkpoint_pair(tmp_path, base, ft)
+    summary = compress(b, f, tmp_path / "d.safetensors", FAST, progress=False)
+    assert summary.not_float == {layer + "i8.weight": "int8", layer + "u8.weight": "uint8",
+                                 layer + "i32.weight": "int32", layer + "mask.weight": "bool",
+                                 layer + "f8.weight": "float8_e4m3fn"}
+    assert "not compressed" in summary.table()
+    d = read_delta_file(tmp_path / "d.safetensors")
+    assert list(d.matrices) == [layer + "q_proj.weight"]
+    assert all(dc.same_bits(d.carried[k], ft[k]) for k in ft if k in summary.not_float) and \
+        dc.same_bits(d.carried["model.u16"], ft["model.u16"])
+    assert run_cli("apply", b, tmp_path / "d.safetensors", tmp_path / "m.safetensors") == (0, "")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert all(dc.same_bits(merged[k], ft[k]) for k in ft if k != layer + "q_proj.weight")
+    assert run_cli("verify", b, tmp_path / "d.safetensors", tmp_path / "m.safetensors") == (0, "")
+    assert run_cli("info", tmp_path / "d.safetensors")[0] == 0
+
+
+def test_empty_matrix_compresses_applies_and_verifies(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.empty.weight": torch.zeros(0, 64).half(),
+            "model.layers.0.q.weight": torch.randn(32, 32, generator=gen).half()}
+    ft = {k: v + 0.01 for k, v in base.items()}
+    b, f = checkpoint_pair(tmp_path, base, ft)
+    d, m = tmp_path / "d.safetensors", tmp_path / "m.safetensors"
+    for args in ((b, f, d, "--quantizer", "minmax"), ("info", d), ("apply", b, d, m),
+                 ("verify", b, d, m)):
+        assert run_cli(*args)[0] == 0, args
+    assert read_delta_file(d).matrices["model.layers.0.empty.weight"].bands == []
+
+
+def scaled(s_factor, u_factor=1.0):
+    """A legal-looking file whose S, and U's scales and zeros, are that many times too large:
+    finite, so it passes the file's checks, but W_base + Δ̂ overflows."""
+    def corrupt(meta, tensors):
+        for k in tensors:
+            if k.endswith(".S"):
+                tensors[k] *= s_factor
+            if k.endswith((".U.scale", ".U.zero")):
+                tensors[k] *= u_factor
+        return json.dumps(meta)
+    return corrupt
+
+
+def test_apply_and_verify_refuse_non_finite_values(small, tmp_path):
+    """apply refuses a BASE holding NaN and a W_base + Δ̂ that is not finite in BASE's dtype;
+    verify refuses NaN in a rebuilt matrix, a NaN BASE, and a delta whose Δ̂ overflows fp16
+    or even fp32 (where the ulp comparison meets NaN: NaN > 1 is False, so it used to pass)."""
+    base_t = load_file(str(small.file.base))
+    base_t[UP].view(-1)[5] = float("nan")
+    nan_base = tmp_path / "nan-base.safetensors"
+    save_file(base_t, str(nan_base))
+    huge = rewrite_delta(small.file.delta, tmp_path / "huge.safetensors", scaled(1e30))
+    inf = rewrite_delta(small.file.delta, tmp_path / "inf.safetensors", scaled(3e38, 100.0))
+    merged_t = load_file(str(small.file.merged))
+    merged_t[UP].view(-1)[7] = float("nan")
+    nan_merged = tmp_path / "nan-merged.safetensors"
+    save_file(merged_t, str(nan_merged))
+    out = tmp_path / "m.safetensors"
+    for args, message in ((("apply", nan_base, small.file.delta, out), "NaN or Inf"),
+                          (("apply", small.file.base, huge, out), "not finite"),
+                          (("verify", small.file.base, small.file.delta, nan_merged), "NaN or Inf"),
+                          (("verify", nan_base, small.file.delta, small.file.merged), "NaN or Inf"),
+                          (("verify", small.file.base, huge, small.file.merged), "ulp"),
+                          (("apply", small.file.base, inf, out), "not finite"),
+                          (("verify", small.file.base, inf, small.file.merged), "nan ulp")):
+        code, err = run_cli(*args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not out.exists()
+
+
+def test_verify_error_is_not_glued_to_the_progress_bar(small, tmp_path):
+    import contextlib
+    import io
+    merged_t = load_file(str(small.file.merged))
+    merged_t[UP].view(-1)[7] = float("nan")
+    save_file(merged_t, str(tmp_path / "bad.safetensors"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert dc.main(["verify", str(small.file.base), str(small.file.delta),
+                        str(tmp_path / "bad.safetensors")]) == 2
+    lines = err.getvalue().splitlines()
+    assert "verify" in err.getvalue() and lines[-1].startswith("deltacome: error:")
+    assert sum("deltacome: error" in line for line in lines) == 1
+
+
+def parse_error(*args) -> tuple[int, str]:
+    """Run the CLI expecting argparse to refuse an option: (exit code, stderr)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        dc.main([str(a) for a in args])
+    return exit_.value.code, err.getvalue()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "1073741824"], "multiple of 32 in 32..4096"),
+    (["--group-size", "1048576"], "multiple of 32 in 32..4096"),
+    (["--group-size", "48"], "multiple of 32"),
+    (["--group-size", "abc"], "not an integer"),
+    (["--device", "xyz"], "expected auto, cpu, cuda or cuda:N"),
+    (["--device", ""], "expected auto, cpu, cuda or cuda:N"),
+    (["--device", "meta"], "expected auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "expected auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--budget", "-1/16"], "budget must be in (0, 1]"),
+    (["--budget", "nan"], "budget must be in (0, 1]"),
+    (["--widths", "2,x"], "not an integer"),
+    (["--widths", "2,9"], "widths must be integers in 0..8"),
+    (["--method", "8:x"], "bad band spec"),
+    (["--include", "("], "bad regex"),
+])
+def test_options_are_checked_as_they_are_parsed(tmp_path, args, message):
+    """A bad option is refused by argparse (exit 2, its message) before any file is looked
+    at: BASE and FT do not even exist here."""
+    missing = tmp_path / "missing"
+    code, err = parse_error(missing, missing, tmp_path / "d.safetensors", *args)
+    assert code == 2 and message in err and "no such file" not in err, err
+    if args[0] in ("--device", "--group-size"):
+        code, err = parse_error("example", tmp_path / "ex", *args)
+        assert code == 2 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_checks_the_same_values(small, tmp_path):
+    for cfg in (Config(group_size=2**30), Config(device="meta"), Config(budget=-1.0),
+                Config(widths=(2, 9)), Config(quantizer="max"), Config(method="8:x")):
+        with pytest.raises(DeltaComeError):
+            compress(small.file.base, small.file.ft, tmp_path / "d.safetensors", cfg,
+                     progress=False)
+    with pytest.raises(DeltaComeError, match="expected auto"):
+        apply(small.file.base, small.file.delta, tmp_path / "m.safetensors", "xyz",
+              progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_index_is_a_one_line_error(small, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(small.dir.base, ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    for text in ('{"weight_map": ["a", "b"]}', '[1]', '{"weight_map": {"a": 3}}'):
+        index.write_text(text)
+        code, err = run_cli(ckpt, small.dir.ft, tmp_path / "d.safetensors")
+        assert code == 2 and "index" in err and err.count("\n") == 1, (text, err)
