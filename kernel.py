@@ -1218,14 +1218,19 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
     step = rows_per_launch(kd.shape)
     for i in range(0, x2.shape[0], step):
         xc = x2[i:i + step]
-        key = ("plan", xc.shape[0])                  # one tenant: the plan depends on B only
-        if key not in kd._tables:
-            kd._tables[key] = plan_tenants(torch.zeros(xc.shape[0], dtype=torch.int64), 1,
-                                           x.device)
-        chunks.append(launch(xc, kd, kd._tables[key],
+        chunks.append(launch(xc, kd, single_plan(kd, xc.shape[0], x.device),
                              None if b2 is None else b2[i:i + step], config))
     y = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
     return y.reshape(*lead, out_f)
+
+
+def single_plan(kd: KernelDelta, rows: int, device) -> TenantPlan:
+    """The plan of `rows` rows of a one-tenant KernelDelta, made once and cached with it
+    (one tenant: the plan depends on the row count only)."""
+    key = ("plan", rows)
+    if key not in kd._tables:
+        kd._tables[key] = plan_tenants(torch.zeros(rows, dtype=torch.int64), 1, device)
+    return kd._tables[key]
 
 
 # ----------------------------------------------------------------------------------------------
