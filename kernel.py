@@ -30,12 +30,20 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
 
+  Serving options of a patched model (serving_options; both off by default):
+    prepare_fused_delta     the deltas of layers that read one input (q/k/v, gate/up) in one
+                            runtime layout, their outputs side by side: one launch pair
+    DeltaGroup              such layers served together (fuse)
+    run_overlapped          a layer's two launches on a side stream, its base GEMM beside
+                            phase V (overlap)
+
 Usage:
     dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
     model_names = patch_model(model, "delta.safetensors")      # serve without merging
     patch_model_tenants(model, ["math.safetensors", "code.safetensors"])  # N fine-tunes
     with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
         logits = model(input_ids).logits                      # input_ids: (4, seq)
+    serving_options(model, fuse=True, overlap=True)            # fewer, overlapped launches
 
 Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
@@ -86,7 +94,8 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   the reference rounds z to the compute dtype.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
-(`workspace`): launches on one device must not overlap (one CUDA stream at a time).
+(`workspace`): launches on one device must not overlap (one CUDA stream at a time; the
+overlap option keeps every delta launch on one side stream, see serving_options).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
 71–126× faster than the reference and 44 % / 45 % of copy bandwidth on the two 70B shapes
@@ -1250,31 +1259,48 @@ class DeltaLinear(torch.nn.Module):
                              f"{tuple(delta.shape)}")
         self.base, self.delta, self.backend = base, delta, backend
         self._prepared: KernelDelta | None = None
+        self.group: DeltaGroup | None = None    # set by serving_options
+        self.overlap = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ((self.group is not None or self.overlap)
+                and _backend_for(x, self.backend) == "triton"):
+            if self.group is not None:
+                return self.group.output(self, x)
+            kd = self.kernel_delta(x.device)
+            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
+            return serve_layers(x, [self.base], kd, plan, overlap=True)[0]
         y = self.base(x)
         if _backend_for(x, self.backend) != "triton":
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
             return delta_matmul(x, self.delta, y, backend="reference")
-        if self._prepared is None or self._prepared.S.device != x.device:
-            self._prepared = prepare_delta(self.delta, x.device)
-        return delta_matmul(x, self._prepared, y, backend="triton")
+        return delta_matmul(x, self.kernel_delta(x.device), y, backend="triton")
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The delta in the kernels' layout on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            self._prepared = prepare_delta(self.delta, device)
+        return self._prepared
 
     def extra_repr(self) -> str:
         bands = ",".join(f"{b.bits}:{b.rank}" for b in self.delta.bands) or "empty"
         return f"bands={bands}, backend={self.backend}"
 
 
-def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> list[str]:
+def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse: bool = False,
+                overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
     matrix NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
     tensor is copied into the parameter or buffer of that name. Returns the patched names.
-    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight)."""
+    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight). fuse and
+    overlap: see serving_options."""
     delta = read_delta_file(delta_path)
     copy_carried(model, delta.carried, delta_path)
     for name, cm in delta.matrices.items():
         replace_linear(model, name, lambda layer: DeltaLinear(layer, cm, backend), delta_path)
+    if fuse or overlap:
+        serving_options(model, fuse, overlap)
     return list(delta.matrices)
 
 
@@ -1524,8 +1550,17 @@ class MultiDeltaLinear(torch.nn.Module):
         self.base, self.deltas, self.backend = base, list(deltas), backend
         self.tenants: TenantBatch | None = None
         self._prepared: KernelDelta | None = None
+        self.group: DeltaGroup | None = None    # set by serving_options
+        self.overlap = False
 
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
+        if ((self.group is not None or self.overlap) and tenant_idx is None
+                and self.tenants is not None and _backend_for(x, self.backend) == "triton"):
+            plan = self.tenants.plan(tuple(x.shape[:-1]), x.device)
+            if self.group is not None:
+                return self.group.output(self, x, plan)
+            return serve_layers(x, [self.base], self.kernel_delta(x.device), plan,
+                                overlap=True)[0]
         y = self.base(x)
         lead = tuple(x.shape[:-1])
         n = len(self.deltas)
@@ -1545,11 +1580,16 @@ class MultiDeltaLinear(torch.nn.Module):
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
             return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
-        if self._prepared is None or self._prepared.S.device != x.device:
-            self._prepared = prepare_multi_delta(self.deltas, x.device)
         plan = batch.plan(lead, x.device) if batch is not None else \
             plan_tenants(rows, n, x.device)
-        return multi_delta_matmul(x, self._prepared, None, y, backend="triton", plan=plan)
+        return multi_delta_matmul(x, self.kernel_delta(x.device), None, y, backend="triton",
+                                  plan=plan)
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The N deltas in the kernels' layout on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            self._prepared = prepare_multi_delta(self.deltas, device)
+        return self._prepared
 
     def extra_repr(self) -> str:
         ranks = [sum(b.rank for b in cm.bands) for cm in self.deltas]
@@ -1557,7 +1597,8 @@ class MultiDeltaLinear(torch.nn.Module):
 
 
 def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
-                        backend: str = "auto") -> list[str]:
+                        backend: str = "auto", fuse: bool = False,
+                        overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place: every
     compressed matrix NAME.weight swaps the nn.Linear at NAME for a MultiDeltaLinear holding
     the N deltas (tenant t = delta_paths[t]). Returns the patched names.
@@ -1566,7 +1607,8 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     whatever the fine-tunes changed outside the compressed matrices) are shared by every
     tenant of one model, so they must be equal in all N files; they are then copied into the
     model. Tenants that differ there cannot share one model: that is an error, naming the
-    tensor. Call the model inside `use_tenants(model, tenant_idx)`."""
+    tensor. Call the model inside `use_tenants(model, tenant_idx)`. fuse and overlap: see
+    serving_options."""
     paths = [Path(p) for p in delta_paths]
     if not paths:
         raise DeltaComeError("patch_model_tenants needs at least one delta file")
@@ -1589,6 +1631,8 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     for name in names:
         replace_linear(model, name, lambda layer: MultiDeltaLinear(
             layer, [f.matrices[name] for f in files], backend), paths[0])
+    if fuse or overlap:
+        serving_options(model, fuse, overlap)
     return names
 
 
@@ -1609,3 +1653,171 @@ def use_tenants(model: torch.nn.Module, tenant_idx):
     finally:
         for m in layers:
             m.tenants = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving options of a patched model (serving_options): two changes to how a forward pass
+# launches the kernels, each switchable, both off by default.
+#
+# * fuse: layers that read the same input (a block's q/k/v, and gate/up) share one fused
+#   KernelDelta (prepare_fused_delta) and one launch pair. The first of them to be called
+#   makes all their outputs, side by side in one buffer, and the others take theirs: a
+#   Llama block's 14 delta launches become 8.
+# * overlap: a layer's two launches run on a side stream of the device, and its base GEMM
+#   runs on the current stream between them (run_overlapped), so phase V, which needs only
+#   x, runs beside the base GEMM. At decode batch sizes phase V is latency-bound and the
+#   GEMM bandwidth-bound. Every delta launch of the model goes to that one side stream, so
+#   the shared workspace still sees one launch at a time.
+#
+# Both paths add the delta into the base output in place (launch(..., in_place=True)), and
+# both can be captured in a CUDA graph: the side stream is forked from the capturing stream
+# and joined back with events.
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_SIDE_STREAMS: dict = {}      # device -> the side stream of run_overlapped
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    """The one stream per CUDA device that overlapped delta launches go to."""
+    key = str(torch.device(device))
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
+def run_overlapped(x: torch.Tensor, make_base, run_delta) -> torch.Tensor:
+    """run_delta(base) with its launches on the side stream, where `base` is a callable that
+    launch calls between its two phases; it runs make_base() (the base output, allocated
+    and computed on the current stream) while phase V runs, and lets phase U wait for it.
+    Returns run_delta's result, ready on the current stream. On CPU tensors (the
+    interpreter) the same calls run in the same order on one stream."""
+    if not x.is_cuda:
+        return run_delta(make_base)
+    main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
+    side.wait_stream(main)                           # x is ready
+
+    def base():
+        with torch.cuda.stream(main):
+            y = make_base()
+        side.wait_stream(main)                       # phase U reads and writes y
+        y.record_stream(side)
+        return y
+
+    with torch.cuda.stream(side):
+        y = run_delta(base)
+    main.wait_stream(side)
+    x.record_stream(side)                            # x and y were made on the current stream
+    return y
+
+
+def linear_into(layer: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x (B, in) -> out (B, out_f) = x Wᵀ (+ bias), written into `out`, whose rows may be
+    strided (a column range of a wider buffer)."""
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.mT, out=out)
+    return torch.addmm(layer.bias, x, layer.weight.mT, out=out)
+
+
+def serve_layers(x: torch.Tensor, bases: Sequence[torch.nn.Linear], kd: KernelDelta,
+                 plan: TenantPlan, overlap: bool) -> list[torch.Tensor]:
+    """x (..., in) -> [bases[m](x) + x Δ̂ₘᵀ for each member m of kd] through the kernels, in
+    one launch pair: kd holds the members' deltas side by side (kd.outputs; one member:
+    prepare_delta or prepare_multi_delta), rows as in `plan`. The base outputs are made in
+    one (B, Σ out) buffer and the delta is added into it in place; member m's output is a
+    view of its columns. overlap: the launches run on the side stream (run_overlapped)."""
+    resolve_backend(x, kd.shape, None, "triton")
+    if kd.S.device != x.device:
+        raise ValueError(f"the prepared delta is on {kd.S.device}, x on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, kd.shape[1]).contiguous()                            # (B, in)
+
+    def make_base():
+        if len(bases) == 1:
+            return bases[0](x2)                                              # (B, out)
+        y = x2.new_empty(x2.shape[0], kd.shape[0])                           # (B, Σ out)
+        for layer, (out0, n) in zip(bases, kd.outputs):
+            linear_into(layer, x2, y[:, out0:out0 + n])
+        return y
+
+    def run_delta(base):
+        return launch(x2, kd, plan, base, None, in_place=True)
+    y = run_overlapped(x2, make_base, run_delta) if overlap else run_delta(make_base())
+    return [y[:, out0:out0 + n].view(*lead, n) for out0, n in kd.outputs]
+
+
+class DeltaGroup:
+    """Patched layers (all DeltaLinear, or all MultiDeltaLinear) that read the same input,
+    served by one launch pair over their fused deltas. The first layer called with an input
+    makes every layer's output; each other layer, called with the same tensor, takes its own
+    (a view of one buffer). A call with any other tensor starts over. So a group assumes what
+    a transformer block does: its layers are called with the same, unchanged input before
+    any of them sees the next one."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        self.layers = list(layers)
+        self._prepared: KernelDelta | None = None
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}     # layer index -> output not yet taken
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The layers' deltas fused (prepare_fused_delta) on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            per_layer = [m.deltas if isinstance(m, MultiDeltaLinear) else [m.delta]
+                         for m in self.layers]
+            self._prepared = prepare_fused_delta([list(t) for t in zip(*per_layer)], device)
+        return self._prepared
+
+    def output(self, layer: torch.nn.Module, x: torch.Tensor,
+               plan: TenantPlan | None = None) -> torch.Tensor:
+        """layer's output for x. plan: the tenants' (MultiDeltaLinear); None for one tenant."""
+        i = next(k for k, m in enumerate(self.layers) if m is layer)
+        if self._input is x and i in self._pending:
+            y = self._pending.pop(i)
+            if not self._pending:
+                self._input = None
+            return y
+        kd = self.kernel_delta(x.device)
+        if plan is None:
+            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
+        outs = serve_layers(x, [m.base for m in self.layers], kd, plan, layer.overlap)
+        self._input = x
+        self._pending = {k: y for k, y in enumerate(outs) if k != i}
+        return outs[i]
+
+
+def _fusable(layers: Sequence[torch.nn.Module]) -> bool:
+    """Whether these patched layers can share one fused layout: two or more of one kind, one
+    input size, weight dtype and device, tenant count and quantization group size."""
+    if len(layers) < 2 or len({type(m) for m in layers}) > 1:
+        return False
+    deltas = [m.deltas if isinstance(m, MultiDeltaLinear) else [m.delta] for m in layers]
+    return (len({m.base.in_features for m in layers}) == 1
+            and len({(m.base.weight.dtype, m.base.weight.device) for m in layers}) == 1
+            and len({len(d) for d in deltas}) == 1
+            and len({b.V.group_size for d in deltas for cm in d for b in cm.bands}) <= 1)
+
+
+def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = False) -> int:
+    """Set how the patched layers of `model` (patch_model, patch_model_tenants) launch the
+    kernels on the Triton path; returns the number of fused groups. fuse: sibling layers
+    named in SHARED_INPUTS (q/k/v, gate/up of one module) that read the same input share one
+    launch pair; overlap: each launch pair runs on a side stream, its phase V beside the
+    base GEMM (see the notes above). A call replaces the last one's setting; both False is
+    the plain path. The reference backend ignores both."""
+    layers = [m for m in model.modules() if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
+    if not layers:
+        raise ValueError("the model has no patched layers: patch_model or "
+                         "patch_model_tenants first")
+    for m in layers:
+        m.group, m.overlap = None, overlap
+    groups = 0
+    for parent in model.modules() if fuse else ():
+        for names in SHARED_INPUTS:
+            members = [m for m in (getattr(parent, n, None) for n in names)
+                       if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
+            if _fusable(members):
+                group = DeltaGroup(members)
+                for m in members:
+                    m.group, m._prepared = group, None      # the group holds the layout
+                groups += 1
+    return groups
