@@ -1454,3 +1454,118 @@ def test_serving_options_tenants(monkeypatch):
         want = exact(x.reshape(6, 48), cms[name], rows, base)
         for fuse in (False, True):
             assert rel(outs[fuse][name].reshape(6, -1), want) < 2 * UNIT[torch.float16]
+
+
+def test_decoder_matches_transformers():
+    """bench.py's decode loop (its own static KV cache and step) against transformers on a
+    tiny random Llama with grouped-query attention, fp32, prompts left-padded by 0, 2 and 5
+    tokens: the prompt's logits at every real position, then greedy tokens vs generate()."""
+    pytest.importorskip("transformers")
+    import bench
+    model = bench.llama_model(bench.DECODE_CPU, "cpu", torch.float32)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    prompts = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(3))
+    pad = torch.tensor([0, 2, 5])
+    real = torch.arange(7)[None] >= pad[:, None]                            # (3, 7)
+    dec = bench.Decoder(model, prompts, pad, 6)
+    q, keys = torch.arange(7)[:, None], torch.arange(7 + 6)                # cache columns
+    mask = (keys <= q) & ((keys >= pad[:, None, None]) | (keys == q))       # (3, 7, 13)
+    with torch.no_grad():
+        mine = bench.llama_forward(model, prompts, (q.mT - pad[:, None]).clamp_min(0),
+                                   q[:, 0], mask[:, None], dec.k, dec.v, last=False)
+        theirs = model(prompts, attention_mask=real.long()).logits
+    assert torch.allclose(mine[real], theirs[real], atol=1e-4, rtol=1e-4)
+    tokens = dec.run()
+    want = model.generate(input_ids=prompts, attention_mask=real.long(), max_new_tokens=6,
+                          do_sample=False, pad_token_id=0)[:, 7:]
+    assert torch.equal(tokens, want)
+
+
+def test_agreement_counts_until_eos():
+    import bench
+    want = torch.tensor([[5, 2, 9, 9], [1, 1, 1, 1]])                      # EOS = 2
+    got = torch.tensor([[5, 2, 0, 0], [1, 0, 1, 1]])
+    a = bench.agreement(got, want, 2)
+    assert a == dict(positions=6, share=5 / 6, rows_equal=0.5)
+    assert bench.agreement(want, want, None)["share"] == 1.0
+
+
+def test_bench_decode_runs_on_cpu(tmp_path, monkeypatch):
+    """bench.py --decode on CPU (tiny model, reference backend, eager steps): every row of
+    the model and tenant sections, the ratios to the merged model, served tokens equal to
+    the merged model's (fp32), a failing configuration recorded while the others run, and
+    the options checked at parse time."""
+    pytest.importorskip("transformers")
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA this is the GPU benchmark, not a test")
+    path = tmp_path / "d.json"
+    assert bench.main(["--decode", "--sections", "model,tenants", "--batches", "1,2",
+                       "--tenants", "2", "--levers", "plain,fuse+overlap", "--prompt-len", "5",
+                       "--new-tokens", "3", "--tenant-new-tokens", "3", "--merged-copies", "2",
+                       "--json", str(path)]) == 0
+    res = json.loads(path.read_text())["decode"]
+    assert not res["errors"] and set(res["seconds"]) == {"model", "tenants"}
+    assert [(r["way"], r["lever"], r["batch"]) for r in res["model"]] == [
+        ("base", None, 1), ("base", None, 2), ("served", "plain", 1), ("served", "plain", 2),
+        ("served", "fuse+overlap", 1), ("served", "fuse+overlap", 2), ("merged", None, 1),
+        ("merged", None, 2)]
+    for r in res["model"]:
+        assert r["ms_per_token"] > 0 and r["x_merged"] > 0 and r["kv_gb"] > 0
+        assert (r["deltas_gb"] > 0) == (r["way"] == "served")
+        if r["way"] != "base":
+            assert r["tokens_vs_merged"] == 1.0
+    tenants = res["tenants"]
+    assert [(r["tenants"], r["lever"]) for r in tenants["rows"]] == [(2, "plain")]
+    assert tenants["separate"]["measured_models"] == 2 and tenants["rows"][0]["x_separate"] > 0
+    # one configuration's failure is recorded in its row; the others still run
+    real_row = bench.decode_row
+    monkeypatch.setattr(bench, "decode_row", lambda dec, graph, rows, **f: (
+        1 / 0 if f.get("lever") == "fuse" else real_row(dec, graph, rows, **f)))
+    assert bench.main(["--decode", "--sections", "model", "--batches", "1", "--levers",
+                       "plain,fuse", "--prompt-len", "3", "--new-tokens", "2",
+                       "--json", str(path)]) == 1
+    rows = json.loads(path.read_text())["decode"]["model"]
+    assert ["error" in r for r in rows] == [False, False, True, False]
+    assert "ZeroDivisionError" in rows[2]["error"] and rows[1]["x_merged"] > 0
+    for bad in (["--levers", "fast"], ["--sections", "all"], ["--new-tokens", "1"],
+                ["--batches", "0"], ["--pair", "a", "b", "c"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--decode", *bad])
+        assert e.value.code == 2
+
+
+def test_bench_decode_pair_on_cpu(tmp_path):
+    """bench.py --decode --pair on a tiny real triple (eval.py's tiny base with a character
+    tokenizer; a fine-tune of its projections, compressed and applied): the served model's
+    greedy tokens equal the merged model's, free-running and teacher-forced (fp32)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA this is the GPU benchmark, not a test")
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    ev.build_tiny_base(base, hidden=64, layers=2)
+    shutil.copytree(base, ft)
+    gen = torch.Generator().manual_seed(7)
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, w in tensors.items():
+            if ".layers." in name and w.ndim == 2:
+                tensors[name] = w + synthetic_delta(*w.shape, gen, scale=0.5).to(w.dtype)
+        save_file(tensors, shard, {"format": "pt"})
+    compress(base, ft, tmp_path / "d.safetensors", Config(device="cpu"), progress=False)
+    apply(base, tmp_path / "d.safetensors", tmp_path / "merged", "cpu", progress=False)
+    path = tmp_path / "pair.json"
+    assert bench.main(["--decode", "--sections", "pair", "--pair", str(base),
+                       str(tmp_path / "d.safetensors"), str(tmp_path / "merged"),
+                       "--pair-prompts", "3", "--pair-new-tokens", "4", "--levers", "plain",
+                       "--json", str(path)]) == 0
+    pair = json.loads(path.read_text())["decode"]["pair"]
+    assert pair["prompts"] == 3 and [r["way"] for r in pair["rows"]] == ["merged", "served"]
+    served = pair["rows"][1]
+    assert served["free_running"]["positions"] > 0
+    assert served["free_running"]["share"] == served["teacher_forced"]["share"] == 1.0
