@@ -1085,8 +1085,8 @@ def use_pdl(device) -> bool:
             and _triton_has_pdl() and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base, config: KernelConfig
-           | None, in_place: bool = False) -> torch.Tensor:
+def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
+           config: KernelConfig | None, in_place: bool = False) -> torch.Tensor:
     """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out).
 
     base: None, a (B, out) tensor whose rows are contiguous, or a callable that returns one,
@@ -1802,13 +1802,17 @@ def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = 
     kernels on the Triton path; returns the number of fused groups. fuse: sibling layers
     named in SHARED_INPUTS (q/k/v, gate/up of one module) that read the same input share one
     launch pair; overlap: each launch pair runs on a side stream, its phase V beside the
-    base GEMM (see the notes above). A call replaces the last one's setting; both False is
-    the plain path. The reference backend ignores both."""
+    base GEMM (see the notes above). A call replaces the last one's setting (groups that
+    stay keep their prepared layout); both False is the plain path. The reference backend
+    ignores both."""
     layers = [m for m in model.modules() if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
     if not layers:
         raise ValueError("the model has no patched layers: patch_model or "
                          "patch_model_tenants first")
+    kept = {}
     for m in layers:
+        if fuse and m.group is not None:
+            kept[id(m)] = m.group
         m.group, m.overlap = None, overlap
     groups = 0
     for parent in model.modules() if fuse else ():
@@ -1816,7 +1820,9 @@ def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = 
             members = [m for m in (getattr(parent, n, None) for n in names)
                        if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
             if _fusable(members):
-                group = DeltaGroup(members)
+                group = kept.get(id(members[0]))
+                if group is None or group.layers != members:
+                    group = DeltaGroup(members)
                 for m in members:
                     m.group, m._prepared = group, None      # the group holds the layout
                 groups += 1

@@ -1374,6 +1374,8 @@ def test_serving_options_groups_siblings():
     group = blk.self_attn.q_proj.group
     assert group is blk.self_attn.v_proj.group and group.layers[1] is blk.self_attn.k_proj
     assert blk.mlp.gate_proj.group is None and not blk.mlp.gate_proj.overlap
+    assert kernel.serving_options(blk, fuse=True, overlap=True) == 1
+    assert blk.self_attn.k_proj.group is group and blk.self_attn.k_proj.overlap  # kept
     assert kernel.serving_options(blk, overlap=True) == 0
     assert blk.self_attn.q_proj.group is None and blk.mlp.gate_proj.overlap
     with pytest.raises(ValueError, match="no patched layers"):
