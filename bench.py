@@ -579,9 +579,12 @@ def patch_synthetic(model, deltas: dict, backend: str, tenants: int = 0) -> None
 
 
 def unpatch(model) -> None:
-    """Every DeltaLinear / MultiDeltaLinear of `model` back to its base nn.Linear."""
+    """Every DeltaLinear / MultiDeltaLinear of `model` back to its base nn.Linear (out of its
+    group first: a group and its layers refer to each other, and their layouts would wait
+    for the garbage collector)."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, (DeltaLinear, MultiDeltaLinear)):
+            layer.group = None
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer.base)
 
