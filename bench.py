@@ -329,19 +329,20 @@ def projection_block(m: dict, device, dtype) -> torch.nn.Module:
         layer = torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype)
         torch.nn.init.normal_(layer.weight, 0, 0.02)
         setattr(getattr(block, parent), child, layer)
-    return block
+    return block.requires_grad_(False)
 
 
-def run_block(block: torch.nn.Module, xs: dict) -> None:
-    """The block's projections called as a Llama block calls them: q, k and v on one input,
-    o on another, gate and up on a third, down on a fourth."""
+def block_calls(block: torch.nn.Module, xs: dict) -> list:
+    """(layer, input) of the block's projections in the order a Llama block calls them: q, k
+    and v on one input tensor, o on another, gate and up on a third, down on a fourth."""
     attn, mlp = block.self_attn, block.mlp
-    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
-        layer(xs["attn"])
-    attn.o_proj(xs["o"])
-    for layer in (mlp.gate_proj, mlp.up_proj):
-        layer(xs["mlp"])
-    mlp.down_proj(xs["down"])
+    return [(attn.q_proj, xs["attn"]), (attn.k_proj, xs["attn"]), (attn.v_proj, xs["attn"]),
+            (attn.o_proj, xs["o"]), (mlp.gate_proj, xs["mlp"]), (mlp.up_proj, xs["mlp"]),
+            (mlp.down_proj, xs["down"])]
+
+
+def run_block(block: torch.nn.Module, xs: dict) -> list[torch.Tensor]:
+    return [layer(x) for layer, x in block_calls(block, xs)]
 
 
 def layer_rows(models, batches, dtype, device, cache, levers=tuple(LEVERS)) -> list[dict]:
@@ -369,15 +370,24 @@ def layer_rows(models, batches, dtype, device, cache, levers=tuple(LEVERS)) -> l
             for kind, cm in deltas.items():
                 replace_linear(block, f"{LLAMA_MODULES[kind]}.weight",
                                lambda layer, cm=cm: DeltaLinear(layer, cm), "bench")
-            times = {}
+            want = [layer.base(x).float() + delta_matmul_reference(x.float(), layer.delta)
+                    for layer, x in block_calls(block, xs)]         # correctness first
+            times, errs = {}, {}
             for lever in levers:
                 serving_options(block, *LEVERS[lever])
+                errs[lever] = max(rel_err(y, w) for y, w in zip(run_block(block, xs), want))
+                if not errs[lever] < (2e-2 if dtype == torch.bfloat16 else 4e-3):
+                    print(f"FAIL whole layer {model} B={B} {lever}: rel. error "
+                          f"{errs[lever]:.2e}")
                 times[lever] = time_us([lambda: run_block(block, xs)], graph=True)
             plain = times.get("plain")
             row = dict(model=model, batch=B, delta_bytes=nbytes, base_us=t_base,
                        levers={lv: dict(us=t, delta_us=t - t_base,
-                                        delta_over_base=(t - t_base) / t_base)
+                                        delta_over_base=(t - t_base) / t_base,
+                                        rel_err=errs[lv])
                                for lv, t in times.items()})
+            row["fail"] = any(not e < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+                              for e in errs.values())
             if plain is not None:
                 row.update(base_plus_delta_us=plain, delta_us=plain - t_base,
                            delta_over_base=(plain - t_base) / t_base)
@@ -541,7 +551,7 @@ def llama_model(m: dict, device, dtype, seed: int = 0):
                 p.normal_(0, 0.02, generator=gen)
             else:
                 p.fill_(1.0)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def synthetic_deltas(m: dict, protos: dict) -> dict:
@@ -1185,9 +1195,11 @@ def decode_main(args, out: dict, save, device) -> int:
 
 
 def has_error(result) -> bool:
-    """Whether a section's result holds a configuration that failed (guarded)."""
+    """Whether a section's result holds a configuration that failed (guarded) or a check
+    that failed (fail)."""
     if isinstance(result, dict):
-        return "error" in result or any(has_error(v) for v in result.values())
+        return ("error" in result or result.get("fail") is True
+                or any(has_error(v) for v in result.values()))
     return isinstance(result, list) and any(has_error(v) for v in result)
 
 

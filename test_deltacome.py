@@ -1538,6 +1538,21 @@ def test_bench_decode_runs_on_cpu(tmp_path, monkeypatch):
         assert e.value.code == 2
 
 
+def test_bench_layer_rows_levers(monkeypatch):
+    """The whole-layer rows (a block of patched projections, each serving option): every
+    option's outputs checked against the reference before timing, one row per batch. On CPU
+    the layers run the reference backend and a CPU timer stands in for the CUDA-graph one."""
+    import bench
+    monkeypatch.setattr(bench, "time_us", lambda calls, graph: bench.cpu_time_us(calls[0], 1))
+    m = dict(bench.DECODE_CPU, layers=1)
+    protos = bench.prototypes(m, "cpu", {})
+    rows = bench.layer_rows({"tiny": m}, (1, 3), torch.float32, torch.device("cpu"), protos)
+    assert [r["batch"] for r in rows] == [1, 3] and not any(r["fail"] for r in rows)
+    for r in rows:
+        assert list(r["levers"]) == list(bench.LEVERS) and r["base_us"] > 0
+        assert all(v["rel_err"] < 1e-5 and v["us"] > 0 for v in r["levers"].values())
+
+
 def test_bench_decode_pair_on_cpu(tmp_path):
     """bench.py --decode --pair on a tiny real triple (eval.py's tiny base with a character
     tokenizer; a fine-tune of its projections, compressed and applied): the served model's
