@@ -1421,7 +1421,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
-    rows = out.get("rows", []) + out.get("tenants", {}).get("rows", [])
+    rows = out.get("rows", []) + out.get("tenants", {}).get("rows", []) + out.get("layer", [])
     return 1 if any(r.get("fail") for r in rows) else 0
 
 
