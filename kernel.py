@@ -30,12 +30,20 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
 
+  Serving options of a patched model (serving_options; both off by default):
+    prepare_fused_delta     the deltas of layers that read one input (q/k/v, gate/up) in one
+                            runtime layout, their outputs side by side: one launch pair
+    DeltaGroup              such layers served together (fuse)
+    run_overlapped          a layer's two launches on a side stream, its base GEMM beside
+                            phase V (overlap)
+
 Usage:
     dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
     model_names = patch_model(model, "delta.safetensors")      # serve without merging
     patch_model_tenants(model, ["math.safetensors", "code.safetensors"])  # N fine-tunes
     with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
         logits = model(input_ids).logits                      # input_ids: (4, seq)
+    serving_options(model, fuse=True, overlap=True)            # fewer, overlapped launches
 
 Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
 
@@ -86,7 +94,8 @@ Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
   the reference rounds z to the compute dtype.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
-(`workspace`): launches on one device must not overlap (one CUDA stream at a time).
+(`workspace`): launches on one device must not overlap (one CUDA stream at a time; the
+overlap option keeps every delta launch on one side stream, see serving_options).
 
 Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
 71–126× faster than the reference and 44 % / 45 % of copy bandwidth on the two 70B shapes
@@ -178,11 +187,20 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 # ("items") sums them in a shared fp32 workspace (see _reduce). Item rows (ITEM_COLS int32):
 #
 #   [c, word base, ld, band rank, first column (V) / output tile (U), lo, hi, scale base,
-#    S base, z column of the band, tile, items of the tile, 0, 0, 0, 0]
+#    S base, z column of the band, tile, items of the tile, first output (U), outputs (U),
+#    0, 0]
 #
 # lo..hi are group indices (V) or band-local vector indices (U). Tables are per tenant,
 # padded to the largest tenant's item count with empty rows (0 items: the program returns),
 # built once per tiling and cached.
+#
+# Fused deltas. Matrices that read the same input (a block's q/k/v, or gate/up: "members")
+# can share one layout: phase V treats all their bands as one delta's (one z row), and phase
+# U tiles each member's outputs on its own, writing member m to columns outputs[m] of one
+# output row. A phase-U item's output tile is then its tile within its member (for the words
+# and scales it reads) and `tile` numbers the tiles of all members (its counter). Phase-U
+# scale rows are as long as the widest member's (KernelDelta.u_groups), so that their
+# length stays one kernel argument. A single matrix is one member at column 0.
 
 ITEM_COLS = 16
 _ITEM_COLS = tl.constexpr(ITEM_COLS)   # kernels may only read constexpr globals
@@ -207,6 +225,8 @@ class KernelDelta:
     v_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
     u_words: torch.Tensor
     u_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
+    outputs: tuple[tuple[int, int], ...]   # per member: (first output column, outputs)
+    band_members: list              # per tenant, per band: the member it belongs to
     _tables: dict = field(default_factory=dict)
 
     @property
@@ -216,6 +236,11 @@ class KernelDelta:
     @property
     def max_rank(self) -> int:
         return max(1, max(self.ranks))
+
+    @property
+    def u_groups(self) -> int:
+        """Length of a phase-U scale row: the quantization groups of the widest member."""
+        return max(-(-n // self.group_size) for _, n in self.outputs)
 
     @property
     def z_width(self) -> int:
@@ -250,28 +275,33 @@ class KernelDelta:
         return self._tables[key]
 
     def u_items(self, block_o: int, rows: int) -> tuple[torch.Tensor, int, int]:
-        """Phase-U items for tiles of block_o outputs, each band cut into chunks of `rows`
-        vectors, 8-bit bands into chunks of about half as many (a multiple of 16): their loop
-        costs ~1.4× the instructions per code of 2-bit bands (sm_90 SASS: 4.0 and 2.8), and
-        in a grid of one round the slowest program sets the time (H100, 28672×8192 at batch
-        1: 24.17 -> 23.41 µs, averaged over three workspace offsets). Returns (table, n items
-        per tenant, most tiles). A tenant without bands gets one empty item per tile, so its
-        rows still get the base output."""
+        """Phase-U items for tiles of block_o outputs (of each member), each band cut into
+        chunks of `rows` vectors, 8-bit bands into chunks of about half as many (a multiple
+        of 16): their loop costs ~1.4× the instructions per code of 2-bit bands (sm_90 SASS:
+        4.0 and 2.8), and in a grid of one round the slowest program sets the time (H100,
+        28672×8192 at batch 1: 24.17 -> 23.41 µs, averaged over three workspace offsets).
+        Returns (table, n items per tenant, most tiles). A member without bands gets one
+        empty item per tile, so its rows still get the base output."""
         key = ("u", block_o, rows)
         if key not in self._tables:
-            n_tiles = -(-self.shape[0] // block_o)
             tables = []
-            for bands in self.bands:
-                chunks = [(c, uwb, ldu, r, usb, sb, zc, lo, n)
-                          for c, r, _, _, _, uwb, ldu, usb, sb, zc in bands
-                          for n in [rows if c < 8 else max(16, rows // 32 * 16)]
-                          for lo in range(0, r, n)]
-                if not chunks:          # rank 0: an empty item per tile writes the base
-                    chunks = [(self.containers[0], 0, 16, 0, 0, 0, 0, 0, rows)]
-                tables.append(([[c, uwb, ldu, r, tile, lo, min(lo + n, r), usb, sb, zc, tile,
-                                 len(chunks)]
-                                for tile in range(n_tiles)
-                                for c, uwb, ldu, r, usb, sb, zc, lo, n in chunks], n_tiles))
+            for bands, members in zip(self.bands, self.band_members):
+                items, tile0 = [], 0
+                for member, (out0, n_out) in enumerate(self.outputs):
+                    chunks = [(c, uwb, ldu, r, usb, sb, zc, lo, n)
+                              for (c, r, _, _, _, uwb, ldu, usb, sb, zc), m in zip(bands, members)
+                              if m == member
+                              for n in [rows if c < 8 else max(16, rows // 32 * 16)]
+                              for lo in range(0, r, n)]
+                    if not chunks:      # rank 0: an empty item per tile writes the base
+                        chunks = [(self.containers[0], 0, 16, 0, 0, 0, 0, 0, rows)]
+                    n_tiles = -(-n_out // block_o)
+                    items += [[c, uwb, ldu, r, tile, lo, min(lo + n, r), usb, sb, zc,
+                               tile0 + tile, len(chunks), out0, n_out]
+                              for tile in range(n_tiles)
+                              for c, uwb, ldu, r, usb, sb, zc, lo, n in chunks]
+                    tile0 += n_tiles
+                tables.append((items, tile0))
             self._tables[key] = self._pad(tables)
         return self._tables[key]
 
@@ -297,54 +327,73 @@ def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDel
     repack, see above). Tenant t is deltas[t]."""
     if not deltas:
         raise ValueError("prepare_multi_delta needs at least one delta")
-    shape = tuple(deltas[0].shape)
-    for t, cm in enumerate(deltas):
-        if tuple(cm.shape) != shape:
-            raise ValueError(f"delta {t} has shape {tuple(cm.shape)}, delta 0 has {shape}")
-    groups = {b.V.group_size for cm in deltas for b in cm.bands}
+    return prepare_fused_delta([[cm] for cm in deltas], device)
+
+
+def prepare_fused_delta(deltas: Sequence[Sequence[CompressedMatrix]], device) -> KernelDelta:
+    """deltas[t][m]: member m of tenant t, members of one input size (matrices that read the
+    same input) and one group size -> KernelDelta on `device` whose outputs are the members'
+    side by side (KernelDelta.outputs), for one launch pair over all of them. Member m has
+    the same shape in every tenant. prepare_multi_delta is the one-member case."""
+    if not deltas or not deltas[0]:
+        raise ValueError("prepare_fused_delta needs at least one tenant and one member")
+    shapes = [tuple(cm.shape) for cm in deltas[0]]
+    for t, members in enumerate(deltas):
+        if [tuple(cm.shape) for cm in members] != shapes:
+            raise ValueError(f"delta {t} has shape(s) {[tuple(cm.shape) for cm in members]}, "
+                             f"delta 0 has {shapes}")
+    if len({n for _, n in shapes}) > 1:
+        raise ValueError(f"fused deltas must read one input size, got shapes {shapes}")
+    groups = {b.V.group_size for members in deltas for cm in members for b in cm.bands}
     if len(groups) > 1:
         raise ValueError(f"the deltas use different group sizes {sorted(groups)}; the kernels "
                          f"take one")
     g = groups.pop() if groups else 128
     if g % 32:
         raise ValueError(f"group size {g} is not a multiple of 32")
-    out_f, in_f = shape
+    in_f = shapes[0][1]
+    outputs = tuple((sum(o for o, _ in shapes[:m]), o) for m, (o, _) in enumerate(shapes))
     device = torch.device(device)
-    n_gin, n_gout = -(-in_f // g), -(-out_f // g)
+    n_gin, n_gout = -(-in_f // g), max(-(-o // g) for o, _ in shapes)
     parts = {k: [] for k in ("S", "vw", "vsz", "uw", "usz")}
     size = dict.fromkeys(parts, 0)
-    all_bands, dev_bytes = [], []
+    all_bands, all_members, dev_bytes = [], [], []
 
     def add(kind, t):
         parts[kind].append(t.reshape(-1))
         size[kind] += t.numel()
 
-    for cm in deltas:
-        bands, zc, start = [], 0, dict(size)
-        for band in cm.bands:
-            r, c = band.rank, container_bits(band.bits)
-            pw = 32 // c
-            row = [c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
-                   _pad16(-(-out_f // pw)), size["usz"], size["S"], zc]
-            # Phase V: the stored words (r, ⌈in/pw⌉) transposed to (positions/pw, ldv).
-            vw = torch.zeros(n_gin * g // pw, row[3], dtype=torch.int32, device=device)
-            vw[: band.V.codes.shape[1], :r] = band.V.codes.to(device).mT
-            add("vw", vw)
-            sz = torch.zeros(n_gin, r, dtype=torch.int32, device=device)
-            sz[: band.V.scale.shape[1]] = (_bits16(band.V.scale.to(device))
-                                           | _bits16(band.V.zero.to(device)) << 16).mT
-            add("vsz", sz)
-            # Phase U: the stored words (r, ⌈out/pw⌉) in rows of ldu, r padded to 16 rows.
-            uw = torch.zeros(_pad16(r), row[6], dtype=torch.int32, device=device)
-            uw[:r, : band.U.codes.shape[1]] = band.U.codes.to(device)
-            add("uw", uw)
-            sz = torch.zeros(_pad16(r), n_gout, dtype=torch.int32, device=device)
-            sz[:r] = _bits16(band.U.scale.to(device)) | _bits16(band.U.zero.to(device)) << 16
-            add("usz", sz)
-            add("S", band.S.to(device, torch.float32))
-            bands.append(row)
-            zc += _pad16(r)
+    for members in deltas:
+        bands, band_members, zc, start = [], [], 0, dict(size)
+        for member, cm in enumerate(members):
+            out_f = cm.shape[0]
+            for band in cm.bands:
+                r, c = band.rank, container_bits(band.bits)
+                pw = 32 // c
+                row = [c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
+                       _pad16(-(-out_f // pw)), size["usz"], size["S"], zc]
+                # Phase V: the stored words (r, ⌈in/pw⌉) transposed to (positions/pw, ldv).
+                vw = torch.zeros(n_gin * g // pw, row[3], dtype=torch.int32, device=device)
+                vw[: band.V.codes.shape[1], :r] = band.V.codes.to(device).mT
+                add("vw", vw)
+                sz = torch.zeros(n_gin, r, dtype=torch.int32, device=device)
+                sz[: band.V.scale.shape[1]] = (_bits16(band.V.scale.to(device))
+                                               | _bits16(band.V.zero.to(device)) << 16).mT
+                add("vsz", sz)
+                # Phase U: the stored words (r, ⌈out/pw⌉) in rows of ldu, r padded to 16 rows.
+                uw = torch.zeros(_pad16(r), row[6], dtype=torch.int32, device=device)
+                uw[:r, : band.U.codes.shape[1]] = band.U.codes.to(device)
+                add("uw", uw)
+                sz = torch.zeros(_pad16(r), n_gout, dtype=torch.int32, device=device)
+                sz[:r, : band.U.scale.shape[1]] = (_bits16(band.U.scale.to(device))
+                                                   | _bits16(band.U.zero.to(device)) << 16)
+                add("usz", sz)
+                add("S", band.S.to(device, torch.float32))
+                bands.append(row)
+                band_members.append(member)
+                zc += _pad16(r)
         all_bands.append(bands)
+        all_members.append(band_members)
         dev_bytes.append(4 * sum(size[k] - start[k] for k in size))
     for name, kind in (("phase-V words", "vw"), ("phase-U words", "uw")):
         if size[kind] >= 2**31:
@@ -361,11 +410,12 @@ def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDel
         return torch.cat(parts[kind]) if parts[kind] else torch.zeros(0, dtype=dtype,
                                                                       device=device)
     return KernelDelta(
-        shape, g, tuple(sorted({b[0] for bands in all_bands for b in bands})),
+        (sum(o for o, _ in shapes), in_f), g,
+        tuple(sorted({b[0] for bands in all_bands for b in bands})),
         tuple(sum(b[1] for b in bands) for bands in all_bands),
-        tuple(cm.nbytes() for cm in deltas), tuple(dev_bytes), all_bands,
-        cat("S", torch.float32), cat("vw", torch.int32), cat("vsz", torch.int32),
-        cat("uw", torch.int32), cat("usz", torch.int32))
+        tuple(sum(cm.nbytes() for cm in members) for members in deltas), tuple(dev_bytes),
+        all_bands, cat("S", torch.float32), cat("vw", torch.int32), cat("vsz", torch.int32),
+        cat("uw", torch.int32), cat("usz", torch.int32), outputs, all_members)
 
 
 def prepare_delta(cm: CompressedMatrix, device) -> KernelDelta:
@@ -691,6 +741,13 @@ def _item_span(meta):
 
 
 @triton.jit
+def _item_columns(meta):
+    """A phase-U item's member's first output column in y and its outputs. Read after the
+    main loop, so they hold no register during it."""
+    return tl.load(meta + 12), tl.load(meta + 13)
+
+
+@triton.jit
 def _z_buffer(z_size, z_used, state_ptr):
     """Phase V's side of the two z buffers in the workspace: the offset of the one to add
     into. A launch's phase V adds into one buffer while phase U zeroes the other, which the
@@ -751,24 +808,27 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
 
 
 @triton.jit
-def _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock_ptr,
+def _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock_ptr,
               y_ptr, stride_y, base_ptr, stride_base, order_ptr, HAS_BASE: tl.constexpr,
               BLOCK_B: tl.constexpr):
     """Sum an output tile's items (_reduce); the last program adds the base output and
-    writes each row back to its place in the caller's batch (order)."""
+    writes each row back to its place in the caller's batch (order). o are outputs of the
+    item's member, which lie at columns out0.. of y's n_out (_item_columns)."""
+    out0, n_member = _item_columns(meta)
     if BLOCK_B <= _FMA_ROWS:
         b = tl.arange(0, BLOCK_B)[:, None, None, None]           # val (BLOCK_B, ., ., .)
     else:
         b = tl.arange(0, BLOCK_B)[:, None]
-    mask = (b < n_rows) & (o < n_out)
-    offs = (row0 + b) * n_out + o
+    mask = (b < n_rows) & (o < n_member)
+    col = out0 + o
+    offs = (row0 + b) * n_out + col
     dst = tl.load(order_ptr + row0 + b, mask=b < n_rows, other=0)
     last, total = _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr)
     if last:
         if HAS_BASE:
-            total += tl.load(base_ptr + dst * stride_base + o, mask=mask, other=0.0).to(
+            total += tl.load(base_ptr + dst * stride_base + col, mask=mask, other=0.0).to(
                 tl.float32)
-        tl.store(y_ptr + dst * stride_y + o, total.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + dst * stride_y + col, total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -800,11 +860,13 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
               EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
-    _v_kernel."""
+    _v_kernel. n_out: the columns of y (all members'); n_gout: the length of a scale row.
+    An item's tile within its member (meta + 4) picks the words and scales it reads."""
     if EARLY_NEXT:
         _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
+    u_tile = tl.load(meta + 4)
     lock = locks_ptr + _Z_STATE + seg * n_tiles + tile
     _wait_previous(PDL)                       # z, the base output, the workspace
     z_ptr += _z_turn(z_ptr, z_size, locks_ptr)
@@ -815,26 +877,26 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                 if WIDTHS & (1 << i):
                     if c == (1 << i):       # values (rows, 32/C, words, slots), outputs
                         val, o = _u_fma(z_row, stride_z, words_ptr, sz_ptr, w_base,
-                                        ld, lo, hi, s_base, n_gout, tile, 1 << i, GROUP,
+                                        ld, lo, hi, s_base, n_gout, u_tile, 1 << i, GROUP,
                                         BLOCK_B, BLOCK_O, STAGES)
                         if not EARLY_NEXT:
                             _launch_next(PDL)
-                        _u_finish(val, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr,
-                                  stride_y, base_ptr, stride_base, order_ptr, HAS_BASE,
-                                  BLOCK_B)
+                        _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items,
+                                  lock, y_ptr, stride_y, base_ptr, stride_base, order_ptr,
+                                  HAS_BASE, BLOCK_B)
         else:
             acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
             for i in tl.static_range(4):
                 if WIDTHS & (1 << i):
                     if c == (1 << i):
                         acc = _u_dot(z_row, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld,
-                                     lo, hi, s_base, n_gout, tile, 1 << i, GROUP, BLOCK_B,
+                                     lo, hi, s_base, n_gout, u_tile, 1 << i, GROUP, BLOCK_B,
                                      BLOCK_O, STAGES, U_FP16)
             if not EARLY_NEXT:
                 _launch_next(PDL)
-            o = (tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
-            _u_finish(acc, o, row0, n_rows, n_out, acc_ptr, tile_items, lock, y_ptr, stride_y,
-                      base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
+            o = (u_tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
+            _u_finish(acc, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock, y_ptr,
+                      stride_y, base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1023,20 +1085,29 @@ def use_pdl(device) -> bool:
             and _triton_has_pdl() and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Tensor | None,
-           config: KernelConfig | None) -> torch.Tensor:
-    """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out)."""
+def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
+           config: KernelConfig | None, in_place: bool = False) -> torch.Tensor:
+    """x (B, in) fp16/bf16 contiguous, rows as in `plan` -> x Δ̂ₜᵀ (+ base) (B, out).
+
+    base: None, a (B, out) tensor whose rows are contiguous, or a callable that returns one,
+    called once, after the first phase-V launch and before the first phase-U launch (so
+    that the caller can make the base output meanwhile: run_overlapped). in_place: write the
+    result into base and return it."""
     B, in_f = x.shape
     out_f = kd.shape[0]
-    y = torch.empty(B, out_f, dtype=x.dtype, device=x.device)
+    if in_place and base is None:
+        raise ValueError("in_place needs a base output to add into")
+    y = None if in_place else torch.empty(B, out_f, dtype=x.dtype, device=x.device)
     if not any(kd.ranks):
+        base = base() if callable(base) else base
+        if in_place:
+            return base
         return y.copy_(base) if base is not None else y.zero_()
     xs = x if plan.is_sorted else x.index_select(0, plan.order)              # (B, in) sorted
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     widths = sum(kd.containers)             # distinct powers of two: a bit mask
     pdl = use_pdl(x.device)
     launch_opts = {"launch_pdl": True} if pdl else {}
-    base_arg = base if base is not None else y
     z_width = kd.z_width                    # floats a row of z takes
     for block_b, segs, n_seg in plan.groups:
         cfg = config or choose_config(kd, block_b, sm, n_seg)
@@ -1065,8 +1136,12 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
                 STEP=step, BLOCK_B=block_b, BLOCK_J=bj,
                 STAGES=cfg.v_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 num_warps=v_warps, **launch_opts)
+            if callable(base):
+                base = base()                                       # (B, out)
+            y = base if in_place else y
+            base_arg = base if base is not None else y
             _u_kernel[(n_seg, n_u)](
-                acc, z_width, z_size, out_f, -(-out_f // kd.group_size), kd.u_words,
+                acc, z_width, z_size, out_f, kd.u_groups, kd.u_words,
                 kd.u_sz, u_items, n_u, segs, acc[2 * z_size:], y, y.stride(0), base_arg,
                 base_arg.stride(0), plan.order, locks, u_tiles,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
@@ -1152,14 +1227,19 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
     step = rows_per_launch(kd.shape)
     for i in range(0, x2.shape[0], step):
         xc = x2[i:i + step]
-        key = ("plan", xc.shape[0])                  # one tenant: the plan depends on B only
-        if key not in kd._tables:
-            kd._tables[key] = plan_tenants(torch.zeros(xc.shape[0], dtype=torch.int64), 1,
-                                           x.device)
-        chunks.append(launch(xc, kd, kd._tables[key],
+        chunks.append(launch(xc, kd, single_plan(kd, xc.shape[0], x.device),
                              None if b2 is None else b2[i:i + step], config))
     y = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
     return y.reshape(*lead, out_f)
+
+
+def single_plan(kd: KernelDelta, rows: int, device) -> TenantPlan:
+    """The plan of `rows` rows of a one-tenant KernelDelta, made once and cached with it
+    (one tenant: the plan depends on the row count only)."""
+    key = ("plan", rows)
+    if key not in kd._tables:
+        kd._tables[key] = plan_tenants(torch.zeros(rows, dtype=torch.int64), 1, device)
+    return kd._tables[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1179,27 +1259,42 @@ class DeltaLinear(torch.nn.Module):
                              f"{tuple(delta.shape)}")
         self.base, self.delta, self.backend = base, delta, backend
         self._prepared: KernelDelta | None = None
+        self.group: DeltaGroup | None = None    # set by serving_options
+        self.overlap = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ((self.group is not None or self.overlap)
+                and _backend_for(x, self.backend) == "triton"):
+            if self.group is not None:
+                return self.group.output(self, x)
+            kd = self.kernel_delta(x.device)
+            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
+            return serve_layers(x, [self.base], kd, plan, overlap=True)[0]
         y = self.base(x)
         if _backend_for(x, self.backend) != "triton":
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
             return delta_matmul(x, self.delta, y, backend="reference")
-        if self._prepared is None or self._prepared.S.device != x.device:
-            self._prepared = prepare_delta(self.delta, x.device)
-        return delta_matmul(x, self._prepared, y, backend="triton")
+        return delta_matmul(x, self.kernel_delta(x.device), y, backend="triton")
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The delta in the kernels' layout on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            self._prepared = prepare_delta(self.delta, device)
+        return self._prepared
 
     def extra_repr(self) -> str:
         bands = ",".join(f"{b.bits}:{b.rank}" for b in self.delta.bands) or "empty"
         return f"bands={bands}, backend={self.backend}"
 
 
-def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> list[str]:
+def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse: bool = False,
+                overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
     matrix NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
     tensor is copied into the parameter or buffer of that name. Returns the patched names.
-    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight).
+    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight). fuse and
+    overlap: see serving_options.
 
     All or nothing: the file is checked when read (deltacome.read_delta_file), then every
     change is checked against the model and built (a ModelPatch) before any is made; a
@@ -1211,6 +1306,8 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto") -> li
     for name, cm in delta.matrices.items():
         replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
     patch.commit()
+    if fuse or overlap:
+        serving_options(model, fuse, overlap)
     return list(delta.matrices)
 
 
@@ -1490,8 +1587,17 @@ class MultiDeltaLinear(torch.nn.Module):
         self.base, self.deltas, self.backend = base, list(deltas), backend
         self.tenants: TenantBatch | None = None
         self._prepared: KernelDelta | None = None
+        self.group: DeltaGroup | None = None    # set by serving_options
+        self.overlap = False
 
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
+        if ((self.group is not None or self.overlap) and tenant_idx is None
+                and self.tenants is not None and _backend_for(x, self.backend) == "triton"):
+            plan = self.tenants.plan(tuple(x.shape[:-1]), x.device)
+            if self.group is not None:
+                return self.group.output(self, x, plan)
+            return serve_layers(x, [self.base], self.kernel_delta(x.device), plan,
+                                overlap=True)[0]
         y = self.base(x)
         lead = tuple(x.shape[:-1])
         n = len(self.deltas)
@@ -1511,11 +1617,16 @@ class MultiDeltaLinear(torch.nn.Module):
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
             return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
-        if self._prepared is None or self._prepared.S.device != x.device:
-            self._prepared = prepare_multi_delta(self.deltas, x.device)
         plan = batch.plan(lead, x.device) if batch is not None else \
             plan_tenants(rows, n, x.device)
-        return multi_delta_matmul(x, self._prepared, None, y, backend="triton", plan=plan)
+        return multi_delta_matmul(x, self.kernel_delta(x.device), None, y, backend="triton",
+                                  plan=plan)
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The N deltas in the kernels' layout on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            self._prepared = prepare_multi_delta(self.deltas, device)
+        return self._prepared
 
     def extra_repr(self) -> str:
         ranks = [sum(b.rank for b in cm.bands) for cm in self.deltas]
@@ -1523,7 +1634,8 @@ class MultiDeltaLinear(torch.nn.Module):
 
 
 def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
-                        backend: str = "auto") -> list[str]:
+                        backend: str = "auto", fuse: bool = False,
+                        overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place: every
     compressed matrix NAME.weight swaps the nn.Linear at NAME for a MultiDeltaLinear holding
     the N deltas (tenant t = delta_paths[t]). Returns the patched names.
@@ -1533,7 +1645,7 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     tenant of one model, so they must be equal in all N files; they are then copied into the
     model. Tenants that differ there cannot share one model: that is an error, naming the
     tensor. All or nothing, like patch_model. Call the model inside
-    `use_tenants(model, tenant_idx)`."""
+    `use_tenants(model, tenant_idx)`. fuse and overlap: see serving_options."""
     paths = [Path(p) for p in delta_paths]
     if not paths:
         raise DeltaComeError("patch_model_tenants needs at least one delta file")
@@ -1558,6 +1670,8 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
         replace_linear(patch, name, lambda layer: MultiDeltaLinear(
             layer, [f.matrices[name] for f in files], backend))
     patch.commit()
+    if fuse or overlap:
+        serving_options(model, fuse, overlap)
     return names
 
 
@@ -1578,3 +1692,177 @@ def use_tenants(model: torch.nn.Module, tenant_idx):
     finally:
         for m in layers:
             m.tenants = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving options of a patched model (serving_options): two changes to how a forward pass
+# launches the kernels, each switchable, both off by default.
+#
+# * fuse: layers that read the same input (a block's q/k/v, and gate/up) share one fused
+#   KernelDelta (prepare_fused_delta) and one launch pair. The first of them to be called
+#   makes all their outputs, side by side in one buffer, and the others take theirs: a
+#   Llama block's 14 delta launches become 8.
+# * overlap: a layer's two launches run on a side stream of the device, and its base GEMM
+#   runs on the current stream between them (run_overlapped), so phase V, which needs only
+#   x, runs beside the base GEMM. At decode batch sizes phase V is latency-bound and the
+#   GEMM bandwidth-bound. Every delta launch of the model goes to that one side stream, so
+#   the shared workspace still sees one launch at a time.
+#
+# Both paths add the delta into the base output in place (launch(..., in_place=True)), and
+# both can be captured in a CUDA graph: the side stream is forked from the capturing stream
+# and joined back with events.
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_SIDE_STREAMS: dict = {}      # device -> the side stream of run_overlapped
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    """The one stream per CUDA device that overlapped delta launches go to."""
+    key = str(torch.device(device))
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
+def run_overlapped(x: torch.Tensor, make_base, run_delta) -> torch.Tensor:
+    """run_delta(base) with its launches on the side stream, where `base` is a callable that
+    launch calls between its two phases; it runs make_base() (the base output, allocated
+    and computed on the current stream) while phase V runs, and lets phase U wait for it.
+    Returns run_delta's result, ready on the current stream. On CPU tensors (the
+    interpreter) the same calls run in the same order on one stream."""
+    if not x.is_cuda:
+        return run_delta(make_base)
+    main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
+    side.wait_stream(main)                           # x is ready
+
+    def base():
+        with torch.cuda.stream(main):
+            y = make_base()
+        side.wait_stream(main)                       # phase U reads and writes y
+        y.record_stream(side)
+        return y
+
+    with torch.cuda.stream(side):
+        y = run_delta(base)
+    main.wait_stream(side)
+    x.record_stream(side)                            # x and y were made on the current stream
+    return y
+
+
+def linear_into(layer: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x (B, in) -> out (B, out_f) = x Wᵀ (+ bias), written into `out`, whose rows may be
+    strided (a column range of a wider buffer)."""
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.mT, out=out)
+    return torch.addmm(layer.bias, x, layer.weight.mT, out=out)
+
+
+def serve_layers(x: torch.Tensor, bases: Sequence[torch.nn.Linear], kd: KernelDelta,
+                 plan: TenantPlan, overlap: bool) -> list[torch.Tensor]:
+    """x (..., in) -> [bases[m](x) + x Δ̂ₘᵀ for each member m of kd] through the kernels, in
+    one launch pair: kd holds the members' deltas side by side (kd.outputs; one member:
+    prepare_delta or prepare_multi_delta), rows as in `plan`. The base outputs are made in
+    one (B, Σ out) buffer and the delta is added into it in place; member m's output is a
+    view of its columns. overlap: the launches run on the side stream (run_overlapped)."""
+    resolve_backend(x, kd.shape, None, "triton")
+    if kd.S.device != x.device:
+        raise ValueError(f"the prepared delta is on {kd.S.device}, x on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, kd.shape[1]).contiguous()                            # (B, in)
+
+    def make_base():
+        if len(bases) == 1:
+            return bases[0](x2)                                              # (B, out)
+        y = x2.new_empty(x2.shape[0], kd.shape[0])                           # (B, Σ out)
+        for layer, (out0, n) in zip(bases, kd.outputs):
+            linear_into(layer, x2, y[:, out0:out0 + n])
+        return y
+
+    def run_delta(base):
+        return launch(x2, kd, plan, base, None, in_place=True)
+    y = run_overlapped(x2, make_base, run_delta) if overlap else run_delta(make_base())
+    return [y[:, out0:out0 + n].view(*lead, n) for out0, n in kd.outputs]
+
+
+class DeltaGroup:
+    """Patched layers (all DeltaLinear, or all MultiDeltaLinear) that read the same input,
+    served by one launch pair over their fused deltas. The first layer called with an input
+    makes every layer's output; each other layer, called with the same tensor, takes its own
+    (a view of one buffer). A call with any other tensor starts over. So a group assumes what
+    a transformer block does: its layers are called with the same, unchanged input before
+    any of them sees the next one."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        self.layers = list(layers)
+        self._prepared: KernelDelta | None = None
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}     # layer index -> output not yet taken
+
+    def kernel_delta(self, device) -> KernelDelta:
+        """The layers' deltas fused (prepare_fused_delta) on `device`, prepared on first use."""
+        if self._prepared is None or self._prepared.S.device != torch.device(device):
+            per_layer = [m.deltas if isinstance(m, MultiDeltaLinear) else [m.delta]
+                         for m in self.layers]
+            self._prepared = prepare_fused_delta([list(t) for t in zip(*per_layer)], device)
+        return self._prepared
+
+    def output(self, layer: torch.nn.Module, x: torch.Tensor,
+               plan: TenantPlan | None = None) -> torch.Tensor:
+        """layer's output for x. plan: the tenants' (MultiDeltaLinear); None for one tenant."""
+        i = next(k for k, m in enumerate(self.layers) if m is layer)
+        if self._input is x and i in self._pending:
+            y = self._pending.pop(i)
+            if not self._pending:
+                self._input = None
+            return y
+        kd = self.kernel_delta(x.device)
+        if plan is None:
+            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
+        outs = serve_layers(x, [m.base for m in self.layers], kd, plan, layer.overlap)
+        self._input = x
+        self._pending = {k: y for k, y in enumerate(outs) if k != i}
+        return outs[i]
+
+
+def _fusable(layers: Sequence[torch.nn.Module]) -> bool:
+    """Whether these patched layers can share one fused layout: two or more of one kind, one
+    input size, weight dtype and device, tenant count and quantization group size."""
+    if len(layers) < 2 or len({type(m) for m in layers}) > 1:
+        return False
+    deltas = [m.deltas if isinstance(m, MultiDeltaLinear) else [m.delta] for m in layers]
+    return (len({m.base.in_features for m in layers}) == 1
+            and len({(m.base.weight.dtype, m.base.weight.device) for m in layers}) == 1
+            and len({len(d) for d in deltas}) == 1
+            and len({b.V.group_size for d in deltas for cm in d for b in cm.bands}) <= 1)
+
+
+def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = False) -> int:
+    """Set how the patched layers of `model` (patch_model, patch_model_tenants) launch the
+    kernels on the Triton path; returns the number of fused groups. fuse: sibling layers
+    named in SHARED_INPUTS (q/k/v, gate/up of one module) that read the same input share one
+    launch pair; overlap: each launch pair runs on a side stream, its phase V beside the
+    base GEMM (see the notes above). A call replaces the last one's setting (groups that
+    stay keep their prepared layout); both False is the plain path. The reference backend
+    ignores both."""
+    layers = [m for m in model.modules() if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
+    if not layers:
+        raise ValueError("the model has no patched layers: patch_model or "
+                         "patch_model_tenants first")
+    kept = {}
+    for m in layers:
+        if fuse and m.group is not None:
+            kept[id(m)] = m.group
+        m.group, m.overlap = None, overlap
+    groups = 0
+    for parent in model.modules() if fuse else ():
+        for names in SHARED_INPUTS:
+            members = [m for m in (getattr(parent, n, None) for n in names)
+                       if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
+            if _fusable(members):
+                group = kept.get(id(members[0]))
+                if group is None or group.layers != members:
+                    group = DeltaGroup(members)
+                for m in members:
+                    m.group, m._prepared = group, None      # the group holds the layout
+                groups += 1
+    return groups

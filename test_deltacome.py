@@ -1950,3 +1950,352 @@ def test_bad_index_is_a_one_line_error(small, tmp_path):
         index.write_text(text)
         code, err = run_cli(ckpt, small.dir.ft, tmp_path / "d.safetensors")
         assert code == 2 and "index" in err and err.count("\n") == 1, (text, err)
+
+
+# =============================================================================================
+# Decode speed: one launch pair for layers that share an input (fused deltas), the delta
+# beside the base GEMM (kernel.serving_options), and the end-to-end decode benchmark
+# (bench.py --decode). Tolerances as in the kernel sections above: a fused layout runs each
+# member's rows through the single-delta arithmetic.
+
+def check_fused(outs, in_f, tenant_ranks, idx, dtype, splits, with_base, seed):
+    """Members of out sizes `outs` (tenant t's member m of ranks tenant_ranks[t][m]) in one
+    fused layout: each member's columns of the output against float64 and the reference."""
+    cms = [[random_matrix(o, in_f, r, seed + 10 * t + m) for m, (o, r) in enumerate(zip(outs, rs))]
+           for t, rs in enumerate(tenant_ranks)]
+    kd = kernel.prepare_fused_delta(cms, "cpu")
+    assert kd.shape == (sum(outs), in_f) and [n for _, n in kd.outputs] == list(outs)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(idx), in_f, generator=gen).to(dtype)
+    base = torch.randn(len(idx), sum(outs), generator=gen).to(dtype) if with_base else None
+    config = None if splits is None else small_config(*splits)
+    y = kernel.multi_delta_matmul(x, kd, torch.tensor(idx), base, backend="triton",
+                                  config=config)
+    assert y.shape == (len(idx), sum(outs)) and torch.isfinite(y).all()
+    assert_workspace_clean()
+    rows = max(idx.count(t) for t in set(idx))
+    for m, (out0, n) in enumerate(kd.outputs):
+        member = [c[m] for c in cms]
+        part = None if base is None else base[:, out0:out0 + n]
+        want = exact(x, member, idx, part)
+        ref = kernel.multi_delta_matmul(x, member, torch.tensor(idx), part, backend="reference")
+        if want.norm() == 0:
+            assert not y[:, out0:out0 + n].any()
+            continue
+        assert rel(y[:, out0:out0 + n], want) < dot_units(rows, config) * UNIT[dtype], m
+        assert rel(y[:, out0:out0 + n], ref) < 8 * UNIT[dtype] + rel(ref, want)
+
+
+@st.composite
+def fused_cases(draw):
+    members = draw(st.integers(1, 3))
+    outs = [draw(st.integers(1, 140)) for _ in range(members)]
+    tenants = draw(st.integers(1, 2))
+    ranks = [[draw(RANKS) for _ in range(members)] for _ in range(tenants)]
+    return outs, ranks, draw(st.lists(st.integers(0, tenants - 1), min_size=1, max_size=5))
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=fused_cases(), in_f=st.integers(1, 140), bf16=st.booleans(),
+       with_base=st.booleans(),
+       splits=st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))),
+       seed=st.integers(0, 2**16))
+@example(case=([129, 40, 40], [[{8: 2, 2: 20}, {}, {4: 9, 1: 17}]], [0]), in_f=96,
+         bf16=False, with_base=True, splits=(2, 2), seed=0)      # q/k/v with narrow k, v
+@example(case=([70, 130], [[{2: 12}, {3: 5}], [{4: 7}, {8: 3, 2: 9}]], [1, 0, 1, 1, 1]),
+         in_f=90, bf16=True, with_base=False, splits=None, seed=1)   # gate/up, 2 tenants
+@example(case=([33, 64], [[{2: 30}, {2: 20}]], [0, 0]), in_f=257, bf16=False,
+         with_base=True, splits=None, seed=2)                     # 2 rows: FMA path
+def test_fused_matches_reference(case, in_f, bf16, with_base, splits, seed):
+    """Fused layouts (prepare_fused_delta) vs float64, member by member: 1–3 members of
+    awkward output sizes (a member need not start at a tile or group boundary; members of
+    rank 0), 1–2 tenants, batch 1–5 (FMA and tl.dot paths), forced splits, fused base."""
+    outs, ranks, idx = case
+    check_fused(outs, in_f, ranks, idx, torch.bfloat16 if bf16 else torch.float16, splits,
+                with_base, seed)
+
+
+def test_fused_items_cover_each_member():
+    """Phase-U items of a fused layout: every member's outputs are covered by its own tiles
+    (its output columns, its tile index for the words), numbered apart for the counters,
+    and a member's items hold only its bands."""
+    outs = (100, 37, 37)
+    cms = [random_matrix(o, 64, r, 50 + m) for m, (o, r) in
+           enumerate(zip(outs, ({8: 20, 2: 40}, {3: 5}, {})))]
+    kd = kernel.prepare_fused_delta([cms], "cpu")
+    assert kd.outputs == ((0, 100), (100, 37), (137, 37)) and kd.u_groups == 1
+    table, n, tiles = kd.u_items(32, 16)
+    by_member = {}
+    for c, wbase, _, r, tile, lo, hi, _, _, _, count_tile, count, out0, n_out, *_ in \
+            table[:n].tolist():
+        by_member.setdefault(out0, []).append((tile, count_tile, r, count, n_out))
+    assert sorted(by_member) == [0, 100, 137]
+    assert {t for items in by_member.values() for _, t, _, _, _ in items} == set(range(tiles))
+    assert tiles == sum(-(-o // 32) for o in outs)
+    for out0, items in by_member.items():
+        n_out = dict(kd.outputs)[out0]
+        assert {t for t, _, _, _, _ in items} == set(range(-(-n_out // 32)))
+        assert {n for *_, n in items} == {n_out}
+    assert {r for _, _, r, _, _ in by_member[0]} == {20, 40}         # q's bands only
+    assert {r for _, _, r, _, _ in by_member[137]} == {0}            # rank 0: empty items
+
+
+def test_fused_errors():
+    a, b = random_matrix(10, 20, {2: 3}, 60), random_matrix(12, 21, {2: 3}, 61)
+    with pytest.raises(ValueError, match="one input size"):
+        kernel.prepare_fused_delta([[a, b]], "cpu")
+    with pytest.raises(ValueError, match="shape"):
+        kernel.prepare_fused_delta([[a, a], [a, random_matrix(11, 20, {2: 3}, 62)]], "cpu")
+    with pytest.raises(ValueError, match="at least one"):
+        kernel.prepare_fused_delta([[]], "cpu")
+
+
+def test_launch_base_callable_in_place():
+    """launch() takes the base output as a callable, called once (between its phases), and
+    adds the delta into it in place: the overlap path's contract."""
+    cm = random_matrix(70, 50, {4: 6, 2: 10}, 63)
+    kd = kernel.prepare_delta(cm, "cpu")
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(63)).half()
+    base = torch.randn(3, 70, generator=torch.Generator().manual_seed(64)).half()
+    calls = []
+
+    def make_base():
+        calls.append(1)
+        return base.clone()
+    y = kernel.launch(x, kd, kernel.single_plan(kd, 3, "cpu"), make_base, None, in_place=True)
+    assert len(calls) == 1
+    assert rel(y, exact(x, [cm], [0, 0, 0], base)) < 2 * UNIT[torch.float16]
+    assert torch.equal(kernel.run_overlapped(x, make_base, lambda b: kernel.launch(
+        x, kd, kernel.single_plan(kd, 3, "cpu"), b, None, in_place=True)), y)
+    with pytest.raises(ValueError, match="in_place"):
+        kernel.launch(x, kd, kernel.single_plan(kd, 3, "cpu"), None, None, in_place=True)
+
+
+def test_serving_options_groups_siblings():
+    """serving_options fuses patched siblings named in SHARED_INPUTS: q/k/v as one group, not
+    gate/up where only one of them is patched; it refuses a model with no patched layers."""
+    blk = torch.nn.Module()
+    blk.self_attn, blk.mlp = torch.nn.Module(), torch.nn.Module()
+    for parent, name, out_f in (("self_attn", "q_proj", 16), ("self_attn", "k_proj", 8),
+                                ("self_attn", "v_proj", 8), ("mlp", "gate_proj", 24),
+                                ("mlp", "up_proj", 24)):
+        layer = torch.nn.Linear(16, out_f, bias=False)
+        if name != "up_proj":
+            layer = kernel.DeltaLinear(layer, random_matrix(out_f, 16, {2: 3}, out_f))
+        setattr(getattr(blk, parent), name, layer)
+    assert kernel.serving_options(blk, fuse=True) == 1
+    group = blk.self_attn.q_proj.group
+    assert group is blk.self_attn.v_proj.group and group.layers[1] is blk.self_attn.k_proj
+    assert blk.mlp.gate_proj.group is None and not blk.mlp.gate_proj.overlap
+    assert kernel.serving_options(blk, fuse=True, overlap=True) == 1
+    assert blk.self_attn.k_proj.group is group and blk.self_attn.k_proj.overlap  # kept
+    assert kernel.serving_options(blk, overlap=True) == 0
+    assert blk.self_attn.q_proj.group is None and blk.mlp.gate_proj.overlap
+    with pytest.raises(ValueError, match="no patched layers"):
+        kernel.serving_options(torch.nn.Linear(2, 2))
+
+
+def test_serving_options_patched_model(tmp_path, monkeypatch):
+    """patch_model's serving options on a one-block Llama, Triton interpreted: overlap runs
+    the plain path's launches (bit-equal logits on one CPU stream); fuse makes q/k/v (q 64
+    outputs, k and v 16) and gate/up one launch pair each, 4 a block instead of 7; every
+    option's logits match the merged model's (as in test_patched_model_matches_merged)."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, ft_dir = make_example(tmp_path / "pair", layers=1, width=64)
+    compress(base_dir, ft_dir, tmp_path / "delta.safetensors", Config(device="cpu"),
+             progress=False)
+    apply(base_dir, tmp_path / "delta.safetensors", tmp_path / "merged", "cpu", progress=False)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(base_dir, dtype=torch.float16).eval()
+    kernel.patch_model(model, tmp_path / "delta.safetensors", backend="triton")
+    launches = []
+    real_launch = kernel.launch
+
+    def counted(*args, **kwargs):
+        launches.append(args[1].outputs)
+        return real_launch(*args, **kwargs)
+    monkeypatch.setattr(kernel, "launch", counted)
+    ids = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fuse, overlap in ((False, False), (False, True), (True, True)):
+        assert kernel.serving_options(model, fuse, overlap) == (2 if fuse else 0)
+        launches.clear()
+        with torch.no_grad():
+            logits[fuse, overlap] = model(ids).logits.double()
+        assert len(launches) == (4 if fuse else 7)
+    assert ((0, 64), (64, 16), (80, 16)) in launches
+    assert all(m._prepared is None for m in model.modules()
+               if isinstance(m, kernel.DeltaLinear) and m.group is not None)
+    assert torch.equal(logits[False, True], logits[False, False])
+    with torch.no_grad():
+        want = load(tmp_path / "merged", dtype=torch.float16).eval()(ids).logits.double()
+    for got in logits.values():
+        assert rel(got, want) < 1e-2
+    assert rel(logits[True, True], logits[False, False]) < 2e-3
+
+
+def test_serving_options_tenants(monkeypatch):
+    """MultiDeltaLinear siblings q/k/v (40, 24 and 24 outputs, 2 tenants of different band
+    layouts) under use_tenants with fuse and overlap: one launch pair for the three, and
+    each row's output is its tenant's (float64 product plus the base), as on the plain
+    path."""
+    attn = torch.nn.Module()
+    gen = torch.Generator().manual_seed(70)
+    cms = {}
+    for name, out_f in (("q_proj", 40), ("k_proj", 24), ("v_proj", 24)):
+        base = torch.nn.Linear(48, out_f).half()
+        cms[name] = [random_matrix(out_f, 48, r, 71 + out_f + t)
+                     for t, r in enumerate(({8: 2, 2: 12}, {4: 6}))]
+        setattr(attn, name, kernel.MultiDeltaLinear(base, cms[name], backend="triton"))
+    blk = torch.nn.Module()
+    blk.self_attn = attn
+    x = torch.randn(3, 2, 48, generator=gen).half()
+    tenants = [1, 0, 1]
+    launches = []
+    real_launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a, **k: launches.append(1) or
+                        real_launch(*a, **k))
+    outs = {}
+    for fuse, overlap in ((False, False), (True, True)):
+        assert kernel.serving_options(blk, fuse, overlap) == int(fuse)
+        launches.clear()
+        with torch.no_grad(), kernel.use_tenants(blk, tenants):
+            outs[fuse] = {n: getattr(attn, n)(x) for n in cms}
+        assert len(launches) == (1 if fuse else 3)
+    rows = [t for t in tenants for _ in range(2)]
+    for name, layer in ((n, getattr(attn, n)) for n in cms):
+        with torch.no_grad():
+            base = layer.base(x).reshape(6, -1)
+        want = exact(x.reshape(6, 48), cms[name], rows, base)
+        for fuse in (False, True):
+            assert rel(outs[fuse][name].reshape(6, -1), want) < 2 * UNIT[torch.float16]
+
+
+def test_decoder_matches_transformers():
+    """bench.py's decode loop (its own static KV cache and step) against transformers on a
+    tiny random Llama with grouped-query attention, fp32, prompts left-padded by 0, 2 and 5
+    tokens: the prompt's logits at every real position, then greedy tokens vs generate()."""
+    pytest.importorskip("transformers")
+    import bench
+    model = bench.llama_model(bench.DECODE_CPU, "cpu", torch.float32)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    prompts = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(3))
+    pad = torch.tensor([0, 2, 5])
+    real = torch.arange(7)[None] >= pad[:, None]                            # (3, 7)
+    dec = bench.Decoder(model, prompts, pad, 6)
+    q, keys = torch.arange(7)[:, None], torch.arange(7 + 6)                # cache columns
+    mask = (keys <= q) & ((keys >= pad[:, None, None]) | (keys == q))       # (3, 7, 13)
+    with torch.no_grad():
+        mine = bench.llama_forward(model, prompts, (q.mT - pad[:, None]).clamp_min(0),
+                                   q[:, 0], mask[:, None], dec.k, dec.v, last=False)
+        theirs = model(prompts, attention_mask=real.long()).logits
+    assert torch.allclose(mine[real], theirs[real], atol=1e-4, rtol=1e-4)
+    tokens = dec.run()
+    want = model.generate(input_ids=prompts, attention_mask=real.long(), max_new_tokens=6,
+                          do_sample=False, pad_token_id=0)[:, 7:]
+    assert torch.equal(tokens, want)
+
+
+def test_agreement_counts_until_eos():
+    import bench
+    want = torch.tensor([[5, 2, 9, 9], [1, 1, 1, 1]])                      # EOS = 2
+    got = torch.tensor([[5, 2, 0, 0], [1, 0, 1, 1]])
+    a = bench.agreement(got, want, 2)
+    assert a == dict(positions=6, share=5 / 6, rows_equal=0.5)
+    assert bench.agreement(want, want, None)["share"] == 1.0
+
+
+def test_bench_decode_runs_on_cpu(tmp_path, monkeypatch):
+    """bench.py --decode on CPU (tiny model, reference backend, eager steps): every row of
+    the model and tenant sections, the ratios to the merged model, served tokens equal to
+    the merged model's (fp32), a failing configuration recorded while the others run, and
+    the options checked at parse time."""
+    pytest.importorskip("transformers")
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA this is the GPU benchmark, not a test")
+    path = tmp_path / "d.json"
+    assert bench.main(["--decode", "--sections", "model,tenants", "--batches", "1,2",
+                       "--tenants", "2", "--levers", "plain,fuse+overlap", "--prompt-len", "5",
+                       "--new-tokens", "3", "--tenant-new-tokens", "3", "--merged-copies", "2",
+                       "--json", str(path)]) == 0
+    res = json.loads(path.read_text())["decode"]
+    assert not res["errors"] and set(res["seconds"]) == {"model", "tenants"}
+    assert [(r["way"], r["lever"], r["batch"]) for r in res["model"]] == [
+        ("base", None, 1), ("base", None, 2), ("served", "plain", 1), ("served", "plain", 2),
+        ("served", "fuse+overlap", 1), ("served", "fuse+overlap", 2), ("merged", None, 1),
+        ("merged", None, 2)]
+    for r in res["model"]:
+        assert r["ms_per_token"] > 0 and r["x_merged"] > 0 and r["kv_gb"] > 0
+        assert (r["deltas_gb"] > 0) == (r["way"] == "served")
+        if r["way"] != "base":
+            assert r["tokens_vs_merged"] == 1.0
+    tenants = res["tenants"]
+    assert [(r["tenants"], r["lever"]) for r in tenants["rows"]] == [(2, "plain")]
+    assert tenants["separate"]["measured_models"] == 2 and tenants["rows"][0]["x_separate"] > 0
+    # one configuration's failure is recorded in its row; the others still run
+    real_row = bench.decode_row
+    monkeypatch.setattr(bench, "decode_row", lambda dec, graph, rows, **f: (
+        1 / 0 if f.get("lever") == "fuse" else real_row(dec, graph, rows, **f)))
+    assert bench.main(["--decode", "--sections", "model", "--batches", "1", "--levers",
+                       "plain,fuse", "--prompt-len", "3", "--new-tokens", "2",
+                       "--json", str(path)]) == 1
+    rows = json.loads(path.read_text())["decode"]["model"]
+    assert ["error" in r for r in rows] == [False, False, True, False]
+    assert "ZeroDivisionError" in rows[2]["error"] and rows[1]["x_merged"] > 0
+    for bad in (["--levers", "fast"], ["--sections", "all"], ["--new-tokens", "1"],
+                ["--batches", "0"], ["--pair", "a", "b", "c"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--decode", *bad])
+        assert e.value.code == 2
+
+
+def test_bench_layer_rows_levers(monkeypatch):
+    """The whole-layer rows (a block of patched projections, each serving option): every
+    option's outputs checked against the reference before timing, one row per batch. On CPU
+    the layers run the reference backend and a CPU timer stands in for the CUDA-graph one."""
+    import bench
+    monkeypatch.setattr(bench, "time_us", lambda calls, graph: bench.cpu_time_us(calls[0], 1))
+    m = dict(bench.DECODE_CPU, layers=1)
+    protos = bench.prototypes(m, "cpu", {})
+    rows = bench.layer_rows({"tiny": m}, (1, 3), torch.float32, torch.device("cpu"), protos)
+    assert [r["batch"] for r in rows] == [1, 3] and not any(r["fail"] for r in rows)
+    for r in rows:
+        assert list(r["levers"]) == list(bench.LEVERS) and r["base_us"] > 0
+        assert all(v["rel_err"] < 1e-5 and v["us"] > 0 for v in r["levers"].values())
+
+
+def test_bench_decode_pair_on_cpu(tmp_path):
+    """bench.py --decode --pair on a tiny real triple (eval.py's tiny base with a character
+    tokenizer; a fine-tune of its projections, compressed and applied): the served model's
+    greedy tokens equal the merged model's, free-running and teacher-forced (fp32)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA this is the GPU benchmark, not a test")
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    ev.build_tiny_base(base, hidden=64, layers=2)
+    shutil.copytree(base, ft)
+    gen = torch.Generator().manual_seed(7)
+    for shard in ft.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, w in tensors.items():
+            if ".layers." in name and w.ndim == 2:
+                tensors[name] = w + synthetic_delta(*w.shape, gen, scale=0.5).to(w.dtype)
+        save_file(tensors, shard, {"format": "pt"})
+    compress(base, ft, tmp_path / "d.safetensors", Config(device="cpu"), progress=False)
+    apply(base, tmp_path / "d.safetensors", tmp_path / "merged", "cpu", progress=False)
+    path = tmp_path / "pair.json"
+    assert bench.main(["--decode", "--sections", "pair", "--pair", str(base),
+                       str(tmp_path / "d.safetensors"), str(tmp_path / "merged"),
+                       "--pair-prompts", "3", "--pair-new-tokens", "4", "--levers", "plain",
+                       "--json", str(path)]) == 0
+    pair = json.loads(path.read_text())["decode"]["pair"]
+    assert pair["prompts"] == 3 and [r["way"] for r in pair["rows"]] == ["merged", "served"]
+    served = pair["rows"][1]
+    assert served["free_running"]["positions"] > 0
+    assert served["free_running"]["share"] == served["teacher_forced"]["share"] == 1.0
