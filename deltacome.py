@@ -73,6 +73,7 @@ class Config:
     svd: str = "gram"               # "gram" (fp64 Gram eigh), "full" or "lowrank" (randomized)
     calib: str = ""                 # calibration file (token ids or texts); "" = calibration-free
     calib_tokens: int = 65536       # calibration tokens used at most
+    calib_model: str = "ft"         # whose activations: "ft", or "base" (for comparison only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1193,7 +1194,10 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
             "config": asdict(cfg), "matrices": {}, "carried": []}
-    runner = BlockRunner(ft, cfg.calib, cfg.calib_tokens, device) if cfg.calib else None
+    if cfg.calib_model not in ("ft", "base"):
+        raise DeltaComeError(f"calib_model must be 'ft' or 'base', got {cfg.calib_model!r}")
+    runner = BlockRunner(base if cfg.calib_model == "base" else ft, cfg.calib, cfg.calib_tokens,
+                         device) if cfg.calib else None
     order = calibrated_order(runner, base_r.names(), summary) if runner else \
         ((name, None) for name in base_r.names())
 

@@ -1204,11 +1204,13 @@ def test_smoke_pipeline_on_tiny_model(tmp_path):
                        n_test=8, text_windows=2, gram_windows=2, tiny=True,
                        budgets=(1 / 16, 1 / 32), main_budget=1 / 16,
                        methods=("low-rank fp16", "BitDelta", "plain low-bit", "paper 8/3/2",
-                                "greedy"))
+                                "greedy", "greedy calib"), calib_tokens=1024)
     results = ev.run_pipeline(tmp_path / "work", tmp_path / "out", cfg, log=lambda m: None)
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["results"].keys() == results.keys()
-    assert "chain_sum: matrix level" in (tmp_path / "out" / "eval_tables.txt").read_text()
+    tables = (tmp_path / "out" / "eval_tables.txt").read_text()
+    assert "chain_sum: matrix level" in tables and "greedy calib − greedy at 1/32" in tables
+    assert len(results["chain_sum|greedy calib|0.03125"]["scores"]) == cfg.n_test
     for method, budget in ev.plan(cfg):
         r = results[f"chain_sum|{method}|{budget:.6g}"]
         if method == "plain low-bit" or (method in ("BitDelta", "low-rank fp16")
