@@ -403,28 +403,30 @@ def gptq_quantize(x: torch.Tensor, spans, H: torch.Tensor, group_size: int = 128
     C = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())),
                               upper=True).to(torch.float32)             # (n, n), H⁻¹ = Cᵀ C
     x = x.float().clone()
-    levels = torch.empty(m, 1, 1, device=x.device)                      # per row
+    lowest, levels = torch.zeros(m, device=x.device), torch.empty(m, device=x.device)
     for bits, a, b in spans:
-        levels[a:b] = 2**bits - 1
-    codes = torch.empty(m, n, dtype=torch.uint8, device=x.device)
+        levels[a:b] = 2**bits - 1                                       # (m,) per row
+    codes = torch.empty(m, n, device=x.device)                          # float codes
     scales, zeros = [], []
     for start in range(0, n, g):
         stop = min(start + g, n)
         block = x[:, start:stop]                                        # (m, g) view into x
         grids = [quantize_groups(block[a:b], bits, g, search)[1:] for bits, a, b in spans]
-        scale = torch.cat([s for s, _ in grids]).float()                 # (m, 1)
-        zero = torch.cat([z for _, z in grids]).float()
+        scale = torch.cat([s for s, _ in grids])[:, 0].float()           # (m,)
+        zero = torch.cat([z for _, z in grids])[:, 0].float()
+        step = torch.where(scale > 0, scale, math.inf)   # scale 0 rounds to code 0, as grid_codes
         err = torch.empty_like(block)                                    # (m, g)
-        for j in range(stop - start):
-            q = grid_codes(block[:, j:j + 1, None], scale, zero, levels)[..., 0]  # (m, 1)
-            codes[:, start + j] = q[:, 0].to(torch.uint8)
-            e = (block[:, j:j + 1] - (q * scale + zero)) / C[start + j, start + j]
-            block[:, j + 1:] -= e * C[start + j, start + j + 1:stop]
-            err[:, j:j + 1] = e
+        for j in range(stop - start):   # one column at a time, few ops: this loop is the cost
+            column, c = block[:, j], C[start + j, start:stop]
+            q = ((column - zero) / step).round_().clamp_(lowest, levels)    # (m,) as grid_codes
+            codes[:, start + j] = q
+            err[:, j] = e = (column - torch.addcmul(zero, q, scale)) / c[j]
+            block[:, j + 1:].addr_(e, c[j + 1:], alpha=-1)
         x[:, stop:] -= err @ C[start:stop, stop:]
         scales.append(scale.half())
         zeros.append(zero.half())
-    scale, zero = torch.cat(scales, 1), torch.cat(zeros, 1)             # (m, G)
+    codes = codes.to(torch.uint8)
+    scale, zero = torch.stack(scales, 1), torch.stack(zeros, 1)         # (m, G)
     return [QuantizedVectors(pack_codes(codes[a:b], bits), scale[a:b], zero[a:b], bits, n, g)
             for bits, a, b in spans]
 

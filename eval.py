@@ -215,13 +215,13 @@ def matrix_table(rows: list[dict], title: str = "") -> str:
     """Aligned table: method × kind, 'fro / out' means per kind, then the mean over matrices."""
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    head = f"{'method':<17}{'ratio':>8}" + "".join(f"{k:>13}" for k in kinds) + f"{'mean':>13}"
+    head = f"{'method':<20}{'ratio':>8}" + "".join(f"{k:>13}" for k in kinds) + f"{'mean':>13}"
     lines = [title, "rel. error ‖Δ−Δ̂‖/‖Δ‖ / output error ‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖, mean over matrices"
              " of each kind (— = the method cannot fit the budget)", head, "-" * len(head)]
     for m in methods:
         mine = [r for r in rows if r["method"] == m and "fro" in r]
         if not mine:
-            lines.append(f"{m:<17}{'—':>8}" + "".join(f"{'—':>13}" for _ in kinds) + f"{'—':>13}")
+            lines.append(f"{m:<20}{'—':>8}" + "".join(f"{'—':>13}" for _ in kinds) + f"{'—':>13}")
             continue
         ratio = sum(r["bytes"] for r in mine) / sum(r["fp16"] for r in mine)
 
@@ -229,7 +229,7 @@ def matrix_table(rows: list[dict], title: str = "") -> str:
             fro = sum(r["fro"] for r in rs) / len(rs)
             out = sum(r["out"] for r in rs) / len(rs)
             return f"{fro:.3f}/{out:.3f}" if rs else "—"
-        lines.append(f"{m:<17}{ratio:>8.4f}" + "".join(
+        lines.append(f"{m:<20}{ratio:>8.4f}" + "".join(
             f"{cell([r for r in mine if r['kind'] == k]):>13}" for k in kinds) + f"{cell(mine):>13}")
     return "\n".join(lines)
 

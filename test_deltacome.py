@@ -1326,6 +1326,16 @@ def test_calibrated_compression_fits_budget(out_f, in_f, seed, budget, method):
     assert h_error(delta, approx, dc.damp(H).float()) < 1.0
 
 
+def test_allocation_takes_free_upgrades():
+    """3- and 4-bit codes share a 4-bit container, so 3 -> 4 bits costs nothing. With the
+    H-norm's ε, vector 0 may prefer 3 bits to 4 and cap vector 1 at 3 until vector 0 moves on
+    to 8; vector 1's upgrade to 4 is then free (it divided by zero once)."""
+    eps = torch.tensor([[1.0, 0.2, 0.05, 0.1, 0.0],
+                        [1.0, 0.2, 0.1, 0.05, 0.0]], dtype=torch.float64)
+    widths, costs = [0, 2, 3, 4, 8], [0, 10, 20, 20, 40]
+    assert dc.allocate_bits(torch.tensor([1.0, 0.9]), eps, costs, widths, 60) == [8, 4]
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A random 2-block Llama (hidden 64, character tokenizer) and a fine-tune of it with
