@@ -13,9 +13,10 @@ The file reads top to bottom in the order of the method:
     quantizer    -> asymmetric min-max per group of 128, dense bit packing
     allocation   -> greedy marginal-return bit widths under an exact byte budget (ours),
                     the paper's 8/3/2 preset, or a manual band spec
-    compression  -> quantize V, refit U against the quantized V, quantize U
-    calibration  -> (--calib) the fine-tune run block by block: H = XᵀX of each layer's inputs
+    compression  -> quantize V, refit U against the quantized V, quantize U; with calibration,
+                    each step in the norm of the layer's outputs
     format       -> one .safetensors file, self-describing metadata, written atomically
+    calibration  -> (--calib) the fine-tune run block by block: H = XᵀX of each layer's inputs
     apply / info -> rebuild W_base + Δ̂ as a checkpoint; summarize a delta file
     CLI
 
@@ -838,8 +839,8 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
 # where they take no memory) and is imported only with --calib.
 #
 # Whose activations: the fine-tune's. They are the inputs the compressed model should
-# reproduce, the same for every budget (computed once, reused), and measured no worse than
-# the base's or the partially compressed model's (README).
+# reproduce, and they are the same for every budget. Config.calib_model = "base" runs the
+# base instead, to compare.
 
 CALIB_WINDOW = 512          # tokens per calibration row cut from texts
 CALIB_BATCH = 8192          # tokens per forward call
@@ -960,11 +961,14 @@ class BlockRunner:
                                  f"config.json (the model is run block by block); {ft} is not")
         try:
             config = tf.AutoConfig.from_pretrained(self.ft)
+        except Exception as e:          # unknown architecture, bad config.json
+            raise DeltaComeError(f"{ft}: transformers cannot read its config ({e})") from None
+        self.ids = load_calibration(calib, self.ft, tokens, config.vocab_size)
+        try:
             with torch.device("meta"):                       # shapes only, no memory
                 model = tf.AutoModelForCausalLM.from_config(config)
-        except Exception as e:          # unknown architecture, bad config.json
+        except Exception as e:
             raise DeltaComeError(f"{ft}: transformers cannot build this model ({e})") from None
-        self.ids = load_calibration(calib, self.ft, tokens, config.vocab_size)
         self.reader = CheckpointReader(self.ft)
         self.prefix, self.blocks = decoder_blocks(model, config)
         self.hidden, self.kwargs = self.block_inputs(model)
