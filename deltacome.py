@@ -3,7 +3,8 @@
 A fine-tune differs from its base by Δ = W_ft − W_base in every weight. The singular values
 of Δ are long-tailed, so we write Δ = U diag(S) Vᵀ and quantize the singular vectors with
 *mixed precision*: many bits for the few vectors of large S, 2 bits for the long middle,
-nothing for the tail. No training, no calibration data.
+nothing for the tail. No training. Calibration data is optional (--calib): with it, every
+step fits the layer's output on real inputs instead of the weights.
 
 The file reads top to bottom in the order of the method:
 
@@ -12,8 +13,10 @@ The file reads top to bottom in the order of the method:
     quantizer    -> asymmetric min-max per group of 128, dense bit packing
     allocation   -> greedy marginal-return bit widths under an exact byte budget (ours),
                     the paper's 8/3/2 preset, or a manual band spec
-    compression  -> quantize V, refit U against the quantized V, quantize U
+    compression  -> quantize V, refit U against the quantized V, quantize U; with calibration,
+                    each step in the norm of the layer's outputs
     format       -> one .safetensors file, self-describing metadata, written atomically
+    calibration  -> (--calib) the fine-tune run block by block: H = XᵀX of each layer's inputs
     apply / info -> rebuild W_base + Δ̂ as a checkpoint; summarize a delta file
     CLI
 
@@ -22,6 +25,7 @@ Public entry points: `compress_matrix` / `decompress_matrix` (one matrix), `comp
 
 Usage:
     python deltacome.py BASE FT OUT                # compress at 1/16 of the fp16 delta
+    python deltacome.py BASE FT OUT --calib texts.jsonl   # fit to FT's inputs on these texts
     python deltacome.py apply BASE OUT.safetensors MERGED
     python deltacome.py info OUT.safetensors
     python deltacome.py example /tmp/deltacome-demo  # make a tiny pair, compress, apply
@@ -75,6 +79,9 @@ class Config:
     include: str = r"\.(layers|h|blocks|block|layer)\.\d+\..*\.weight$"  # matrices to compress
     device: str = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     svd: str = "gram"               # "gram" (fp64 Gram eigh), "full" or "lowrank" (randomized)
+    calib: str = ""                 # calibration file (token ids or texts); "" = calibration-free
+    calib_tokens: int = 65536       # calibration tokens used at most
+    calib_model: str = "ft"         # whose activations: "ft", or "base" (for comparison only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +221,37 @@ def svd_delta(delta: torch.Tensor, rank: int | None = None, method: str = "full"
     return U[:, :rank], S[:rank], V[:, :rank]
 
 
+# With calibration, the error that matters is the layer's output error on its inputs X
+# (tokens, in): ‖X(Δ − Δ̂)ᵀ‖²_F = tr((Δ − Δ̂) H (Δ − Δ̂)ᵀ) =: ‖Δ − Δ̂‖²_H, where H = XᵀX/tokens
+# (in, in). H = I is the Frobenius norm, and every step below then reduces to the
+# calibration-free one.
+
+
+def damp(H: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """H + fraction·mean(diag H)·I, with never-active inputs (diag 0) given a unit diagonal:
+    positive definite, so its Cholesky factor exists (GPTQ's 1 % damping)."""
+    H = H.double().clone()
+    diag = H.diagonal()
+    diag[diag <= 0] = 1.0                     # an input that is always 0 costs nothing
+    diag += fraction * diag.mean()
+    return H
+
+
+def svd_weighted(delta: torch.Tensor, H: torch.Tensor, rank: int, method: str = "gram"):
+    """Best rank-r approximation of Δ (out, in) in the H-norm: U (out, r) orthonormal, S (r,),
+    V (in, r) unit columns, with U diag(S) Vᵀ = U Uᵀ Δ. H must be positive definite (damp).
+
+    With H = L Lᵀ, ‖E‖_H = ‖E L‖_F, so the optimum is Δ projected on the top left singular
+    vectors of Δ L (activation-aware SVD, as SVD-LLM); V, S then follow from Δᵀ U. The
+    allocation's weight of triplet i is its output energy S_i² v_iᵀ H v_i, the i-th singular
+    value² of Δ L, descending as S is for H = I."""
+    L = torch.linalg.cholesky(H.double()).to(delta.dtype)                 # (in, in)
+    U, _, _ = svd_delta(delta @ L, rank, method)                          # (out, r)
+    P = delta.mT @ U                                                      # (in, r) = V diag(S)
+    S = P.norm(dim=0)                                                     # (r,)
+    return U, S, P / S.clamp_min(torch.finfo(P.dtype).tiny)
+
+
 # ----------------------------------------------------------------------------------------------
 # Group quantizer. Each singular vector (a row of X below) is cut into groups of g consecutive
 # elements; a group stores codes q in [0, 2^b − 1] and two fp16 numbers, `scale` and `zero`
@@ -285,10 +323,11 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int = 128, search: b
 
 
 def grid_codes(xg, scale, zero, levels):
-    """Nearest code on the grid zero + scale·{0..levels}: (m, G, g) float codes."""
+    """Nearest code on the grid zero + scale·{0..levels}: (m, G, g) float codes. `levels` is a
+    number or a tensor broadcasting against xg (a width per row)."""
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, (xg - zero.float().unsqueeze(-1)) / s, torch.zeros_like(xg))
-    return q.round().clamp_(0, levels)
+    return q.round().clamp_(min=0).clamp_(max=levels)
 
 
 def grid_error(xg, codes, scale, zero, weight):
@@ -368,6 +407,50 @@ def dequantize_vectors(qv: QuantizedVectors) -> torch.Tensor:
     return dequantize_groups(codes, qv.scale, qv.zero, qv.group_size)
 
 
+def gptq_quantize(x: torch.Tensor, spans, H: torch.Tensor, group_size: int = 128,
+                  search: bool = True) -> list[QuantizedVectors]:
+    """x (m, n): m vectors, rows a:b of each span (bits, a, b) at `bits` -> one
+    QuantizedVectors per span, minimizing Σ_rows (x − x̂) H (x − x̂)ᵀ instead of ‖x − x̂‖².
+
+    GPTQ (Frantar et al., 2023), the element order fixed: element j of every row is rounded
+    on its group's grid, and its rounding error, divided by the Cholesky factor's diagonal, is
+    fed forward to the elements after it through row j of the upper Cholesky factor of H⁻¹
+    (H positive definite: damp). A group's grid is fitted (quantize_groups) when its first
+    element is reached, to the values the errors fed so far have moved it to. H ∝ I feeds
+    nothing forward: quantize_vectors, code for code."""
+    m, n = x.shape
+    g = group_size
+    C = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())),
+                              upper=True).to(torch.float32)             # (n, n), H⁻¹ = Cᵀ C
+    x = x.float().clone()
+    lowest, levels = torch.zeros(m, device=x.device), torch.empty(m, device=x.device)
+    for bits, a, b in spans:
+        levels[a:b] = 2**bits - 1                                       # (m,) per row
+    codes = torch.empty(m, n, device=x.device)                          # float codes
+    scales, zeros = [], []
+    for start in range(0, n, g):
+        stop = min(start + g, n)
+        block = x[:, start:stop]                                        # (m, g) view into x
+        grids = [quantize_groups(block[a:b], bits, g, search)[1:] for bits, a, b in spans]
+        scale = torch.cat([s for s, _ in grids])[:, 0].float()           # (m,)
+        zero = torch.cat([z for _, z in grids])[:, 0].float()
+        step = torch.where(scale > 0, scale, math.inf)   # scale 0 rounds to code 0, as grid_codes
+        err = torch.empty_like(block)                                    # (m, g)
+        for j in range(stop - start):   # one column at a time, few ops: this loop is the cost
+            column, c = block[:, j], C[start + j, start:stop]
+            q = ((column - zero) / step).round_().clamp_(lowest, levels)    # (m,) as grid_codes
+            codes[:, start + j] = q
+            err[:, j] = e = (column - torch.addcmul(zero, q, scale)) / c[j]
+            block[:, j + 1:].addr_(e, c[j + 1:], alpha=-1)
+        x[:, stop:] -= err @ C[start:stop, stop:]
+        scales.append(scale.half())
+        zeros.append(zero.half())
+    codes = codes.to(torch.uint8)
+    scale, zero = torch.stack(scales, 1), torch.stack(zeros, 1)         # (m, G)
+    return [QuantizedVectors(pack_codes(codes[a:b], bits), scale[a:b], zero[a:b], bits, n, g)
+            for bits, a, b in spans]
+
+
 # ----------------------------------------------------------------------------------------------
 # Bytes. Every stored byte of a compressed matrix is counted: for each kept singular triplet,
 # the packed codes of u and v, their fp16 scales and zeros, and its fp32 singular value.
@@ -406,8 +489,13 @@ def budget_bytes(out_features: int, in_features: int, budget: float) -> int:
 
 
 def vector_errors(U: torch.Tensor, V: torch.Tensor, widths, group_size: int = 128,
-                  search: bool = True) -> torch.Tensor:
-    """U (out, r), V (in, r) unit columns -> ε (r, len(widths)) fp64, ε_i(b) as above."""
+                  search: bool = True, H: torch.Tensor | None = None) -> torch.Tensor:
+    """U (out, r), V (in, r) unit columns -> ε (r, len(widths)) fp64, ε_i(b) as above.
+
+    With H (in, in), ε_i(b) is measured in the H-norm of the calibration section, relative to
+    the vector pair's own: ‖û_i v̂_iᵀ − u_i v_iᵀ‖²_H / ‖u_i v_iᵀ‖²_H, still 1 at 0 bits."""
+    def dot(a, b):                              # row-wise a·b, or a H bᵀ with calibration
+        return (a * b).sum(1) if H is None else ((a @ H.double()) * b).sum(1)
     eps = []
     for bits in widths:
         if bits == 0:
@@ -416,9 +504,11 @@ def vector_errors(U: torch.Tensor, V: torch.Tensor, widths, group_size: int = 12
         u, v = U.mT.double(), V.mT.double()                                  # (r, out), (r, in)
         uq = dequantize_vectors(quantize_vectors(U.mT, bits, group_size, search)).double()
         vq = dequantize_vectors(quantize_vectors(V.mT, bits, group_size, search)).double()
-        # ‖ûv̂ᵀ − uvᵀ‖² = ‖û‖²‖v̂‖² − 2(û·u)(v̂·v) + ‖u‖²‖v‖²
-        e = ((uq * uq).sum(1) * (vq * vq).sum(1) - 2 * (uq * u).sum(1) * (vq * v).sum(1)
-             + (u * u).sum(1) * (v * v).sum(1))
+        # ‖ûv̂ᵀ − uvᵀ‖² = ‖û‖²‖v̂‖² − 2(û·u)(v̂·v) + ‖u‖²‖v‖², the v products in the H-norm
+        e = ((uq * uq).sum(1) * dot(vq, vq) - 2 * (uq * u).sum(1) * dot(vq, v)
+             + (u * u).sum(1) * dot(v, v))
+        if H is not None:
+            e = e / ((u * u).sum(1) * dot(v, v)).clamp_min(torch.finfo(torch.float64).tiny)
         eps.append(e.clamp_min(0))
     return torch.stack(eps, 1)
 
@@ -448,8 +538,9 @@ def allocate_bits(S: torch.Tensor, eps: torch.Tensor, costs: list[int], widths: 
             if spent + extra > budget:
                 continue
             gain = weight[i] * (eps[i][level[i]] - eps[i][t])
-            if gain > 0 and (best is None or gain / extra > best[0]):
-                best = (gain / extra, t)
+            per_byte = gain / extra if extra > 0 else math.inf     # 3 and 4 bits cost alike
+            if gain > 0 and (best is None or per_byte > best[0]):
+                best = (per_byte, t)
         if best is not None:
             heapq.heappush(heap, (-best[0], i, best[1], stamp[i]))
 
@@ -538,29 +629,35 @@ class CompressedMatrix:
                                                               qv(b.V)) for b in self.bands])
 
 
-def choose_widths(delta: torch.Tensor, cfg: Config):
-    """SVD of Δ and a bit width per kept singular triplet, by cfg.method under cfg.budget."""
+def choose_widths(delta: torch.Tensor, cfg: Config, H: torch.Tensor | None = None):
+    """SVD of Δ and a bit width per kept singular triplet, by cfg.method under cfg.budget.
+    With H (damped), the SVD and greedy's error model are those of the H-norm."""
     out_f, in_f = delta.shape
     g = cfg.group_size
     budget = budget_bytes(out_f, in_f, cfg.budget)
     none = [], delta.new_zeros(out_f, 0), delta.new_zeros(0), delta.new_zeros(in_f, 0)
     if not delta.any():
         return none
+
+    def svd(rank):
+        return svd_delta(delta, rank, cfg.svd) if H is None else \
+            svd_weighted(delta, H, rank, cfg.svd)
     if cfg.method == "greedy":
         candidates = sorted({0, *cfg.widths})
         costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
         cheapest = min(costs[1:], default=budget + 1)
         max_rank = min(budget // cheapest, out_f, in_f)
         if max_rank > 0:
-            U, S, V = svd_delta(delta, max_rank, cfg.svd)
-            eps = vector_errors(U, V, candidates, g, cfg.quantizer == "mse")
-            widths = [b for b in allocate_bits(S, eps, costs, candidates, budget) if b > 0]
+            U, S, V = svd(max_rank)
+            eps = vector_errors(U, V, candidates, g, cfg.quantizer == "mse", H)
+            energy = S if H is None else S * ((V.mT.double() @ H) * V.mT).sum(1).sqrt()
+            widths = [b for b in allocate_bits(energy, eps, costs, candidates, budget) if b > 0]
     else:
         spec = parse_bands(PAPER_BANDS if cfg.method == "paper" else cfg.method)
         cheapest = min(vector_bytes(out_f, in_f, bits, g) for bits, _ in spec)
         widths = bands_to_widths(spec, out_f, in_f, budget, g)
         if widths:
-            U, S, V = svd_delta(delta, len(widths), cfg.svd)
+            U, S, V = svd(len(widths))
     if budget < cheapest:
         raise DeltaComeError(f"budget {cfg.budget:g} of a {out_f}x{in_f} delta is {budget} bytes, "
                              f"less than one singular vector costs ({cheapest} bytes)")
@@ -577,31 +674,52 @@ def bands_of(widths: list[int]) -> list[tuple[int, int, int]]:
     return bands
 
 
-def compress_matrix(delta: torch.Tensor, cfg: Config = Config(), dtype: str = "float32"
-                    ) -> CompressedMatrix:
-    """Δ (out, in) fp32 -> CompressedMatrix whose stored bytes fit cfg.budget."""
+def compress_matrix(delta: torch.Tensor, cfg: Config = Config(), dtype: str = "float32",
+                    H: torch.Tensor | None = None) -> CompressedMatrix:
+    """Δ (out, in) fp32 -> CompressedMatrix whose stored bytes fit cfg.budget.
+
+    H (in, in), the Gram XᵀX/tokens of the layer's calibration inputs, turns the objective
+    from ‖Δ − Δ̂‖ into the output error ‖X(Δ − Δ̂)ᵀ‖ at every step: the SVD, the allocation's
+    error model, V's quantization (GPTQ) and U's refit. H = I gives the calibration-free
+    result (to rounding)."""
     assert delta.ndim == 2, f"delta must be 2-D, got {tuple(delta.shape)}"
-    widths, U, S, V = choose_widths(delta.float(), cfg)
+    if H is not None:
+        assert H.shape == (delta.shape[1],) * 2, \
+            f"H must be (in, in) = {(delta.shape[1],) * 2}, got {tuple(H.shape)}"
+        H = damp(H).to(delta.device)
+    widths, U, S, V = choose_widths(delta.float(), cfg, H)
     g, r, search = cfg.group_size, len(widths), cfg.quantizer == "mse"
     spans = bands_of(widths)
     U, S, V = U[:, :r], S[:r], V[:, :r]
-    # Quantize V band by band. Then refit U: for fixed V̂, the least-squares left factor is
-    # L = Δ V̂ (V̂ᵀV̂)⁻¹, which lets Û absorb V's quantization error. L's column norms become
-    # the new S and its normalized columns are quantized as U. Without refit, L = U diag(S).
-    V_q = [quantize_vectors(V[:, a:b].mT, bits, g, search) for bits, a, b in spans]
-    if cfg.refit and r > 0:
-        V_hat = torch.cat([dequantize_vectors(q) for q in V_q], 0).mT      # (in, r)
-        gram = V_hat.mT @ V_hat                                               # (r, r)
-        gram += 1e-6 * gram.diagonal().mean() * torch.eye(r, device=gram.device)
-        L = torch.linalg.solve(gram, (delta.float() @ V_hat).mT).mT          # (out, r)
-    else:
-        L = U * S                                                             # (out, r)
+    V_q = quantize_v(V, spans, g, search, H)
+    L = refit_u(delta.float(), V_q, H) if cfg.refit and r > 0 else U * S    # (out, r)
     S_new = L.norm(dim=0)                                                     # (r,)
     U_unit = L / S_new.clamp_min(torch.finfo(torch.float32).tiny)
     bands = [Band(bits, S_new[a:b].contiguous(),
                   quantize_vectors(U_unit[:, a:b].mT, bits, g, search), vq)
              for (bits, a, b), vq in zip(spans, V_q)]
     return CompressedMatrix(tuple(delta.shape), dtype, bands)
+
+
+def quantize_v(V: torch.Tensor, spans, group_size: int, search: bool,
+               H: torch.Tensor | None = None) -> list[QuantizedVectors]:
+    """V (in, r) -> one QuantizedVectors per band: round to nearest, or GPTQ in the H-norm,
+    where V meets the inputs (x V̂ is the first product of the kernel)."""
+    if H is None:
+        return [quantize_vectors(V[:, a:b].mT, bits, group_size, search) for bits, a, b in spans]
+    return gptq_quantize(V.mT, spans, H, group_size, search)
+
+
+def refit_u(delta: torch.Tensor, V_q: list[QuantizedVectors],
+            H: torch.Tensor | None = None) -> torch.Tensor:
+    """The left factor L (out, r) that best fits Δ for the quantized V̂: L = Δ H V̂ (V̂ᵀ H V̂)⁻¹
+    (H = I without calibration), so Û absorbs V's quantization error. L's column norms become
+    the new S and its normalized columns are quantized as U."""
+    V_hat = torch.cat([dequantize_vectors(q) for q in V_q], 0).mT          # (in, r)
+    HV = V_hat if H is None else H.to(V_hat.dtype) @ V_hat                  # (in, r)
+    gram = V_hat.mT @ HV                                                    # (r, r)
+    gram += 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
+    return torch.linalg.solve(gram, (delta @ HV).mT).mT                    # (out, r)
 
 
 def decompress_matrix(cm: CompressedMatrix) -> torch.Tensor:
@@ -937,6 +1055,274 @@ def check_against_base(delta: DeltaFile, layout: dict, delta_path, base):
 
 
 # ----------------------------------------------------------------------------------------------
+# Calibration (--calib): the Gram H = XᵀX/tokens of the inputs X of every compressed matrix,
+# from the fine-tune itself run on calibration tokens, block by block as GPTQ does. The
+# embeddings run once and a stand-in for block 0 catches what it receives (hidden states and
+# the keyword arguments the model passes: position embeddings, masks); then each block in
+# turn is loaded alone from FT's checkpoint, run on those inputs with hooks that accumulate H
+# at every Linear, and its outputs become the next block's inputs. Memory holds one block
+# and the hidden states, never the model. transformers builds the blocks (on the meta device,
+# where they take no memory) and is imported only with --calib.
+#
+# Whose activations: the fine-tune's. They are the inputs the compressed model should
+# reproduce, and they are the same for every budget. Config.calib_model = "base" runs the
+# base instead, to compare.
+
+CALIB_WINDOW = 512          # tokens per calibration row cut from texts
+CALIB_BATCH = 8192          # tokens per forward call
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise DeltaComeError("--calib needs the transformers package (pip install "
+                             "transformers); compression without --calib does not") from None
+    return transformers
+
+
+def load_calibration(path: str | Path, ft: Path, tokens: int, vocab_size: int) -> torch.Tensor:
+    """Calibration token ids (n, T) int64 from `path`: a .safetensors file with an integer
+    tensor `input_ids` (N, T), or texts (.txt: the whole file; .jsonl: one {"text": ...} per
+    line) tokenized with FT's tokenizer, joined by EOS and cut into rows of CALIB_WINDOW.
+    Keeps the first max(1, tokens // T) rows; every id must be in [0, vocab_size)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaComeError(f"--calib {path}: no such file")
+    if path.suffix == ".safetensors":
+        with open_safetensors(path) as f:
+            if "input_ids" not in f.keys():
+                raise DeltaComeError(f"--calib {path}: no tensor 'input_ids' (integer token ids, "
+                                     f"shape (N, T))")
+            ids = f.get_tensor("input_ids")
+        if ids.ndim != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise DeltaComeError(f"--calib {path}: input_ids must be integer token ids of shape "
+                                 f"(N, T), got {str(ids.dtype).removeprefix('torch.')} "
+                                 f"{tuple(ids.shape)}")
+    elif path.suffix in (".txt", ".jsonl"):
+        ids = tokenize_texts(read_texts(path), path, ft, tokens)
+    else:
+        raise DeltaComeError(f"--calib {path}: expected a .safetensors, .txt or .jsonl file")
+    if ids.numel() == 0:
+        raise DeltaComeError(f"--calib {path}: no calibration tokens in it")
+    ids = ids[:max(1, tokens // ids.shape[1])].long()
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise DeltaComeError(f"--calib {path}: token id {int(ids[bad][0])} is outside FT's "
+                             f"vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def read_texts(path: Path) -> list[str]:
+    """The texts of a .txt (one, the whole file) or .jsonl file (one per line)."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".txt":
+        return [raw] if raw.strip() else []
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise DeltaComeError(f"--calib {path}:{number}: expected a JSON object with a "
+                                 f"\"text\" string")
+        texts.append(text)
+    return texts
+
+
+def tokenize_texts(texts: list[str], path: Path, ft: Path, tokens: int) -> torch.Tensor:
+    """Texts -> (n, CALIB_WINDOW) token ids with FT's tokenizer (one shorter row if that is
+    all there is), at most about `tokens` of them."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((ft / n).is_file() for n in names):
+        raise DeltaComeError(f"--calib {path}: texts need FT's tokenizer and {ft} has none "
+                             f"(give token ids as input_ids in a .safetensors file instead)")
+    try:
+        tok = import_transformers().AutoTokenizer.from_pretrained(ft)
+    except DeltaComeError:
+        raise
+    except Exception as e:              # transformers raises many types for a broken tokenizer
+        raise DeltaComeError(f"{ft}: cannot load its tokenizer ({e})") from None
+    stream = []
+    for text in texts:
+        stream += tok(text, add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            stream.append(tok.eos_token_id)
+        if len(stream) >= tokens:
+            break
+    T = min(CALIB_WINDOW, len(stream))
+    n = len(stream) // T if T else 0
+    return torch.tensor(stream[:n * T], dtype=torch.long).view(n, T)
+
+
+class _BlockInputs(Exception):
+    """Raised by the stand-in for block 0 with what block 0 was called with."""
+
+    def __init__(self, args, kwargs):
+        super().__init__("block 0 reached")
+        self.args, self.kwargs = args, kwargs
+
+
+class _Catcher(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise _BlockInputs(args, kwargs)
+
+
+class BlockRunner:
+    """The fine-tune FT run block by block on calibration tokens (see the section above).
+
+    `grams(i)` runs block i on the current hidden states, returns {weight name: H (in, in)
+    fp32} for every Linear of the block (matrices reading the same input share one H), and
+    advances the hidden states to block i's outputs. Blocks must be run in order."""
+
+    def __init__(self, ft: str | Path, calib: str | Path, tokens: int, device: torch.device):
+        tf = import_transformers()
+        self.ft, self.device = Path(ft), device
+        if not (self.ft / "config.json").is_file():
+            raise DeltaComeError(f"--calib needs FT as a Hugging Face directory with its "
+                                 f"config.json (the model is run block by block); {ft} is not")
+        try:
+            config = tf.AutoConfig.from_pretrained(self.ft)
+        except Exception as e:          # unknown architecture, bad config.json
+            raise DeltaComeError(f"{ft}: transformers cannot read its config ({e})") from None
+        self.ids = load_calibration(calib, self.ft, tokens, config.vocab_size)
+        try:
+            with torch.device("meta"):                       # shapes only, no memory
+                model = tf.AutoModelForCausalLM.from_config(config)
+        except Exception as e:
+            raise DeltaComeError(f"{ft}: transformers cannot build this model ({e})") from None
+        self.reader = CheckpointReader(self.ft)
+        self.prefix, self.blocks = decoder_blocks(model, config)
+        self.hidden, self.kwargs = self.block_inputs(model)
+
+    def block_inputs(self, model) -> tuple[list[torch.Tensor], list[dict]]:
+        """Block 0's inputs, one (hidden (b, T, hidden), kwargs) per batch of calibration rows."""
+        parent, _, attr = self.prefix.rpartition(".")
+        setattr(model.get_submodule(parent), attr, torch.nn.ModuleList([_Catcher()]))
+        model.to_empty(device=self.device)
+        model.float()
+        rebuild_computed_buffers(model, self.device)
+        state = model.state_dict()
+        embedding = next(n for n, p in model.named_parameters()
+                         if p is model.get_input_embeddings().weight)
+        if embedding not in self.reader.files:
+            raise DeltaComeError(f"{self.ft}: tensor {embedding} (the input embedding) is missing")
+        model.load_state_dict({n: self.reader.get(n) for n in state if n in self.reader.files},
+                              strict=False)
+        hidden, kwargs = [], []
+        rows = max(1, CALIB_BATCH // self.ids.shape[1])
+        with torch.no_grad():
+            for batch in self.ids.split(rows):
+                try:
+                    model(input_ids=batch.to(self.device), use_cache=False)
+                except _BlockInputs as caught:
+                    hidden.append(caught.args[0] if caught.args else
+                                  caught.kwargs.pop("hidden_states"))
+                    kwargs.append(caught.kwargs)
+                else:
+                    raise DeltaComeError(f"{self.ft}: the model never called its first block")
+        return hidden, kwargs
+
+    def names(self, i: int) -> list[str]:
+        """Checkpoint names of block i's tensors."""
+        return [f"{self.prefix}.{i}.{k}" for k in self.blocks[i].state_dict()]
+
+    @torch.no_grad()
+    def grams(self, i: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[i]
+        names = dict(zip(block.state_dict(), self.names(i)))
+        missing = [n for n in names.values() if n not in self.reader.files]
+        if missing:
+            raise DeltaComeError(f"{self.ft}: tensor {missing[0]} of block {i} is missing")
+        block.to_empty(device=self.device)
+        block.float()
+        block.load_state_dict({k: self.reader.get(n) for k, n in names.items()})
+        linears = {f"{self.prefix}.{i}.{sub}.weight": m for sub, m in block.named_modules()
+                   if isinstance(m, torch.nn.Linear)}
+        hooks = GramHooks(linears)
+        try:
+            for j, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
+                out = block(h, **kw)
+                self.hidden[j] = out[0] if isinstance(out, tuple) else out
+                hooks.next_call()
+        finally:
+            grams = hooks.close()
+        block.to_empty(device="meta")                               # free the block
+        for name, H in grams.items():
+            if not torch.isfinite(H).all():
+                raise DeltaComeError(f"--calib: the inputs of {name} contain NaN or Inf")
+        return grams
+
+    def close(self):
+        self.reader.close()
+
+
+def decoder_blocks(model, config) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of decoder blocks and its name, e.g. "model.layers"."""
+    depth = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth and name:
+            return name, module
+    raise DeltaComeError(f"--calib: cannot find the {depth} decoder blocks of "
+                         f"{type(model).__name__}")
+
+
+def rebuild_computed_buffers(model, device: torch.device):
+    """Buffers that are not in the checkpoint are computed at construction (rotary
+    embeddings' frequencies); to_empty left them uninitialized, so their modules are rebuilt
+    on `device` from the model's config."""
+    saved = set(model.state_dict())
+    owners = {n.rpartition(".")[0] for n, _ in model.named_buffers() if n not in saved}
+    for owner in sorted(owners):
+        module = model.get_submodule(owner)
+        try:
+            fresh = type(module)(config=module.config).to(device)
+        except Exception as e:
+            raise DeltaComeError(f"--calib: cannot rebuild {owner} ({type(module).__name__}: "
+                                 f"{e})") from None
+        parent, _, attr = owner.rpartition(".")
+        setattr(model.get_submodule(parent), attr, fresh)
+
+
+class GramHooks:
+    """Forward pre-hooks that accumulate H = Σ xᵀx / tokens over the inputs x (…, in) of each
+    Linear. Linears called on the same tensor (q, k and v; gate and up) share one H, computed
+    once. Call `next_call()` after each forward call, `close()` for {weight name: H}."""
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        self.sums, self.tokens, self.owner = {}, {}, {}
+        self.seen = {}                   # id(x) -> (x, key) in this call; x held: ids stay unique
+        self.handles = [m.register_forward_pre_hook(self.hook(n)) for n, m in linears.items()]
+
+    def hook(self, name: str):
+        def accumulate(module, args):
+            x = args[0]
+            seen = self.seen.get(id(x))
+            seen = seen if seen is not None and seen[0] is x else None
+            key = self.owner.setdefault(name, seen[1] if seen else name)
+            if seen:
+                return                   # counted already for this call
+            self.seen[id(x)] = (x, key)
+            x2 = x.reshape(-1, x.shape[-1]).float()                        # (tokens, in)
+            self.sums[key] = self.sums.get(key, 0) + x2.mT @ x2              # (in, in)
+            self.tokens[key] = self.tokens.get(key, 0) + x2.shape[0]
+        return accumulate
+
+    def next_call(self):
+        self.seen.clear()
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        H = {key: self.sums[key] / self.tokens[key] for key in self.sums}
+        return {name: H[key] for name, key in self.owner.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Whole checkpoints: compress, apply, info.
 
 
@@ -1110,6 +1496,8 @@ class Summary:
     carried_bytes: int = 0           # tensors copied from FT because they differ from BASE
     file_bytes: int = 0
     gpu_peak_bytes: int = 0
+    calibration_tokens: int = 0      # with --calib: tokens the fine-tune was run on
+    calibrated: int = 0              # matrices compressed against their inputs' H
     errors: list[float] = field(default_factory=list)
     not_float: dict[str, str] = field(default_factory=dict)  # selected matrices carried: dtypes
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -1136,6 +1524,9 @@ class Summary:
             dtypes = ", ".join(sorted(set(self.not_float.values())))
             rows.append(("not compressed", f"{len(self.not_float)} matrices matching --include "
                                            f"are not floating point ({dtypes}): carried exactly"))
+        if self.calibration_tokens:
+            rows.append(("calibration", f"{self.calibration_tokens:,} tokens; {self.calibrated} "
+                                        f"of {self.matrices} matrices fitted to their inputs"))
         return "\n".join(f"{k:<22}{v}" for k, v in rows)
 
 
@@ -1166,21 +1557,27 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
             "config": asdict(cfg), "matrices": {}, "carried": []}
+    runner = BlockRunner(base if cfg.calib_model == "base" else ft, cfg.calib, cfg.calib_tokens,
+                         device) if cfg.calib else None
+    order = calibrated_order(runner, base_r.names(), summary) if runner else \
+        ((name, None) for name in base_r.names())
 
-    def read(name):                 # runs one tensor ahead in a thread: I/O overlaps the GPU
+    def read(item):                 # runs one tensor ahead in a thread: I/O overlaps the GPU
+        name, H = item
         w_base, w_ft = base_r.get(name), ft_r.get(name)
         check_finite(name, w_base, str(base))
         check_finite(name, w_ft, str(ft))
-        return name, w_base, w_ft, extract_delta(w_base, w_ft, name)
+        return name, H, w_base, w_ft, extract_delta(w_base, w_ft, name)
 
     writer = SafetensorsWriter(out, checksums=True)
     try:
-        t0 = time.perf_counter()
-        for name, w_base, w_ft, delta in tqdm(prefetched(read, base_r.names()), desc="compress",
-                                             total=len(base_r.names()), unit="tensor",
-                                             disable=not progress):
+        t0, calibrated = time.perf_counter(), 0.0
+        for name, H, w_base, w_ft, delta in tqdm(prefetched(read, order), desc="compress",
+                                                total=len(base_r.names()), unit="tensor",
+                                                disable=not progress):
             t1 = time.perf_counter()
-            summary.seconds["read"] += t1 - t0
+            calibrating = summary.seconds.get("calibrate", 0.0) - calibrated   # since t0
+            summary.seconds["read"] += t1 - t0 - calibrating
             t2 = t1
             selected = w_base.ndim == 2 and include.search(name)
             if selected and w_base.dtype not in FLOAT_DTYPES:   # Δ̂ rounded back is not exact
@@ -1188,7 +1585,8 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                 selected = False
             if selected:
                 delta = delta.to(device)
-                cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."))
+                cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."), H)
+                summary.calibrated += H is not None
                 err = relative_error(delta, decompress_matrix(cm))
                 t2 = time.perf_counter()
                 summary.seconds["svd+quantize"] += t2 - t1
@@ -1204,7 +1602,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
-            t0 = time.perf_counter()
+            t0, calibrated = time.perf_counter(), summary.seconds.get("calibrate", 0.0)
             summary.seconds["write"] += t0 - t2
         t3 = time.perf_counter()
         meta["checksums"] = writer.checksums
@@ -1217,10 +1615,27 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     finally:
         base_r.close()
         ft_r.close()
+        if runner is not None:
+            runner.close()
     if device.type == "cuda":
         summary.gpu_peak_bytes = torch.cuda.max_memory_allocated(device)
     summary.file_bytes = out.stat().st_size
     return summary
+
+
+def calibrated_order(runner: BlockRunner, names: list[str], summary: Summary):
+    """(name, H or None) for every tensor: those outside the decoder blocks first, without H;
+    then block by block, each block's Hs computed when the block is reached (the time it
+    takes is added to summary.seconds["calibrate"])."""
+    block_of = {name: i for i in range(len(runner.blocks)) for name in runner.names(i)}
+    summary.calibration_tokens = runner.ids.numel()
+    yield from ((name, None) for name in names if name not in block_of)
+    for i in range(len(runner.blocks)):
+        t = time.perf_counter()
+        grams = runner.grams(i)
+        summary.seconds["calibrate"] = (summary.seconds.get("calibrate", 0.0)
+                                        + time.perf_counter() - t)
+        yield from ((name, grams.get(name)) for name in runner.names(i))
 
 
 def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str = "auto",
@@ -1544,6 +1959,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
                             "as full, compression 2.5x faster on an H100), full "
                             "(LAPACK/cuSOLVER SVD), lowrank (randomized, approximate tail)")
+        if command == "compress":
+            p.add_argument("--calib", metavar="FILE", default=d.calib,
+                           help="fit every matrix to its inputs on these calibration tokens: a "
+                                ".safetensors with integer input_ids (N, T), or texts (.txt, "
+                                ".jsonl) read with FT's tokenizer; needs transformers and FT "
+                                "as a HF directory (default: calibration-free)")
+            p.add_argument("--calib-tokens", type=option(check_positive, integer),
+                           default=d.calib_tokens, metavar="N",
+                           help="calibration tokens used at most (default %(default)s)")
     if command in ("apply", "verify"):
         p.add_argument("base", help="the base checkpoint the delta was made against")
     if command in ("apply", "info", "verify"):
@@ -1654,6 +2078,13 @@ def check_config(cfg: Config) -> Config:
     check_group_size(cfg.group_size)
     check_include(cfg.include)
     check_device(cfg.device)
+    if not isinstance(cfg.calib, (str, os.PathLike)):
+        raise DeltaComeError(f"calib must be a file name, got {short(cfg.calib)}")
+    if not (is_int(cfg.calib_tokens) and cfg.calib_tokens > 0):
+        raise DeltaComeError(f"calib_tokens must be a positive integer, got "
+                             f"{short(cfg.calib_tokens)}")
+    if cfg.calib_model not in ("ft", "base"):
+        raise DeltaComeError(f"calib_model must be 'ft' or 'base', got {short(cfg.calib_model)}")
     return cfg
 
 
@@ -1661,7 +2092,8 @@ def config_from_args(args) -> Config:
     return Config(budget=args.budget, method=args.method, widths=args.widths,
                   group_size=args.group_size, refit=not args.no_refit,
                   quantizer=args.quantizer, include=args.include,
-                  device=args.device, svd=args.svd)
+                  device=args.device, svd=args.svd, calib=getattr(args, "calib", ""),
+                  calib_tokens=getattr(args, "calib_tokens", Config.calib_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -405,11 +405,11 @@ def test_failure_midway_leaves_no_output(pair, tmp_path, monkeypatch):
     out = tmp_path / "delta.safetensors"
     calls = []
 
-    def failing(delta, cfg, dtype):
+    def failing(delta, cfg, dtype, H=None):
         calls.append(1)
         if len(calls) == 3:
             raise dc.DeltaComeError("simulated failure")
-        return original(delta, cfg, dtype)
+        return original(delta, cfg, dtype, H)
     original = dc.compress_matrix
     monkeypatch.setattr(dc, "compress_matrix", failing)
     assert run_cli(base, ft, out)[0] == 2
@@ -1205,11 +1205,13 @@ def test_smoke_pipeline_on_tiny_model(tmp_path):
                        n_test=8, text_windows=2, gram_windows=2, tiny=True,
                        budgets=(1 / 16, 1 / 32), main_budget=1 / 16,
                        methods=("low-rank fp16", "BitDelta", "plain low-bit", "paper 8/3/2",
-                                "greedy"))
+                                "greedy", "greedy calib"), calib_tokens=1024)
     results = ev.run_pipeline(tmp_path / "work", tmp_path / "out", cfg, log=lambda m: None)
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["results"].keys() == results.keys()
-    assert "chain_sum: matrix level" in (tmp_path / "out" / "eval_tables.txt").read_text()
+    tables = (tmp_path / "out" / "eval_tables.txt").read_text()
+    assert "chain_sum: matrix level" in tables and "greedy calib − greedy at 1/32" in tables
+    assert len(results["chain_sum|greedy calib|0.03125"]["scores"]) == cfg.n_test
     for method, budget in ev.plan(cfg):
         r = results[f"chain_sum|{method}|{budget:.6g}"]
         if method == "plain low-bit" or (method in ("BitDelta", "low-rank fp16")
@@ -2299,3 +2301,195 @@ def test_bench_decode_pair_on_cpu(tmp_path):
     served = pair["rows"][1]
     assert served["free_running"]["positions"] > 0
     assert served["free_running"]["share"] == served["teacher_forced"]["share"] == 1.0
+
+
+# =============================================================================================
+# Activation-aware compression (--calib): the H-norm steps against their calibration-free
+# counterparts, the budget, and the CLI on a tiny transformers model.
+
+def anisotropic_gram(n, seed=0, tokens=400):
+    """H = XᵀX/tokens of correlated inputs: a spectrum falling by e⁶ in a random basis."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=gen) * torch.linspace(3, -3, n).exp()
+    x = x @ torch.linalg.qr(torch.randn(n, n, generator=gen))[0]
+    return x.mT @ x / tokens
+
+
+def h_error(delta, approx, H):
+    """‖Δ − Δ̂‖²_H / ‖Δ‖²_H: the squared relative output error on inputs with Gram H."""
+    e = delta - approx
+    return float(((e @ H) * e).sum() / ((delta @ H) * delta).sum())
+
+
+def test_identity_h_reduces_to_calibration_free():
+    """With H = I every calibrated step is its calibration-free counterpart: the same error
+    model, the same widths, GPTQ feeds nothing forward, the same refit."""
+    delta = long_tailed(96, 160, seed=3)
+    U, S, V = dc.svd_delta(delta, 40, "gram")
+    H = dc.damp(torch.eye(160))
+    widths = (0, 2, 3, 8)
+    plain = dc.vector_errors(U, V, widths)
+    assert torch.allclose(dc.vector_errors(U, V, widths, H=H), plain, rtol=1e-5, atol=1e-9)
+    spans = [(8, 0, 3), (3, 3, 10), (2, 10, 40)]
+    for q, (bits, a, b) in zip(dc.gptq_quantize(V.mT, spans, H), spans):
+        r = quantize_vectors(V[:, a:b].mT, bits)
+        assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale)
+    for cfg in (Config(budget=1 / 16, device="cpu"), Config(method="paper", device="cpu"),
+                Config(budget=1 / 32, refit=False, quantizer="minmax", device="cpu")):
+        free, ident = dc.compress_matrix(delta, cfg), dc.compress_matrix(delta, cfg, H=torch.eye(160))
+        assert [(b.bits, b.rank) for b in free.bands] == [(b.bits, b.rank) for b in ident.bands]
+        assert torch.allclose(decompress_matrix(free), decompress_matrix(ident), atol=1e-5)
+
+
+def test_weighted_svd_is_the_best_rank_r_in_the_h_norm():
+    delta, H = long_tailed(64, 96, seed=1), dc.damp(anisotropic_gram(96))
+    U, S, V = dc.svd_weighted(delta, H, 12)
+    approx = (U * S) @ V.mT
+    assert torch.allclose(approx, U @ U.mT @ delta, atol=1e-6)
+    assert torch.allclose(V.norm(dim=0), torch.ones(12), atol=1e-5)
+    # Eckart–Young in the H-norm: the optimum's error is the tail of ΔL's spectrum
+    L = torch.linalg.cholesky(H).float()
+    tail = torch.linalg.svdvals(delta @ L)[12:].square().sum()
+    assert math.isclose(float((((delta - approx) @ H.float()) * (delta - approx)).sum()),
+                        float(tail), rel_tol=1e-3)
+    U0, S0, V0 = dc.svd_delta(delta, 12)
+    assert h_error(delta, approx, H.float()) < h_error(delta, (U0 * S0) @ V0.mT, H.float())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gptq_lowers_the_h_error_of_rounding(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.linalg.qr(torch.randn(200, 30, generator=gen))[0].mT            # 30 unit rows
+    H = dc.damp(anisotropic_gram(200, seed)).float()
+    spans = [(4, 0, 5), (2, 5, 30)]
+    gptq = torch.cat([dc.dequantize_vectors(q) for q in dc.gptq_quantize(x, spans, H.double())])
+    rtn = torch.cat([dc.dequantize_vectors(quantize_vectors(x[a:b], bits))
+                     for bits, a, b in spans])
+    err = [float((((x - q) @ H) * (x - q)).sum()) for q in (gptq, rtn)]
+    assert err[0] < 0.8 * err[1], err
+
+
+@settings(deadline=None, max_examples=15)
+@given(out_f=st.integers(16, 200), in_f=st.integers(16, 200), seed=st.integers(0, 1000),
+       budget=st.sampled_from([1 / 8, 1 / 16, 1 / 32, 1 / 64]),
+       method=st.sampled_from(["greedy", "paper", "2:*"]))
+@example(out_f=16, in_f=200, seed=0, budget=1 / 64, method="greedy")
+def test_calibrated_compression_fits_budget(out_f, in_f, seed, budget, method):
+    delta, H = long_tailed(out_f, in_f, seed), anisotropic_gram(in_f, seed, tokens=64)
+    H[:, 0] = H[0, :] = 0                                       # an input that is never active
+    try:
+        cm = dc.compress_matrix(delta, Config(budget=budget, method=method, device="cpu"), H=H)
+    except DeltaComeError as e:
+        assert "less than one singular vector" in str(e)
+        return
+    assert cm.nbytes() <= dc.budget_bytes(out_f, in_f, budget)
+    approx = decompress_matrix(cm)
+    assert torch.isfinite(approx).all()
+    assert h_error(delta, approx, dc.damp(H).float()) < 1.0
+
+
+def test_allocation_takes_free_upgrades():
+    """3- and 4-bit codes share a 4-bit container, so 3 -> 4 bits costs nothing. With the
+    H-norm's ε, vector 0 may prefer 3 bits to 4 and cap vector 1 at 3 until vector 0 moves on
+    to 8; vector 1's upgrade to 4 is then free (it divided by zero once)."""
+    eps = torch.tensor([[1.0, 0.2, 0.05, 0.1, 0.0],
+                        [1.0, 0.2, 0.1, 0.05, 0.0]], dtype=torch.float64)
+    widths, costs = [0, 2, 3, 4, 8], [0, 10, 20, 20, 40]
+    assert dc.allocate_bits(torch.tensor([1.0, 0.9]), eps, costs, widths, 60) == [8, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A random 2-block Llama (hidden 64, character tokenizer) and a fine-tune of it with
+    long-tailed deltas; calibration and held-out token ids drawn from 8 of its tokens, so
+    that the layer inputs are far from isotropic."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny")
+    base, ft = root / "base", root / "ft"
+    ev.build_tiny_base(base, hidden=64, layers=2)
+    shutil.copytree(base, ft)
+    tensors = load_file(str(ft / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name, w in tensors.items():
+        if w.ndim == 2 and ".layers." in name:
+            tensors[name] = w + 5 * dc.synthetic_delta(*w.shape, gen)
+    save_file(tensors, str(ft / "model.safetensors"), {"format": "pt"})
+    for name, seed in (("calib", 1), ("held", 2)):
+        ids = torch.randint(3, 11, (12, 64), generator=torch.Generator().manual_seed(seed))
+        save_file({"input_ids": ids}, str(root / f"{name}.safetensors"))
+    return SimpleNamespace(root=root, base=base, ft=ft, calib=root / "calib.safetensors",
+                           held=root / "held.safetensors")
+
+
+def test_calib_lowers_output_error_on_held_out_inputs(tiny_pair, tmp_path):
+    p = tiny_pair
+    free, calib = tmp_path / "free.safetensors", tmp_path / "calib.safetensors"
+    assert run_cli(p.base, p.ft, free, "--budget", "1/32", "--device", "cpu") == (0, "")
+    assert run_cli(p.base, p.ft, calib, "--budget", "1/32", "--device", "cpu",
+                   "--calib", p.calib) == (0, "")
+    runner = dc.BlockRunner(p.ft, p.held, 10**6, torch.device("cpu"))
+    held = {n: H for i in range(len(runner.blocks)) for n, H in runner.grams(i).items()}
+    runner.close()
+    b, f = load_file(str(p.base / "model.safetensors")), load_file(str(p.ft / "model.safetensors"))
+    errors = {}
+    for label, path in (("free", free), ("calib", calib)):
+        d = read_delta_file(path)
+        assert d.meta["config"]["calib"] == ("" if label == "free" else str(p.calib))
+        assert len(d.matrices) == 14
+        for name, cm in d.matrices.items():
+            assert cm.nbytes() <= dc.budget_bytes(*cm.shape, 1 / 32)    # the same budget
+        errors[label] = sum(h_error(f[n] - b[n], decompress_matrix(cm), held[n])
+                            for n, cm in d.matrices.items()) / len(d.matrices)
+    assert errors["calib"] < 0.7 * errors["free"], errors
+
+
+def test_calib_from_texts(tiny_pair, tmp_path):
+    p = tiny_pair
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": f"{i} + {i * 7} = {i * 8}"}) for i in range(200)))
+    out = tmp_path / "d.safetensors"
+    assert run_cli(p.base, p.ft, out, "--device", "cpu", "--calib", texts,
+                   "--calib-tokens", "1000") == (0, "")
+    assert read_delta_file(out).meta["config"]["calib_tokens"] == 1000
+    ids = dc.load_calibration(texts, p.ft, 1000, 10**6)
+    assert ids.shape[0] * ids.shape[1] <= 1000 and ids.shape[1] == min(dc.CALIB_WINDOW, 1000)
+
+
+def test_bad_calibration_is_a_one_line_error(tiny_pair, tmp_path, pair, monkeypatch):
+    p = tiny_pair
+    files = {"no_ids.safetensors": {"tokens": torch.zeros(2, 8, dtype=torch.long)},
+             "float.safetensors": {"input_ids": torch.zeros(2, 8)},
+             "vocab.safetensors": {"input_ids": torch.full((2, 8), 10**6)},
+             "negative.safetensors": {"input_ids": torch.full((2, 8), -1)},
+             "empty_ids.safetensors": {"input_ids": torch.zeros(0, 8, dtype=torch.long)}}
+    for name, tensors in files.items():
+        save_file(tensors, str(tmp_path / name))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 3}\n')
+    (tmp_path / "words.txt").write_text("some text to calibrate on")
+    (tmp_path / "ids.csv").write_text("1,2,3")
+    example_base, example_ft = pair["sharded"]                  # no tokenizer, no model code
+    out = tmp_path / "out" / "d.safetensors"
+    out.parent.mkdir()
+    cases = [((p.base, p.ft, "no_ids.safetensors"), "no tensor 'input_ids'"),
+             ((p.base, p.ft, "float.safetensors"), "must be integer token ids"),
+             ((p.base, p.ft, "vocab.safetensors"), "outside FT's vocabulary"),
+             ((p.base, p.ft, "negative.safetensors"), "outside FT's vocabulary"),
+             ((p.base, p.ft, "empty_ids.safetensors"), "no calibration tokens"),
+             ((p.base, p.ft, "empty.safetensors"), "not a readable safetensors file"),
+             ((p.base, p.ft, "empty.txt"), "no calibration tokens"),
+             ((p.base, p.ft, "bad.jsonl"), "bad.jsonl:2: expected a JSON object"),
+             ((p.base, p.ft, "missing.safetensors"), "no such file"),
+             ((p.base, p.ft, "ids.csv"), "expected a .safetensors, .txt or .jsonl"),
+             ((example_base, example_ft, "words.txt"), "has none"),
+             ((p.base, p.ft / "model.safetensors", "vocab.safetensors"), "config.json")]
+    for (base, ft, calib), message in cases:
+        code, err = run_cli(base, ft, out, "--device", "cpu", "--calib", tmp_path / calib)
+        assert code == 2 and message in err and err.count("\n") == 1, (calib, err)
+    code, err = parse_error(p.base, p.ft, out, "--calib", p.calib, "--calib-tokens", "0")
+    assert code == 2 and "--calib-tokens" in err and "positive integer" in err
+    monkeypatch.setitem(sys.modules, "transformers", None)       # not installed
+    code, err = run_cli(p.base, p.ft, out, "--device", "cpu", "--calib", p.calib)
+    assert code == 2 and "needs the transformers package" in err and err.count("\n") == 1
+    assert list(out.parent.iterdir()) == []
