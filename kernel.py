@@ -1404,24 +1404,28 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
 
 
 class TenantBatch:
-    """The tenant of every sequence of one batch, with its plans cached by row layout: every
-    MultiDeltaLinear of a forward pass sees the same rows, so the plan is made once."""
+    """The tenant of every sequence (or every row) of one batch, with its plans cached by
+    row layout: every tenant module of a forward pass sees the same rows, so the plan is
+    made once. tenant_idx: one index per sequence, shape (batch,), or one per row, shape
+    x.shape[:-1] of the inputs it serves."""
 
     def __init__(self, tenant_idx, n_tenants: int):
         shape = tuple(torch.as_tensor(tenant_idx).shape)
-        if len(shape) != 1:
-            raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
-                             f"{shape}")
-        self.idx = check_tenant_idx(tenant_idx, shape, n_tenants)              # (batch,)
+        if not shape:
+            raise ValueError("tenant_idx must have one index per sequence (or per row), "
+                             "not be a scalar")
+        self.idx = check_tenant_idx(tenant_idx, shape, n_tenants)         # (batch, ...)
         self.n_tenants = n_tenants
         self._plans: dict = {}
 
     def rows(self, lead: tuple) -> torch.Tensor:
-        """Per-sequence index -> one index per row of an input with leading shape `lead`."""
-        if not lead or lead[0] != self.idx.shape[0]:
-            raise ValueError(f"{self.idx.shape[0]} tenant indices for an input of leading "
-                             f"shape {tuple(lead)}: give one per sequence (dim 0)")
-        return self.idx.view(-1, *[1] * (len(lead) - 1)).expand(lead).reshape(-1)
+        """The index -> one index per row of an input with leading shape `lead`, (B,)."""
+        k = self.idx.ndim
+        if tuple(lead[:k]) != tuple(self.idx.shape):
+            raise ValueError(f"tenant indices of shape {tuple(self.idx.shape)} for an input of "
+                             f"leading shape {tuple(lead)}: give one per sequence (dim 0) or "
+                             f"one per row")
+        return self.idx.view(*self.idx.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
     def plan(self, lead: tuple, device) -> TenantPlan:
         key = (tuple(lead), str(device))
@@ -1430,7 +1434,26 @@ class TenantBatch:
         return self._plans[key]
 
 
-class MultiDeltaLinear(torch.nn.Module):
+class TenantModule(torch.nn.Module):
+    """A layer that serves N tenants in one batch. `tenants` is the TenantBatch set by
+    `use_tenants` (how a patched model is called); forward may also take tenant_idx."""
+
+    def __init__(self, n_tenants: int):
+        super().__init__()
+        self.n_tenants = n_tenants
+        self.tenants: TenantBatch | None = None
+
+    def tenant_batch(self, tenant_idx=None) -> TenantBatch:
+        """The batch's tenants: tenant_idx if given, else the ones `use_tenants` set."""
+        if tenant_idx is not None:
+            return TenantBatch(tenant_idx, self.n_tenants)
+        if self.tenants is None:
+            raise ValueError(f"{type(self).__name__} needs tenant_idx: pass it, or call the "
+                             f"model inside `with use_tenants(model, tenant_idx):`")
+        return self.tenants
+
+
+class MultiDeltaLinear(TenantModule):
     """A base nn.Linear plus N compressed deltas of its weight:
     forward(x, tenant_idx)[b] = base(x[b]) + x[b] Δ̂_{tenant_idx[b]}ᵀ.
 
@@ -1441,7 +1464,6 @@ class MultiDeltaLinear(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Linear, deltas: Sequence[CompressedMatrix],
                  backend: str = "auto"):
-        super().__init__()
         if not deltas:
             raise ValueError("MultiDeltaLinear needs at least one delta")
         for t, cm in enumerate(deltas):
@@ -1450,35 +1472,23 @@ class MultiDeltaLinear(torch.nn.Module):
                                  f"{tuple(cm.shape)}")
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        super().__init__(len(deltas))
         self.base, self.deltas, self.backend = base, list(deltas), backend
-        self.tenants: TenantBatch | None = None
         self._prepared: KernelDelta | None = None
 
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
         y = self.base(x)
         lead = tuple(x.shape[:-1])
-        n = len(self.deltas)
-        if tenant_idx is None and self.tenants is None:
-            raise ValueError("MultiDeltaLinear needs tenant_idx: pass it, or call the model "
-                             "inside `with use_tenants(model, tenant_idx):`")
-        if tenant_idx is None:
-            batch = self.tenants
-        elif tuple(torch.as_tensor(tenant_idx).shape) == lead:               # one per row
-            batch = None
-            rows = check_tenant_idx(tenant_idx, lead, n).reshape(-1)          # (B,)
-        else:                                                                # one per sequence
-            batch = TenantBatch(tenant_idx, n)
-        if batch is not None:
-            rows = batch.rows(lead)                                          # (B,)
+        batch = self.tenant_batch(tenant_idx)
         if _backend_for(x, self.backend) != "triton":
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
-            return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
+            return multi_delta_matmul(x, self.deltas, batch.rows(lead).view(lead), y,
+                                      backend="reference")
         if self._prepared is None or self._prepared.S.device != x.device:
             self._prepared = prepare_multi_delta(self.deltas, x.device)
-        plan = batch.plan(lead, x.device) if batch is not None else \
-            plan_tenants(rows, n, x.device)
-        return multi_delta_matmul(x, self._prepared, None, y, backend="triton", plan=plan)
+        return multi_delta_matmul(x, self._prepared, None, y, backend="triton",
+                                  plan=batch.plan(lead, x.device))
 
     def extra_repr(self) -> str:
         ranks = [sum(b.rank for b in cm.bands) for cm in self.deltas]
@@ -1525,13 +1535,16 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
 def use_tenants(model: torch.nn.Module, tenant_idx):
     """Within the block, every MultiDeltaLinear of `model` serves sequence i of the batch with
     tenant tenant_idx[i] (tenant_idx: (batch,) ints). The plan is made once for the batch."""
-    layers = [m for m in model.modules() if isinstance(m, MultiDeltaLinear)]
+    layers = [m for m in model.modules() if isinstance(m, TenantModule)]
     if not layers:
         raise ValueError("the model has no MultiDeltaLinear layers: patch_model_tenants first")
-    batch = TenantBatch(tenant_idx, len(layers[0].deltas))
+    if torch.as_tensor(tenant_idx).ndim != 1:
+        raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
+                         f"{tuple(torch.as_tensor(tenant_idx).shape)}")
+    batch = TenantBatch(tenant_idx, layers[0].n_tenants)
     for m in layers:
-        if len(m.deltas) != batch.n_tenants:
-            raise ValueError(f"layers hold {len(m.deltas)} and {batch.n_tenants} deltas")
+        if m.n_tenants != batch.n_tenants:
+            raise ValueError(f"layers hold {m.n_tenants} and {batch.n_tenants} tenants")
         m.tenants = batch
     try:
         yield batch
