@@ -13,6 +13,8 @@ The file reads top to bottom in the order of the method:
     allocation   -> greedy marginal-return bit widths under an exact byte budget (ours),
                     the paper's 8/3/2 preset, or a manual band spec
     compression  -> quantize V, refit U against the quantized V, quantize U
+    vocabulary   -> embeddings and lm_head: compressed, or their changed rows stored whole;
+                    a resized vocabulary's added rows
     format       -> one .safetensors file, self-describing metadata, written atomically
     apply / info -> rebuild W_base + Δ̂ as a checkpoint; summarize a delta file
     CLI
@@ -50,7 +52,9 @@ import torch
 from safetensors import safe_open
 
 FORMAT_NAME = "deltacome"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: vocabulary tensors, changed rows, side files, whole-file size
+READ_VERSIONS = (1, 2)          # files written before version 2 still load
+VOCAB_CHOICES = ("auto", "compress", "rows", "carry")   # Config.vocab: see "Vocabulary tensors"
 
 
 class DeltaComeError(Exception):
@@ -66,6 +70,9 @@ class Config:
     refit: bool = True              # refit U against the quantized V before quantizing U
     quantizer: str = "mse"          # "mse" (clipping search + least squares) or "minmax"
     include: str = r"\.(layers|h|blocks|block|layer)\.\d+\..*\.weight$"  # matrices to compress
+    vocab: str = "auto"             # vocabulary tensors: "auto", "compress", "rows" or "carry"
+    vocab_include: str = r"(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|lm_head|" \
+                         r"embed_out)\.weight$"   # the vocabulary tensors: embeddings, lm_head
     device: str = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     svd: str = "gram"               # "gram" (fp64 Gram eigh), "full" or "lowrank" (randomized)
 
@@ -602,15 +609,121 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Vocabulary tensors: the token embeddings and lm_head (Config.vocab_include). They are large
+# (SmolLM2-135M: 49152 × 576 in fp16 is 56.6 MB, more than all its projections at 1/16), and a
+# fine-tune changes them in one of two ways. An untied embedding trained with AdamW and no
+# weight decay keeps the rows of tokens never seen in training exactly: its changed rows,
+# stored whole, are exact and few. A tied embedding is also the output head, whose softmax
+# gives every row a gradient at every step, so every row changes: its delta is compressed
+# like a projection, at the same budget (a row of Û diag(S) V̂ᵀ is cheap to rebuild per
+# token). Config.vocab "auto" takes, per tensor, the changed rows where they take no more
+# bytes than the compressed matrix may, else the compressed matrix; "compress", "rows" and
+# "carry" (the whole tensor, as any other) force one. A resized vocabulary (tokens added:
+# FT has more rows than BASE) stores its new rows whole, and its shared rows as above.
+
+
+@dataclass
+class RowDelta:
+    """Rows of FT's tensor stored whole: rows that changed, and rows past BASE's."""
+    shape: tuple[int, ...]    # FT's shape; rows from base_rows on are new (added tokens)
+    base_rows: int            # BASE's rows
+    index: torch.Tensor       # (K,) int64, ascending
+    values: torch.Tensor      # (K, *shape[1:]) FT's rows, in FT's dtype
+
+    def nbytes(self) -> int:
+        """Stored bytes: an int32 index entry and the row's values, per row."""
+        return 4 * self.index.numel() + self.values.numel() * self.values.element_size()
+
+
+def changed_rows(delta: torch.Tensor) -> torch.Tensor:
+    """Δ (rows, ...) -> (K,) int64 indices of its nonzero rows (dim 0), ascending."""
+    return delta.reshape(delta.shape[0], -1).ne(0).any(1).nonzero().squeeze(1)
+
+
+def rows_bytes(w: torch.Tensor, count: int) -> int:
+    """Bytes `count` rows of w take stored whole (RowDelta.nbytes)."""
+    return count * (4 + math.prod(w.shape[1:]) * w.element_size())
+
+
+def vocab_storage(w_ft: torch.Tensor, changed: int, cfg: Config) -> str:
+    """How the shared rows of a vocabulary tensor (BASE's shape) are stored: cfg.vocab, with
+    "auto" resolved by bytes: "rows" where `changed` rows take no more than the compressed
+    matrix's budget (exact, and no larger), else "compress"."""
+    if cfg.vocab != "auto":
+        return cfg.vocab
+    fits = rows_bytes(w_ft, changed) <= budget_bytes(*w_ft.shape[:2], cfg.budget)
+    return "rows" if w_ft.ndim == 2 and fits else "compress"
+
+
+def check_resizable(name: str, w_base: torch.Tensor, w_ft: torch.Tensor, vocab: bool):
+    """Shapes that differ between BASE and FT are an error, but for a vocabulary tensor that
+    gained rows (tokens added to the vocabulary)."""
+    grown = (w_ft.ndim == w_base.ndim >= 1 and w_ft.shape[1:] == w_base.shape[1:]
+             and w_ft.shape[0] > w_base.shape[0])
+    if not (vocab and grown):
+        why = "a vocabulary may grow, not shrink" if vocab and w_ft.ndim == w_base.ndim \
+            and w_ft.shape[1:] == w_base.shape[1:] else "different architectures?"
+        raise DeltaComeError(f"tensor {name}: shape {tuple(w_base.shape)} in BASE but "
+                             f"{tuple(w_ft.shape)} in FT ({why})")
+
+
+def place_rows(w: torch.Tensor, rows: RowDelta) -> torch.Tensor:
+    """BASE's tensor w (base_rows, ...) (or W_base + Δ̂) -> FT's shape, rows.index replaced by
+    FT's rows; in w's dtype."""
+    out = w.new_zeros(rows.shape)
+    out[: rows.base_rows] = w
+    out[rows.index.to(w.device)] = rows.values.to(w.device, w.dtype)
+    return out
+
+
+def probe(w: torch.Tensor) -> list[float]:
+    """Four values of w at fixed positions: a fingerprint of the base a delta was made against
+    (files of different bases, or a model that is not the base, differ there)."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+    return [float(flat[i * (n - 1) // 3]) for i in range(4)] if n else []
+
+
+# Config and tokenizer files of a fine-tune, stored where they differ from BASE's (a resized
+# vocabulary has FT's vocab_size and added tokens in them), so that `apply` writes FT's.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def changed_side_files(base: Path, ft: Path) -> dict[str, bytes]:
+    """{name: FT's bytes} of the SIDE_FILES in FT's directory that BASE lacks or has
+    different (none when FT is a single file)."""
+    if not (ft.is_dir() and base.is_dir()):
+        return {}
+    out = {}
+    for name in SIDE_FILES:
+        mine, theirs = ft / name, base / name
+        if mine.is_file() and not (theirs.is_file() and theirs.read_bytes() == mine.read_bytes()):
+            out[name] = mine.read_bytes()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # File format. One .safetensors file. For a compressed matrix NAME with bands k = 0, 1, ...:
 #   NAME.band{k}.S             (r_k,)                fp32
 #   NAME.band{k}.U.codes       (r_k, ⌈out/(32/c)⌉)   int32   packed rows, one per vector u_i
 #   NAME.band{k}.U.scale/zero  (r_k, ⌈out/g⌉)        fp16
 #   NAME.band{k}.V.*           same with `in` in place of `out`
+# Compressed vocabulary tensors (embeddings, lm_head) are stored the same way. Since version 2:
+#   rows.NAME.index            (K,)                  int32   ascending rows of FT's tensor
+#   rows.NAME.values           (K, *shape[1:])       FT's dtype   those rows of FT, bit-exact
+#                              (a vocabulary tensor's changed rows, and the rows FT added)
+#   file.NAME                  (bytes,)              uint8   a config or tokenizer file of FT
 # Tensors that are not compressed and differ from BASE are stored as `carry.NAME`, copied
 # bit-exact from FT; the ones equal to BASE are not stored (apply takes BASE's). The metadata
-# "deltacome" entry is JSON: format, version, group_size, config, and per matrix its shape,
-# dtype, bands [[bits, rank], ...] and relative error; plus the list of carried tensors.
+# "deltacome" entry is JSON: format, version, group_size, config, per matrix its shape, dtype,
+# bands [[bits, rank], ...], relative error and role ("projection" or "vocab"); the list of
+# carried tensors; and since version 2: per rows entry FT's shape, BASE's row count and the
+# dtype; the list of files; whole_fp16_bytes (2 bytes per element of every FT tensor: the fp16
+# delta of the whole fine-tune, the denominator of the whole-file ratio); and base_probes, four
+# values of every BASE tensor (`probe`), which tell files of different bases apart. Version-1
+# files (no rows, files, sizes or probes) still load.
 # Everything is vector-major and contiguous, so a kernel reads a band in coalesced rows.
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -672,10 +785,17 @@ def add_compressed(writer: SafetensorsWriter, name: str, cm: CompressedMatrix):
 
 @dataclass
 class DeltaFile:
-    """A delta file read back: its compressed matrices, carried tensors and metadata."""
+    """A delta file read back: its compressed matrices, carried tensors, metadata, and (since
+    version 2) its row deltas and FT's side files."""
     matrices: dict[str, CompressedMatrix]
     carried: dict[str, torch.Tensor]
     meta: dict
+    rows: dict[str, RowDelta] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def role(self, name: str) -> str:
+        """"projection" or "vocab": what a compressed matrix is (version 1: projections)."""
+        return self.meta["matrices"][name].get("role", "projection")
 
 
 def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
@@ -685,9 +805,9 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
         if raw is None:
             raise DeltaComeError(f"{path}: not a deltacome file (no '{FORMAT_NAME}' metadata)")
         meta = json.loads(raw)
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READ_VERSIONS:
             raise DeltaComeError(f"{path}: format version {meta.get('version')} is not "
-                                 f"supported (this reader knows {FORMAT_VERSION})")
+                                 f"supported (this reader knows {', '.join(map(str, READ_VERSIONS))})")
         g = meta["group_size"]
 
         def get(key):
@@ -707,7 +827,41 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
                 assert bands[-1].rank == rank, f"{path}: {p} has rank {bands[-1].rank}, not {rank}"
             matrices[name] = CompressedMatrix((out_f, in_f), m["dtype"], bands)
         carried = {name: get(f"carry.{name}") for name in meta["carried"]}
-    return DeltaFile(matrices, carried, meta)
+        rows = {}
+        for name, entry in meta.get("rows", {}).items():
+            rows[name] = RowDelta(tuple(entry["shape"]), entry["base_rows"],
+                                  get(f"rows.{name}.index").long(), get(f"rows.{name}.values"))
+            check_rows(name, rows[name], entry, path)
+        files = {}
+        for name in meta.get("files", []):
+            check_side_file_name(name, path)
+            files[name] = f.get_tensor(f"file.{name}").numpy().tobytes()
+    return DeltaFile(matrices, carried, meta, rows, files)
+
+
+def check_rows(name: str, rows: RowDelta, entry: dict, source) -> None:
+    """A row delta read from `source` is whole: ascending rows inside FT's shape, every row FT
+    added present, values of FT's row shape and dtype, finite. One-line DeltaComeError."""
+    where = f"{source}: rows of {name}"
+    if len(rows.shape) < 1 or not 0 < rows.base_rows <= rows.shape[0]:
+        raise DeltaComeError(f"{where}: shape {list(rows.shape)} with {rows.base_rows} base rows")
+    n, index, values = rows.shape[0], rows.index, rows.values
+    if index.ndim != 1 or (index.numel() and (int(index[0]) < 0 or int(index[-1]) >= n
+                                              or not bool((index[1:] > index[:-1]).all()))):
+        raise DeltaComeError(f"{where}: the index is not ascending inside 0..{n - 1}")
+    if int((index >= rows.base_rows).sum()) != n - rows.base_rows:
+        raise DeltaComeError(f"{where}: rows {rows.base_rows}..{n - 1} (added) are not all stored")
+    if tuple(values.shape) != (index.numel(), *rows.shape[1:]) or \
+            str(values.dtype).removeprefix("torch.") != entry.get("dtype"):
+        raise DeltaComeError(f"{where}: values are {values.dtype} {tuple(values.shape)}, expected "
+                             f"{entry.get('dtype')} {(index.numel(), *rows.shape[1:])}")
+    check_finite(f"rows.{name}.values", values, str(source))
+
+
+def check_side_file_name(name: str, source) -> None:
+    """A stored side file's name must be one of SIDE_FILES: `apply` writes it into OUT."""
+    if name not in SIDE_FILES:
+        raise DeltaComeError(f"{source}: stored file {name!r} is not a config or tokenizer file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,46 +910,119 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
 
 
+def tensor_sizes(path: str | Path) -> dict[str, tuple[list[int], int]]:
+    """{name: (shape, stored bytes)} of every tensor of a .safetensors file, from its header
+    alone (no tensor data is read). For files `open_safetensors` has already accepted."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {k: (v["shape"], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+@dataclass
+class StorageRow:
+    """One kind of content of a delta file: how many tensors, the fp16 bytes of their delta
+    (2 per element of FT's tensor; None where not known), and the bytes the file spends."""
+    kind: str
+    tensors: int
+    fp16_bytes: int | None
+    stored_bytes: int
+
+
+def storage(meta: dict, sizes: dict, file_bytes: int) -> list[StorageRow]:
+    """What a delta file holds, kind by kind, every stored byte counted, then the whole file
+    against the fp16 delta of the whole fine-tune (meta's whole_fp16_bytes; None for a
+    version-1 file, which does not record it). `sizes` as tensor_sizes."""
+    def nbytes(prefix):
+        return sum(b for k, (_, b) in sizes.items() if k.startswith(prefix))
+    rows = []
+    for role, kind in (("projection", "projection matrices, compressed"),
+                       ("vocab", "vocabulary matrices, compressed")):
+        mats = {n: m for n, m in meta["matrices"].items() if m.get("role", "projection") == role}
+        rows.append(StorageRow(kind, len(mats),
+                               sum(2 * math.prod(m["shape"]) for m in mats.values()),
+                               sum(nbytes(f"{n}.band") for n in mats)))
+    entries = meta.get("rows", {})
+    rows.append(StorageRow(  # rows a compressed matrix covers are counted there
+        "vocabulary rows, stored whole", len(entries),
+        sum(2 * math.prod(e["shape"][1:]) * (e["shape"][0] - e["base_rows"] * (n in meta["matrices"]))
+            for n, e in entries.items()),
+        sum(nbytes(f"rows.{n}.") for n in entries)))
+    rows.append(StorageRow("other tensors, carried whole", len(meta["carried"]),
+                           sum(2 * math.prod(sizes[f"carry.{n}"][0]) for n in meta["carried"]),
+                           sum(sizes[f"carry.{n}"][1] for n in meta["carried"])))
+    files = meta.get("files", [])
+    rows.append(StorageRow("config/tokenizer files of FT", len(files), 0,
+                           sum(sizes[f"file.{n}"][1] for n in files)))
+    whole = meta.get("whole_fp16_bytes")
+    rows.append(StorageRow("tensors equal to BASE, not stored", meta.get("unchanged", 0),
+                           None if whole is None else whole - sum(r.fp16_bytes for r in rows), 0))
+    rows.append(StorageRow("whole file (header included)", sum(r.tensors for r in rows), whole,
+                           file_bytes))
+    return rows
+
+
+def storage_table(rows: list[StorageRow]) -> str:
+    """The rows of `storage` as an aligned table; ratio = stored / fp16 delta bytes."""
+    def ratio(r):
+        if not r.fp16_bytes or not r.stored_bytes:
+            return "" if r.fp16_bytes is not None else "not recorded (version-1 file)"
+        x = r.stored_bytes / r.fp16_bytes
+        return f"{x:.4f}" + (f" = 1/{1 / x:.1f}" if x < 1 else "")
+    lines = [f"{'the file holds':<36}{'tensors':>8}{'fp16 delta MB':>15}{'stored MB':>11}  ratio"]
+    for r in rows:
+        if not r.tensors and r is not rows[-1]:
+            continue
+        fp16 = "—" if r.fp16_bytes is None else f"{r.fp16_bytes / 1e6:,.2f}"
+        lines.append(f"{r.kind:<36}{r.tensors:>8}{fp16:>15}{r.stored_bytes / 1e6:>11,.2f}  "
+                     f"{ratio(r)}")
+    lines.append("ratio = stored bytes / fp16 bytes of the same tensors' delta (2 per element); "
+                 "whole file: every byte of the file / the fp16 delta of every tensor of FT")
+    return "\n".join(lines)
+
+
 @dataclass
 class Summary:
     """What `compress` did, for the end-of-run table and for callers."""
     matrices: int = 0
-    delta_fp16_bytes: int = 0        # 2 bytes per element of every compressed matrix
+    delta_fp16_bytes: int = 0        # 2 bytes per element of every compressed projection
     compressed_bytes: int = 0        # every stored byte of those matrices
     carried_bytes: int = 0           # tensors copied from FT because they differ from BASE
     file_bytes: int = 0
     gpu_peak_bytes: int = 0
-    errors: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)         # projections
+    vocab_errors: list[float] = field(default_factory=list)   # compressed vocabulary tensors
+    storage: list[StorageRow] = field(default_factory=list)   # what the file holds
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("read", "svd+quantize", "write"), 0.0))
 
     def table(self) -> str:
-        mean_err = sum(self.errors) / len(self.errors) if self.errors else 0.0
-        ratio = self.compressed_bytes / max(self.delta_fp16_bytes, 1)
-        whole = self.file_bytes / max(self.delta_fp16_bytes + self.carried_bytes, 1)
-        rows = [("matrices compressed", f"{self.matrices}"),
-                ("fp16 delta of those", f"{self.delta_fp16_bytes / 1e6:,.2f} MB"),
-                ("compressed matrices", f"{self.compressed_bytes / 1e6:,.2f} MB "
-                                        f"(ratio {ratio:.4f} = 1/{1 / max(ratio, 1e-12):.1f})"),
-                ("carried tensors", f"{self.carried_bytes / 1e6:,.2f} MB"),
-                ("whole file", f"{self.file_bytes / 1e6:,.2f} MB (ratio {whole:.4f} of fp16 "
-                               f"delta + carried)"),
-                ("mean rel. error", f"{mean_err:.4f}  ‖Δ−Δ̂‖/‖Δ‖ averaged over matrices"),
+        def mean(xs):
+            return f"{sum(xs) / len(xs):.4f}" if xs else "—"
+        rows = [("mean rel. error", f"{mean(self.errors)}  ‖Δ−Δ̂‖/‖Δ‖ averaged over compressed "
+                                    f"projections; vocabulary matrices {mean(self.vocab_errors)}"),
                 ("time", "  ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
                  + f"  total {sum(self.seconds.values()):.1f}s"),
                 ("peak host RSS", f"{peak_rss_mb():,.0f} MB")]
         if self.gpu_peak_bytes:
             rows.append(("peak GPU memory", f"{self.gpu_peak_bytes / 1e6:,.0f} MB"))
-        return "\n".join(f"{k:<22}{v}" for k, v in rows)
+        return storage_table(self.storage) + "\n" + "\n".join(f"{k:<22}{v}" for k, v in rows)
 
 
 def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Config(),
              progress: bool = True) -> Summary:
-    """Compress FT's delta against BASE into the delta file OUT; returns a Summary."""
+    """Compress FT's delta against BASE into the delta file OUT; returns a Summary.
+
+    Projections (cfg.include) are compressed; vocabulary tensors (cfg.vocab_include) are
+    compressed, stored as changed rows, or carried, by cfg.vocab; every other tensor that
+    differs from BASE is carried whole; FT's config and tokenizer files that differ from
+    BASE's are stored (SIDE_FILES)."""
     from tqdm import tqdm
 
     out = Path(out)
     check_writable(out)
+    if cfg.vocab not in VOCAB_CHOICES:
+        raise DeltaComeError(f"--vocab must be one of {', '.join(VOCAB_CHOICES)}, got {cfg.vocab!r}")
     device = pick_device(cfg.device)
     base_r, ft_r = CheckpointReader(base), CheckpointReader(ft)
     missing = sorted(set(base_r.names()) - set(ft_r.names()))
@@ -805,46 +1032,79 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
             f"tensor {extra[0]} is in FT but not in BASE"
         raise DeltaComeError(f"{which} ({len(missing) + len(extra)} mismatched names; "
                              f"different architectures?)")
-    include = re.compile(cfg.include)
+    include, vocab = re.compile(cfg.include), re.compile(cfg.vocab_include)
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
-            "config": asdict(cfg), "matrices": {}, "carried": []}
+            "config": asdict(cfg), "matrices": {}, "carried": [], "rows": {}, "files": [],
+            "whole_fp16_bytes": 0, "unchanged": 0, "base_probes": {}}
 
     def read(name):                 # runs one tensor ahead in a thread: I/O overlaps the GPU
         w_base, w_ft = base_r.get(name), ft_r.get(name)
         check_finite(name, w_base, str(base))
         check_finite(name, w_ft, str(ft))
-        return name, w_base, w_ft, extract_delta(w_base, w_ft, name)
+        kind = ("matrix" if w_base.ndim == 2 and include.search(name) else
+                "vocab" if w_base.ndim == 2 and vocab.search(name) else "other")
+        if w_base.shape != w_ft.shape:
+            check_resizable(name, w_base, w_ft, kind == "vocab")
+        shared = w_ft[: w_base.shape[0]] if w_base.ndim else w_ft   # rows BASE has too
+        return name, kind, w_base, w_ft, extract_delta(w_base, shared, name)
+
+    def add_matrix(name, delta, dtype, role):
+        t = time.perf_counter()
+        delta = delta.to(device)
+        cm = compress_matrix(delta, cfg, str(dtype).removeprefix("torch."))
+        err = relative_error(delta, decompress_matrix(cm))
+        summary.seconds["svd+quantize"] += time.perf_counter() - t
+        add_compressed(writer, name, cm)
+        meta["matrices"][name] = {"shape": list(cm.shape), "dtype": cm.dtype,
+                                  "bands": [[b.bits, b.rank] for b in cm.bands],
+                                  "error": round(err, 6), "role": role}
+        return cm, err
 
     writer = SafetensorsWriter(out)
     try:
+        for name, data in changed_side_files(Path(base), Path(ft)).items():
+            writer.add(f"file.{name}", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            meta["files"].append(name)
         t0 = time.perf_counter()
-        for name, w_base, w_ft, delta in tqdm(prefetched(read, base_r.names()), desc="compress",
-                                             total=len(base_r.names()), unit="tensor",
-                                             disable=not progress):
+        for name, kind, w_base, w_ft, delta in tqdm(
+                prefetched(read, base_r.names()), desc="compress", total=len(base_r.names()),
+                unit="tensor", disable=not progress):
             t1 = time.perf_counter()
             summary.seconds["read"] += t1 - t0
-            t2 = t1
-            if w_base.ndim == 2 and include.search(name):
-                delta = delta.to(device)
-                cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."))
-                err = relative_error(delta, decompress_matrix(cm))
-                t2 = time.perf_counter()
-                summary.seconds["svd+quantize"] += t2 - t1
-                add_compressed(writer, name, cm)
-                meta["matrices"][name] = {"shape": list(cm.shape), "dtype": cm.dtype,
-                                          "bands": [[b.bits, b.rank] for b in cm.bands],
-                                          "error": round(err, 6)}
+            busy = summary.seconds["svd+quantize"]
+            meta["whole_fp16_bytes"] += 2 * w_ft.numel()
+            meta["base_probes"][name] = probe(w_base)
+            resized = w_base.shape != w_ft.shape
+            if kind == "matrix":
+                cm, err = add_matrix(name, delta, w_base.dtype, "projection")
                 summary.matrices += 1
                 summary.delta_fp16_bytes += 2 * delta.numel()
                 summary.compressed_bytes += cm.nbytes()
                 summary.errors.append(err)
-            elif not torch.equal(w_base, w_ft):
+            elif kind == "vocab" and cfg.vocab != "carry":
+                changed = changed_rows(delta)                                   # (K,)
+                index = torch.arange(w_base.shape[0], w_ft.shape[0])            # added rows
+                if len(changed) and vocab_storage(w_ft, len(changed), cfg) == "compress":
+                    summary.vocab_errors.append(add_matrix(name, delta, w_base.dtype, "vocab")[1])
+                else:
+                    index = torch.cat([changed, index])
+                if len(index):
+                    writer.add(f"rows.{name}.index", index.to(torch.int32))
+                    writer.add(f"rows.{name}.values", w_ft[index])
+                    meta["rows"][name] = {"shape": list(w_ft.shape),
+                                          "base_rows": w_base.shape[0],
+                                          "dtype": str(w_ft.dtype).removeprefix("torch.")}
+                if not (len(changed) or len(index)):
+                    meta["unchanged"] += 1
+            elif resized or not torch.equal(w_base, w_ft):
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
+            else:
+                meta["unchanged"] += 1
             t0 = time.perf_counter()
-            summary.seconds["write"] += t0 - t2
+            summary.seconds["write"] += t0 - t1 - (summary.seconds["svd+quantize"] - busy)
         t3 = time.perf_counter()
         writer.finish({FORMAT_NAME: json.dumps(meta)})
         summary.seconds["write"] += time.perf_counter() - t3
@@ -857,6 +1117,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     if device.type == "cuda":
         summary.gpu_peak_bytes = torch.cuda.max_memory_allocated(device)
     summary.file_bytes = out.stat().st_size
+    summary.storage = storage(meta, tensor_sizes(out), summary.file_bytes)
     return summary
 
 
@@ -871,7 +1132,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     dev = pick_device(device)
     files = checkpoint_files(base)
     delta = read_delta_file(delta_path)
-    unknown = sorted((set(delta.matrices) | set(delta.carried)) - set(files))
+    unknown = sorted((set(delta.matrices) | set(delta.carried) | set(delta.rows)) - set(files))
     if unknown:
         raise DeltaComeError(f"{delta_path}: tensor {unknown[0]} is not in BASE {base} "
                              f"(a delta made against another base?)")
@@ -894,6 +1155,8 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                                                  f"but {cm.shape} in the delta file")
                         dhat = decompress_matrix(cm.to(dev))
                         w = (w.to(dev).float() + dhat).to(w.dtype)
+                    if name in delta.rows:
+                        w = place_rows(w, base_rows_of(name, w, delta.rows[name]))
                     elif name in delta.carried:
                         w = delta.carried[name]
                     writer.add(name, w)
@@ -902,6 +1165,8 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
             for extra in base.iterdir():
                 if extra.is_file() and extra.suffix != ".safetensors":
                     shutil.copy2(extra, scratch / extra.name)
+            for name, data in delta.files.items():          # FT's config, tokenizer
+                (scratch / name).write_bytes(data)
             final = scratch
         else:
             final = scratch / out.name
@@ -916,6 +1181,15 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
         if scratch.exists():
             shutil.rmtree(scratch)
     return out
+
+
+def base_rows_of(name: str, w_base: torch.Tensor, rows: RowDelta) -> RowDelta:
+    """`rows` after checking that BASE's tensor is the one they extend (rows, row shape)."""
+    if w_base.shape[0] != rows.base_rows or tuple(w_base.shape[1:]) != tuple(rows.shape[1:]):
+        raise DeltaComeError(f"tensor {name}: shape {tuple(w_base.shape)} in BASE, but the delta "
+                             f"file's rows extend one of {rows.base_rows} rows of "
+                             f"{tuple(rows.shape[1:])}")
+    return rows
 
 
 def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
@@ -934,25 +1208,42 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
                      for name in tqdm(base_r.names(), desc="verify", unit="tensor",
                                       disable=not progress)), default=0.0)
         count = len(base_r.names())
+    for name, data in delta.files.items():
+        if Path(merged).is_dir() and (Path(merged) / name).read_bytes() != data:
+            raise DeltaComeError(f"{merged}: {name} differs from FT's, stored in the delta file")
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
-            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
+            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.rows)} with FT's rows, "
+            f"{len(delta.carried)} carried and the rest equal")
 
 
 def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: DeltaFile,
                   merged: str | Path) -> float:
     """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
-    (at most 1, else an error); every other tensor must be exact (0)."""
-    if w.dtype != w_base.dtype or w.shape != w_base.shape:
+    (at most 1, else an error); stored rows, carried and other tensors must be exact (0)."""
+    rows = delta.rows.get(name)
+    shape = rows.shape if rows else tuple((delta.carried.get(name, w_base)).shape)
+    if w.dtype != w_base.dtype or tuple(w.shape) != tuple(shape):
         raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
-                             f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
-    if name not in delta.matrices:
+                             f"expected {w_base.dtype} {tuple(shape)}")
+    if name not in delta.matrices and rows is None:
         if not torch.equal(w, delta.carried.get(name, w_base)):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
         return 0.0
-    expected = w_base.float() + decompress_matrix(delta.matrices[name])
+    keep = torch.ones(w_base.shape[0], dtype=torch.bool)       # rows that W_base (+ Δ̂) gives
+    if rows is not None:
+        base_rows_of(name, w_base, rows)
+        if not torch.equal(w[rows.index], rows.values.to(w.dtype)):
+            raise DeltaComeError(f"tensor {name}: its stored rows differ from FT's")
+        keep[rows.index[rows.index < rows.base_rows]] = False
+    w, w_base = w[: w_base.shape[0]][keep], w_base[keep]
+    if name not in delta.matrices:
+        if not torch.equal(w, w_base):
+            raise DeltaComeError(f"tensor {name}: rows not stored differ from BASE")
+        return 0.0
+    expected = w_base.float() + decompress_matrix(delta.matrices[name])[keep]
     ulp = torch.finfo(w.dtype).eps * expected.abs().clamp_min(torch.finfo(w.dtype).tiny)
-    excess = float(((w.float() - expected).abs() / ulp).max())
+    excess = float(((w.float() - expected).abs() / ulp).max()) if w.numel() else 0.0
     if excess > 1.0:
         raise DeltaComeError(f"tensor {name}: differs from BASE + Δ̂ by {excess:.2f} "
                              f"ulp of {w.dtype}")
@@ -960,22 +1251,26 @@ def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: Delta
 
 
 def info(delta_path: str | Path) -> str:
-    """A human-readable summary of a delta file: one row per matrix, then totals."""
+    """A human-readable summary of a delta file: one row per compressed matrix and per row
+    delta, then what the file holds, kind by kind, and the whole-file ratio."""
     d = read_delta_file(delta_path)
     rows = [f"{'matrix':<52}{'shape':>13}  {'bands (bits:rank)':<26}{'bytes':>11}{'ratio':>8}"
             f"{'rel.err':>9}"]
-    total, fp16 = 0, 0
     for name, cm in d.matrices.items():
         nb, full = cm.nbytes(), 2 * cm.shape[0] * cm.shape[1]
         bands = ",".join(f"{b.bits}:{b.rank}" for b in cm.bands) or "(empty)"
         err = d.meta["matrices"][name].get("error", float("nan"))
-        rows.append(f"{name:<52}{'x'.join(map(str, cm.shape)):>13}  {bands:<26}{nb:>11,}"
+        label = name + (" (vocab)" if d.role(name) == "vocab" else "")
+        rows.append(f"{label:<52}{'x'.join(map(str, cm.shape)):>13}  {bands:<26}{nb:>11,}"
                     f"{nb / full:>8.4f}{err:>9.4f}")
-        total, fp16 = total + nb, fp16 + full
-    carried = sum(t.numel() * t.element_size() for t in d.carried.values())
-    rows += [f"{len(d.matrices)} matrices: {total:,} bytes = {total / max(fp16, 1):.4f} of their "
-             f"fp16 delta ({fp16:,} bytes); {len(d.carried)} carried tensors: {carried:,} bytes; "
-             f"file {Path(delta_path).stat().st_size:,} bytes; group size {d.meta['group_size']}"]
+    for name, r in d.rows.items():
+        added = r.shape[0] - r.base_rows
+        what = f"rows: {len(r.index) - added} changed" + (f", {added} added" if added else "")
+        rows.append(f"{name:<52}{'x'.join(map(str, r.shape)):>13}  {what:<26}{r.nbytes():>11,}"
+                    f"{r.nbytes() / (2 * math.prod(r.shape)):>8.4f}{'exact':>9}")
+    sizes = tensor_sizes(delta_path)
+    rows += ["", storage_table(storage(d.meta, sizes, Path(delta_path).stat().st_size)),
+             f"format version {d.meta['version']}, group size {d.meta['group_size']}"]
     return "\n".join(rows)
 
 
@@ -1008,8 +1303,10 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
                  dtype: torch.dtype = torch.float16, device: str = "cpu",
                  progress: bool = False) -> tuple[Path, Path]:
     """Write BASE and FT checkpoints of a Llama-shaped model (MODEL_SHAPES; `layers` and
-    `width` override its depth and hidden size) whose projection deltas have a long-tailed
-    spectrum (synthetic_delta), norms and lm_head fine-tuned a little, the embedding unchanged.
+    `width` override its depth and hidden size) whose projection and lm_head deltas have a
+    long-tailed spectrum (synthetic_delta), norms fine-tuned a little, and the embedding rows
+    of the first vocab/64 tokens changed (as an untied embedding's rows of the tokens seen in
+    training), the others not.
     Sharded: one shard per layer plus one for the rest, written as generated, so memory holds
     one layer, never the model. Returns (base_dir, ft_dir)."""
     from safetensors.torch import save_file
@@ -1029,10 +1326,12 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
         base, ft = {}, {}
         if i == layers:
             base["model.embed_tokens.weight"] = randn(vocab, hidden) * 0.02
-            ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
+            ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"].clone()
+            ft["model.embed_tokens.weight"][: max(1, vocab // 64)] += 0.001 * randn(
+                max(1, vocab // 64), hidden)
             base["model.norm.weight"] = ft["model.norm.weight"] = torch.ones(hidden, device=device)
             base["lm_head.weight"] = randn(vocab, hidden) * 0.02
-            ft["lm_head.weight"] = base["lm_head.weight"] + 0.001 * randn(vocab, hidden)
+            ft["lm_head.weight"] = base["lm_head.weight"] + synthetic_delta(vocab, hidden, gen)
             return base, ft
         for kind, (o, n) in shapes.items():
             name = f"model.layers.{i}.{LLAMA_MODULES[kind]}.weight"
@@ -1144,6 +1443,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--include", default=d.include,
                        help="regex on tensor names selecting the 2-D matrices to compress "
                             "(default: weights inside numbered transformer blocks)")
+        p.add_argument("--vocab", choices=VOCAB_CHOICES, default=d.vocab,
+                       help="vocabulary tensors (embeddings, lm_head): auto (default: the "
+                            "changed rows where they take no more bytes than compression, "
+                            "else compressed), compress, rows (changed rows, exact), or carry "
+                            "(whole)")
+        p.add_argument("--vocab-include", default=d.vocab_include,
+                       help="regex on tensor names selecting the vocabulary tensors (default: "
+                            "embed_tokens, wte, word_embeddings, tok_embeddings, embed_in, "
+                            "lm_head, embed_out)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
                        help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
                             "as full, compression 2.5x faster on an H100), full "
@@ -1184,16 +1492,17 @@ def config_from_args(args) -> Config:
     if args.group_size <= 0 or args.group_size % 32:
         raise DeltaComeError(f"--group-size must be a positive multiple of 32, got "
                              f"{args.group_size}")
-    try:
-        re.compile(args.include)
-    except re.error as e:
-        raise DeltaComeError(f"--include: bad regex ({e})") from None
+    for option, regex in (("--include", args.include), ("--vocab-include", args.vocab_include)):
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise DeltaComeError(f"{option}: bad regex ({e})") from None
     if args.method not in ("greedy", "paper"):
         parse_bands(args.method)
     return Config(budget=args.budget, method=args.method, widths=widths,
                   group_size=args.group_size, refit=not args.no_refit,
-                  quantizer=args.quantizer, include=args.include,
-                  device=args.device, svd=args.svd)
+                  quantizer=args.quantizer, include=args.include, vocab=args.vocab,
+                  vocab_include=args.vocab_include, device=args.device, svd=args.svd)
 
 
 def main(argv: list[str] | None = None) -> int:

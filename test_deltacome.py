@@ -278,14 +278,16 @@ def test_cli_compress_info_apply(pair, tmp_path, layout, monkeypatch):
     assert d.meta["version"] == dc.FORMAT_VERSION and d.meta["group_size"] == 128
     base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
     compressed = [n for n in base_r.names() if ".layers." in n and base_r.get(n).ndim == 2]
-    assert sorted(d.matrices) == sorted(compressed)
+    assert sorted(n for n in d.matrices if d.role(n) == "projection") == sorted(compressed)
     for name, cm in d.matrices.items():
         assert cm.nbytes() <= dc.budget_bytes(*cm.shape, 1 / 16)
-    # Carried tensors are FT's, bit-exact; unchanged ones (the embedding here) are not stored.
+    # Carried tensors are FT's, bit-exact; unchanged ones are not stored. The vocabulary:
+    # lm_head (every row changed) compressed, the embedding's few changed rows stored whole.
+    assert d.role("lm_head.weight") == "vocab" and list(d.rows) == ["model.embed_tokens.weight"]
     for name in base_r.names():
-        if name not in d.matrices and not torch.equal(base_r.get(name), ft_r.get(name)):
+        if name not in d.matrices and name not in d.rows and \
+                not torch.equal(base_r.get(name), ft_r.get(name)):
             assert torch.equal(d.carried[name], ft_r.get(name))
-    assert "model.embed_tokens.weight" not in d.carried
 
     assert run_cli("info", out)[0] == 0
     merged = tmp_path / "merged"
