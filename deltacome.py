@@ -645,14 +645,14 @@ def rows_bytes(w: torch.Tensor, count: int) -> int:
     return count * (4 + math.prod(w.shape[1:]) * w.element_size())
 
 
-def vocab_storage(w_ft: torch.Tensor, changed: int, cfg: Config) -> str:
-    """How the shared rows of a vocabulary tensor (BASE's shape) are stored: cfg.vocab, with
-    "auto" resolved by bytes: "rows" where `changed` rows take no more than the compressed
-    matrix's budget (exact, and no larger), else "compress"."""
+def vocab_storage(shared: torch.Tensor, changed: int, cfg: Config) -> str:
+    """How the shared rows of a vocabulary tensor (FT's rows that BASE has too) are stored:
+    cfg.vocab, with "auto" resolved by bytes: "rows" where `changed` rows take no more than
+    the compressed matrix's budget (exact, and no larger), else "compress"."""
     if cfg.vocab != "auto":
         return cfg.vocab
-    fits = rows_bytes(w_ft, changed) <= budget_bytes(*w_ft.shape[:2], cfg.budget)
-    return "rows" if w_ft.ndim == 2 and fits else "compress"
+    fits = rows_bytes(shared, changed) <= budget_bytes(*shared.shape[:2], cfg.budget)
+    return "rows" if shared.ndim == 2 and fits else "compress"
 
 
 def check_resizable(name: str, w_base: torch.Tensor, w_ft: torch.Tensor, vocab: bool):
@@ -856,6 +856,19 @@ def check_rows(name: str, rows: RowDelta, entry: dict, source) -> None:
         raise DeltaComeError(f"{where}: values are {values.dtype} {tuple(values.shape)}, expected "
                              f"{entry.get('dtype')} {(index.numel(), *rows.shape[1:])}")
     check_finite(f"rows.{name}.values", values, str(source))
+
+
+def side_file(name: str, data: bytes, base: Path) -> bytes:
+    """What `apply` writes for FT's side file NAME: FT's bytes, but for config.json, whose
+    dtype entries stay BASE's (the rebuilt tensors are in BASE's dtype)."""
+    if name != "config.json" or not (base / name).is_file():
+        return data
+    mine, theirs = json.loads(data), json.loads((base / name).read_text())
+    for key in ("torch_dtype", "dtype"):
+        mine.pop(key, None)
+        if key in theirs:
+            mine[key] = theirs[key]
+    return json.dumps(mine, indent=2).encode()
 
 
 def check_side_file_name(name: str, source) -> None:
@@ -1085,7 +1098,8 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
             elif kind == "vocab" and cfg.vocab != "carry":
                 changed = changed_rows(delta)                                   # (K,)
                 index = torch.arange(w_base.shape[0], w_ft.shape[0])            # added rows
-                if len(changed) and vocab_storage(w_ft, len(changed), cfg) == "compress":
+                shared = w_ft[: w_base.shape[0]]                                # BASE's rows
+                if len(changed) and vocab_storage(shared, len(changed), cfg) == "compress":
                     summary.vocab_errors.append(add_matrix(name, delta, w_base.dtype, "vocab")[1])
                 else:
                     index = torch.cat([changed, index])
@@ -1166,7 +1180,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                 if extra.is_file() and extra.suffix != ".safetensors":
                     shutil.copy2(extra, scratch / extra.name)
             for name, data in delta.files.items():          # FT's config, tokenizer
-                (scratch / name).write_bytes(data)
+                (scratch / name).write_bytes(side_file(name, data, base))
             final = scratch
         else:
             final = scratch / out.name
@@ -1209,7 +1223,8 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
                                       disable=not progress)), default=0.0)
         count = len(base_r.names())
     for name, data in delta.files.items():
-        if Path(merged).is_dir() and (Path(merged) / name).read_bytes() != data:
+        if Path(merged).is_dir() and Path(base).is_dir() and \
+                (Path(merged) / name).read_bytes() != side_file(name, data, Path(base)):
             raise DeltaComeError(f"{merged}: {name} differs from FT's, stored in the delta file")
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
             f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.rows)} with FT's rows, "

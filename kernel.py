@@ -27,6 +27,10 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
     multi_delta_matmul      checks, plans, picks Triton or the reference, launches the same
                             two kernels over a (tenant segment, work item) grid
     MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
+    per-tenant tensors      a full fine-tune's other changes, each row its own tenant's:
+                            MultiNorm (norm weights, biases), MultiDeltaEmbedding (E[id] +
+                            Δ̂ₜ[id] rebuilt per token), Linear biases and stored rows
+                            (TenantTerms); lm_head is a MultiDeltaLinear
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
 
@@ -1555,7 +1559,7 @@ class TenantModule(torch.nn.Module):
 class MultiDeltaLinear(TenantModule):
     """A base nn.Linear plus N compressed deltas of its weight:
     forward(x, tenant_idx)[b] = base(x[b]) + x[b] Δ̂_{tenant_idx[b]}ᵀ (+ the tenant's bias
-    delta and row deltas where given: see add_tenant_terms).
+    delta and row deltas where given: see TenantTerms).
 
     tenant_idx: one index per row (shape x.shape[:-1]) or per sequence (shape x.shape[:1]);
     None uses the batch set by `use_tenants` (how a patched model is called). The base GEMM

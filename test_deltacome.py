@@ -1430,7 +1430,7 @@ def test_row_and_embedding_lookups_match_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend):
+def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend, monkeypatch):
     """Three full fine-tunes in one batch (rows unsorted, tenant 0 of 3 used alone in a second
     batch): each row's logits match its own merged fine-tune (apply) within 1e-2 relative, as
     a single patched fine-tune does (see test_multi_tenant_model_matches_merged), and are far
@@ -1448,6 +1448,9 @@ def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend):
     ids = torch.randint(0, 512, (5, 6), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = torch.arange(5) * 5                   # tokens among the 24 changed rows
     wants = [load(m, dtype=dtype).eval() for m in merged]
+    plans = []                                   # one plan a batch serves every tenant layer
+    monkeypatch.setattr(kernel, "plan_tenants",
+                        lambda *a, make=kernel.plan_tenants: plans.append(a) or make(*a))
     for tenants in (torch.tensor([2, 0, 1, 0, 2]), torch.tensor([0, 0, 0, 0, 0])):
         with torch.no_grad(), kernel.use_tenants(model, tenants):
             got = model(ids).logits.double()                                  # (5, 6, vocab)
@@ -1458,6 +1461,7 @@ def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend):
             err = rel(got[rows], logits[t])
             assert err < 1e-2, (t, err)
             assert all(rel(got[rows], logits[u]) > 10 * err for u in range(3) if u != t)
+    assert len(plans) == 2
 
 
 def test_tied_head_tenants(tmp_path):
@@ -1575,7 +1579,7 @@ def test_tenant_bad_input_is_one_line_and_leaves_the_model(full_tenants, tmp_pat
     kernel.check_affine_norm(torch.nn.LayerNorm(64), "layer_norm")       # w ⊙ n(x) + b: fine
 
 
-def test_serve_tenants_on_tiny_model(tmp_path):
+def test_serve_tenants_on_tiny_model(tmp_path, monkeypatch):
     """eval.py's serving stage end to end on the smoke model (tied embeddings, char tokenizer):
     two fine-tunes compressed with --vocab auto and carry, each evaluated merged, patched alone
     and as tenants in one mixed batch. In fp32 on the reference the mixed batch changes no
@@ -1586,6 +1590,13 @@ def test_serve_tenants_on_tiny_model(tmp_path):
     cfg = ev.RunConfig(tasks=tasks, train=ev.TrainConfig(steps=8, batch=8, warmup=2), n_test=6,
                        tiny=True)
     ev.make_pair(tmp_path / "work", cfg, None, log=lambda m: None)
+    for d in ("base", *(f"ft-{t}" for t in tasks)):
+        # 8 steps teach EOS and whitespace only: suppress the specials and whitespace (ids 0-8)
+        f = tmp_path / "work" / d / "generation_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "suppress_tokens": list(range(9))}))
+    plans = []
+    monkeypatch.setattr(kernel, "plan_tenants",
+                        lambda *a, make=kernel.plan_tenants: plans.append(a[0].numel()) or make(*a))
     res = ev.serve_tenants(tmp_path / "work", tmp_path / "out",
                            ev.ServeConfig(tasks, vocab=("auto", "carry"), n_test=6),
                            log=lambda m: None)
@@ -1593,9 +1604,12 @@ def test_serve_tenants_on_tiny_model(tmp_path):
         rows = res["tasks"][t]["rows"]
         assert rows["auto"]["file_bytes"] < rows["carry"]["file_bytes"]
         for row in rows.values():
-            assert row["same_completions"] == 1.0
+            assert row["same_completions"] == 1.0 and any(row["sample"])
             assert row["tenants"]["acc"] == row["patch_model"]["acc"]
             assert all(0 <= row[k]["acc"] <= 1 and row[k]["n"] == 6
                        for k in ("merged", "patch_model", "tenants"))
+    # generate's prefill (12 rows × prompt length) and its decoding steps (12 rows) have a plan
+    # each, made once: on the reference only the compressed embedding (auto) asks for one
+    assert len(plans) == 2 and plans[1] == 12
     table = (tmp_path / "out" / "serve_table.txt").read_text()
     assert table.count("chain_sum") == 2 and "letter_counting" in table and "± " in table
