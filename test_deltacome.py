@@ -1613,3 +1613,22 @@ def test_serve_tenants_on_tiny_model(tmp_path, monkeypatch):
     assert len(plans) == 2 and plans[1] == 12
     table = (tmp_path / "out" / "serve_table.txt").read_text()
     assert table.count("chain_sum") == 2 and "letter_counting" in table and "± " in table
+
+
+def test_grow_vocabulary_keeps_a_tied_head_tied():
+    """patch_model's resize of a tied model: the embedding and lm_head keep one weight, both
+    grow, config.vocab_size follows, and the logits have the new rows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    old = model.model.embed_tokens.weight.detach().clone()
+    kernel.grow_vocabulary(model, {"model.embed_tokens.weight": (43, 32)})
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert emb.weight is head.weight and emb.weight.shape == (43, 32)
+    assert emb.num_embeddings == 43 and head.out_features == 43 and config.vocab_size == 43
+    assert torch.equal(emb.weight[:40], old) and not emb.weight[40:].any()
+    with torch.no_grad():
+        assert model(torch.tensor([[41, 3, 42]])).logits.shape == (1, 3, 43)
