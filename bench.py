@@ -407,7 +407,8 @@ def vocab_ways(m: dict, N: int, heads: list, embeds: list, W_head, E, dtype, dev
     """One token for each of N tenants through the vocabulary ends of the model: the embedding
     lookup and lm_head (untied, m["vocab"] × hidden), in one CUDA graph per way:
 
-        (a) separate  N fp16 models: N lookups, N GEMVs on N distinct lm_heads
+        (a) separate  N fp16 models: N lookups (a row each, from one table: a row costs
+                      the same from any table), N GEMVs on N distinct lm_heads
         (b) loop      base lookup and head GEMM (batch N) + per tenant its embedding delta
                       (embedding_delta, one tenant) and head delta (delta_matmul, batch 1)
         (c) batched   base lookup and head GEMM + one embedding_delta over all tenants + one
