@@ -807,7 +807,8 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
         meta = json.loads(raw)
         if meta.get("version") not in READ_VERSIONS:
             raise DeltaComeError(f"{path}: format version {meta.get('version')} is not "
-                                 f"supported (this reader knows {', '.join(map(str, READ_VERSIONS))})")
+                                 f"supported (this reader knows "
+                                 f"{', '.join(map(str, READ_VERSIONS))})")
         g = meta["group_size"]
 
         def get(key):
@@ -958,7 +959,8 @@ def storage(meta: dict, sizes: dict, file_bytes: int) -> list[StorageRow]:
     entries = meta.get("rows", {})
     rows.append(StorageRow(  # rows a compressed matrix covers are counted there
         "vocabulary rows, stored whole", len(entries),
-        sum(2 * math.prod(e["shape"][1:]) * (e["shape"][0] - e["base_rows"] * (n in meta["matrices"]))
+        sum(2 * math.prod(e["shape"][1:])
+            * (e["shape"][0] - e["base_rows"] * (n in meta["matrices"]))
             for n, e in entries.items()),
         sum(nbytes(f"rows.{n}.") for n in entries)))
     rows.append(StorageRow("other tensors, carried whole", len(meta["carried"]),
@@ -1035,7 +1037,8 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     out = Path(out)
     check_writable(out)
     if cfg.vocab not in VOCAB_CHOICES:
-        raise DeltaComeError(f"--vocab must be one of {', '.join(VOCAB_CHOICES)}, got {cfg.vocab!r}")
+        raise DeltaComeError(f"--vocab must be one of {', '.join(VOCAB_CHOICES)}, got "
+                             f"{cfg.vocab!r}")
     device = pick_device(cfg.device)
     base_r, ft_r = CheckpointReader(base), CheckpointReader(ft)
     missing = sorted(set(base_r.names()) - set(ft_r.names()))

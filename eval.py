@@ -953,8 +953,8 @@ def serve_table(results: dict) -> str:
     cfg = results["config"]
     head = (f"{'task':<18}{'vocab':<9}{'file MB':>8}{'whole':>8}{'fine-tune':>15}{'merged':>15}"
             f"{'patch_model':>15}{'tenants':>15}{'same':>8}")
-    lines = [f"two fine-tunes served as tenants of one base: budget {fraction_label(cfg['budget'])},"
-             f" n = {cfg['n_test']} per task, {results['dtype']}, {results['backend']} on "
+    lines = [f"two fine-tunes served as tenants of one base: budget "
+             f"{fraction_label(cfg['budget'])}, n = {cfg['n_test']} per task, {results['dtype']}, {results['backend']} on "
              f"{results['device']}; whole = file bytes / fp16 delta of the whole fine-tune; "
              f"tenants = both tasks' prompts mixed row by row in one batch; same = share of "
              f"completions equal to patch_model's", head, "-" * len(head)]

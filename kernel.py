@@ -1939,8 +1939,8 @@ def tenant_changes(name: str, files: list, w: torch.Tensor):
         rows = f.rows.get(name)
         index, values = (rows.index, rows.values) if rows is not None else \
             (torch.arange(w.shape[0]), f.carried[name]) if name in f.carried else (None, None)
-        delta = None if index is None else \
-            (index, (values.to(w.device).float() - w.detach()[index.to(w.device)].float()).to(w.dtype))
+        delta = None if index is None else (index, (
+            values.to(w.device).float() - w.detach()[index.to(w.device)].float()).to(w.dtype))
         out.append((f.matrices.get(name), delta))
     return out
 

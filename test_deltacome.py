@@ -1416,7 +1416,7 @@ def test_row_and_embedding_lookups_match_reference():
             dense[rds[t][0]] = rds[t][1]
         assert torch.equal(looked[b], dense[i])
         assert torch.allclose(added[b], y[b] + dense @ x[b], atol=1e-6)
-    cm = [random_matrix(10, 5, {2: 3}, 5), random_matrix(10, 5, {4: 2}, 6), random_matrix(10, 5, {}, 7)]
+    cm = [random_matrix(10, 5, r, 5 + t) for t, r in enumerate(({2: 3}, {4: 2}, {}))]
     bias = torch.randn(3, 10, generator=gen)
     lin = kernel.MultiDeltaLinear(torch.nn.Linear(5, 10), cm, "reference", bias, rds)
     with torch.no_grad():
@@ -1444,7 +1444,8 @@ def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend, monke
     names = kernel.patch_model_tenants(model, deltas, backend=backend)
     kinds = {n: type(model.get_submodule(n.removesuffix(".weight"))).__name__ for n in names}
     assert kinds["model.embed_tokens.weight"] == "MultiDeltaEmbedding"
-    assert kinds["model.norm.weight"] == "MultiNorm" and kinds["lm_head.weight"] == "MultiDeltaLinear"
+    assert kinds["model.norm.weight"] == "MultiNorm"
+    assert kinds["lm_head.weight"] == "MultiDeltaLinear"
     ids = torch.randint(0, 512, (5, 6), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = torch.arange(5) * 5                   # tokens among the 24 changed rows
     wants = [load(m, dtype=dtype).eval() for m in merged]
@@ -1469,7 +1470,8 @@ def test_tied_head_tenants(tmp_path):
     so compressed) is each tenant's head delta too. Two tenants in one batch match their merged
     fine-tunes; a single patch_model (merged embedding, shared by the head) does as well."""
     transformers = pytest.importorskip("transformers")
-    base_dir = tie_example(make_example(tmp_path / "pair", layers=1, width=64)[0], tmp_path / "base")
+    base_dir = tie_example(make_example(tmp_path / "pair", layers=1, width=64)[0],
+                           tmp_path / "base")
     deltas, merged = [], []
     for k, ch in enumerate([{"projections", "embed_all"}, {"embed_all", "norms"}]):
         ft = make_fine_tune(base_dir, tmp_path / f"ft{k}", 300 + k, ch)
@@ -1513,7 +1515,8 @@ def test_resized_vocabulary_round_trip(tmp_path):
     d = read_delta_file(out)
     emb, head = d.rows["model.embed_tokens.weight"], d.rows["lm_head.weight"]
     assert emb.shape == (520, 64) and emb.index.tolist() == [*range(24), *range(512, 520)]
-    assert head.index.tolist() == list(range(512, 520)) and d.matrices["lm_head.weight"].shape == (512, 64)
+    assert head.index.tolist() == list(range(512, 520))
+    assert d.matrices["lm_head.weight"].shape == (512, 64)
     assert list(d.files) == ["config.json"]
     assert run_cli("apply", base_dir, out, tmp_path / "merged") == (0, "")
     assert run_cli("verify", base_dir, out, tmp_path / "merged") == (0, "")
