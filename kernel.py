@@ -27,6 +27,10 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
     multi_delta_matmul      checks, plans, picks Triton or the reference, launches the same
                             two kernels over a (tenant segment, work item) grid
     MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
+    per-tenant tensors      a full fine-tune's other changes, each row its own tenant's:
+                            MultiNorm (norm weights, biases), MultiDeltaEmbedding (E[id] +
+                            Δ̂ₜ[id] rebuilt per token), Linear biases and stored rows
+                            (TenantTerms); lm_head is a MultiDeltaLinear
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
 
@@ -124,8 +128,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
-                       read_delta_file, same_bits)
+from deltacome import (CompressedMatrix, DeltaComeError, DeltaFile, container_bits,
+                       decompress_matrix, dequantize_vectors, probe, read_delta_file, same_bits)
 
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
@@ -1291,24 +1295,117 @@ class DeltaLinear(torch.nn.Module):
 def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse: bool = False,
                 overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
-    matrix NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
-    tensor is copied into the parameter or buffer of that name. Returns the patched names.
-    Names are the checkpoint's (e.g. model.layers.0.self_attn.q_proj.weight). fuse and
-    overlap: see serving_options.
+    projection NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
+    tensor is copied into the parameter or buffer of that name. Vocabulary tensors
+    (embeddings, lm_head) are merged into the model's weights: a compressed one as
+    W + Δ̂ (an embedding lookup has no product for a delta path to save, and a tied lm_head
+    shares the embedding's weight, so it follows), stored rows written in; a resized
+    vocabulary grows the weights (and config.vocab_size) to FT's rows. Returns the names of
+    the matrices served by a DeltaLinear. Names are the checkpoint's (e.g.
+    model.layers.0.self_attn.q_proj.weight). fuse and overlap: see serving_options.
 
     All or nothing: the file is checked when read (deltacome.read_delta_file), then every
     change is checked against the model and built (a ModelPatch) before any is made; a
     corrupt file, or one that does not fit the model, raises DeltaComeError and leaves the
     model as it was."""
     delta = read_delta_file(delta_path)
+    check_model(model, delta, delta_path, grow=True)
     patch = ModelPatch(model, delta_path)
-    copy_carried(patch, delta.carried)
+    vocab = plan_vocabulary(patch, delta)
+    copy_carried(patch, {n: t for n, t in delta.carried.items() if n not in vocab})
     for name, cm in delta.matrices.items():
-        replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
+        if name not in vocab:
+            replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
     patch.commit()
     if fuse or overlap:
         serving_options(model, fuse, overlap)
-    return list(delta.matrices)
+    return [n for n in delta.matrices if n not in vocab]
+
+
+def check_model(model: torch.nn.Module, delta: DeltaFile, source, grow: bool) -> None:
+    """The model is the base `source` was made against: every tensor the file changes is in
+    the model in BASE's shape (grow: a vocabulary tensor may have fewer rows, FT's resized
+    vocabulary), and the model's values at the file's base probes (deltacome.probe) are
+    BASE's up to rounding to the model's dtype. One-line DeltaComeError otherwise."""
+    state = model.state_dict(keep_vars=True)
+    shapes = {n: cm.shape for n, cm in delta.matrices.items()}
+    shapes.update({n: (r.base_rows, *r.shape[1:]) for n, r in delta.rows.items()})
+    for name, shape in [*shapes.items(), *((n, tuple(t.shape)) for n, t in delta.carried.items())]:
+        if name not in state:
+            raise DeltaComeError(f"{source}: tensor {name} is not in the model (a delta file "
+                                 f"made for another model?)")
+        have = tuple(state[name].shape)
+        grows = name in delta.rows and delta.rows[name].shape[0] > have[0] or \
+            name in delta.carried and shape[1:] == have[1:] and shape[0] > have[0]
+        if have != tuple(shape) and not (name in delta.carried and grows):
+            raise DeltaComeError(f"tensor {name}: {have} in the model but {tuple(shape)} in BASE "
+                                 f"of {source} (a delta file made for another model?)")
+        if not grow and (grows or name in delta.rows and delta.rows[name].shape[0] != have[0]):
+            raise DeltaComeError(f"tensor {name}: {source} resizes the vocabulary to "
+                                 f"{(delta.rows.get(name) or delta.carried[name]).shape[0]} rows "
+                                 f"from {have[0]}: tenants of one model must keep BASE's")
+    for name, values in delta.meta.get("base_probes", {}).items():
+        if name in state and not probes_match(values, probe(state[name].detach()),
+                                              state[name].dtype):
+            raise DeltaComeError(f"tensor {name}: the model's values are not those of the base "
+                                 f"{source} was made against")
+
+
+def probes_match(a: list[float], b: list[float], dtype: torch.dtype) -> bool:
+    """Two probes of one tensor (deltacome.probe) agree up to a rounding to `dtype` or bf16,
+    whichever is coarser: what loading one checkpoint in another dtype changes."""
+    if not (dtype.is_floating_point and torch.finfo(dtype).bits <= 32):
+        return a == b
+    tol = max(torch.finfo(dtype).eps, 2.0**-7)
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(x), abs(y)) + 1e-30
+                                    for x, y in zip(a, b))
+
+
+def plan_vocabulary(patch: "ModelPatch", delta: DeltaFile) -> set[str]:
+    """Plan a delta file's vocabulary tensors into the model: a compressed one as W + Δ̂
+    (summed in fp32, over BASE's rows), stored rows written in, and a resized vocabulary's
+    tensors grown to FT's rows (a carried one taken whole). Returns the tensor names planned,
+    which the other steps of patch_model leave alone."""
+    state = patch.model.state_dict(keep_vars=True)
+    names = {n for n in delta.matrices if delta.role(n) == "vocab"} | set(delta.rows) | \
+        {n for n, t in delta.carried.items() if tuple(t.shape) != tuple(state[n].shape)}
+    for name in sorted(names):
+        w = state[name].detach()
+        if name in delta.carried:                       # a grown vocabulary, carried whole
+            new = delta.carried[name].to(w.device, w.dtype)
+        else:
+            rows = delta.rows.get(name)
+            grow = (rows.shape[0] if rows is not None else w.shape[0]) - w.shape[0]
+            new = torch.cat([w, w.new_zeros(grow, *w.shape[1:])])             # FT's rows
+            if name in delta.matrices:
+                cm = delta.matrices[name]
+                new[: cm.shape[0]] = (w[: cm.shape[0]].float()
+                                      + decompress_matrix(cm.to(w.device))).to(w.dtype)
+            if rows is not None:
+                new[rows.index.to(w.device)] = rows.values.to(w.device, w.dtype)
+        if new.shape == w.shape:
+            patch.copies.append((state[name], new))
+        else:
+            patch.grows.append((state[name], new))
+    return names
+
+
+def grow_parameter(model: torch.nn.Module, old: torch.nn.Parameter, value: torch.Tensor):
+    """Put `value` (more rows than `old`: FT's resized vocabulary) in place of the parameter
+    `old` in every module that holds it (a tied lm_head holds the embedding's);
+    nn.Embedding / nn.Linear sizes and config.vocab_size follow."""
+    new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    for module in model.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p is old:
+                setattr(module, pname, new)
+                if isinstance(module, torch.nn.Embedding):
+                    module.num_embeddings = value.shape[0]
+                elif isinstance(module, torch.nn.Linear) and pname == "weight":
+                    module.out_features = value.shape[0]
+    config = getattr(model, "config", None)
+    if getattr(config, "vocab_size", None) == old.shape[0]:
+        config.vocab_size = value.shape[0]
 
 
 @dataclass
@@ -1322,11 +1419,14 @@ class ModelPatch:
     source: object                                  # the delta file(s), named in errors
     copies: list = field(default_factory=list)      # (model tensor, value to copy into it)
     swaps: dict = field(default_factory=dict)       # module path -> its replacement
+    grows: list = field(default_factory=list)       # (parameter, value with more rows)
 
     def commit(self) -> None:
         with torch.no_grad():
             for target, value in self.copies:
                 target.copy_(value)
+        for old, value in self.grows:
+            grow_parameter(self.model, old, value)
         for path, module in self.swaps.items():
             parent, _, child = path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
@@ -1363,7 +1463,7 @@ def replace_linear(patch: ModelPatch, name: str, make) -> None:
         layer = patch.model.get_submodule(path)
     except AttributeError:
         raise DeltaComeError(f"{source}: the model has no module {path} (for {name})")
-    if isinstance(layer, (DeltaLinear, MultiDeltaLinear)) or path in patch.swaps:
+    if isinstance(layer, (DeltaLinear, TenantModule)) or path in patch.swaps:
         raise DeltaComeError(f"{path} is already patched")
     if not isinstance(layer, torch.nn.Linear):
         raise DeltaComeError(f"{path} is a {type(layer).__name__}, not an nn.Linear")
@@ -1399,8 +1499,8 @@ def replace_linear(patch: ModelPatch, name: str, make) -> None:
 #   original position through the plan's order table and reads the fused base output the
 #   same way.
 #
-# Tenants of one model share every tensor outside the compressed matrices (norms,
-# embeddings, lm_head): patch_model_tenants refuses files whose carried tensors differ.
+# Real full fine-tunes also differ outside the projections: norms, biases, embeddings and
+# lm_head. Those are per tenant too (see "Per-tenant tensors outside the projections").
 # The kernels share one split workspace per device (`workspace`): one CUDA stream at a time.
 
 # Multi-tenant reference: one delta_matmul_reference per tenant present, rows scattered back.
@@ -1538,24 +1638,28 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
 
 
 class TenantBatch:
-    """The tenant of every sequence of one batch, with its plans cached by row layout: every
-    MultiDeltaLinear of a forward pass sees the same rows, so the plan is made once."""
+    """The tenant of every sequence (or every row) of one batch, with its plans cached by
+    row layout: every tenant module of a forward pass sees the same rows, so the plan is
+    made once. tenant_idx: one index per sequence, shape (batch,), or one per row, shape
+    x.shape[:-1] of the inputs it serves."""
 
     def __init__(self, tenant_idx, n_tenants: int):
         shape = tuple(torch.as_tensor(tenant_idx).shape)
-        if len(shape) != 1:
-            raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
-                             f"{shape}")
-        self.idx = check_tenant_idx(tenant_idx, shape, n_tenants)              # (batch,)
+        if not shape:
+            raise ValueError("tenant_idx must have one index per sequence (or per row), "
+                             "not be a scalar")
+        self.idx = check_tenant_idx(tenant_idx, shape, n_tenants)         # (batch, ...)
         self.n_tenants = n_tenants
         self._plans: dict = {}
 
     def rows(self, lead: tuple) -> torch.Tensor:
-        """Per-sequence index -> one index per row of an input with leading shape `lead`."""
-        if not lead or lead[0] != self.idx.shape[0]:
-            raise ValueError(f"{self.idx.shape[0]} tenant indices for an input of leading "
-                             f"shape {tuple(lead)}: give one per sequence (dim 0)")
-        return self.idx.view(-1, *[1] * (len(lead) - 1)).expand(lead).reshape(-1)
+        """The index -> one index per row of an input with leading shape `lead`, (B,)."""
+        k = self.idx.ndim
+        if tuple(lead[:k]) != tuple(self.idx.shape):
+            raise ValueError(f"tenant indices of shape {tuple(self.idx.shape)} for an input of "
+                             f"leading shape {tuple(lead)}: give one per sequence (dim 0) or "
+                             f"one per row")
+        return self.idx.view(*self.idx.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
     def plan(self, lead: tuple, device) -> TenantPlan:
         key = (tuple(lead), str(device))
@@ -1563,10 +1667,37 @@ class TenantBatch:
             self._plans[key] = plan_tenants(self.rows(lead), self.n_tenants, device)
         return self._plans[key]
 
+    def rows_on(self, lead: tuple, device) -> torch.Tensor:
+        """rows(lead) on `device`, (B,) int64, cached like the plans (one copy a batch)."""
+        key = ("rows", tuple(lead), str(device))
+        if key not in self._plans:
+            self._plans[key] = self.rows(lead).to(device)
+        return self._plans[key]
 
-class MultiDeltaLinear(torch.nn.Module):
+
+class TenantModule(torch.nn.Module):
+    """A layer that serves N tenants in one batch. `tenants` is the TenantBatch set by
+    `use_tenants` (how a patched model is called); forward may also take tenant_idx."""
+
+    def __init__(self, n_tenants: int):
+        super().__init__()
+        self.n_tenants = n_tenants
+        self.tenants: TenantBatch | None = None
+
+    def tenant_batch(self, tenant_idx=None) -> TenantBatch:
+        """The batch's tenants: tenant_idx if given, else the ones `use_tenants` set."""
+        if tenant_idx is not None:
+            return TenantBatch(tenant_idx, self.n_tenants)
+        if self.tenants is None:
+            raise ValueError(f"{type(self).__name__} needs tenant_idx: pass it, or call the "
+                             f"model inside `with use_tenants(model, tenant_idx):`")
+        return self.tenants
+
+
+class MultiDeltaLinear(TenantModule):
     """A base nn.Linear plus N compressed deltas of its weight:
-    forward(x, tenant_idx)[b] = base(x[b]) + x[b] Δ̂_{tenant_idx[b]}ᵀ.
+    forward(x, tenant_idx)[b] = base(x[b]) + x[b] Δ̂_{tenant_idx[b]}ᵀ (+ the tenant's bias
+    delta and row deltas where given: see TenantTerms).
 
     tenant_idx: one index per row (shape x.shape[:-1]) or per sequence (shape x.shape[:1]);
     None uses the batch set by `use_tenants` (how a patched model is called). The base GEMM
@@ -1574,8 +1705,8 @@ class MultiDeltaLinear(torch.nn.Module):
     CUDA device (a one-time repack); the base layer's parameters are shared, not copied."""
 
     def __init__(self, base: torch.nn.Linear, deltas: Sequence[CompressedMatrix],
-                 backend: str = "auto"):
-        super().__init__()
+                 backend: str = "auto", bias_deltas: torch.Tensor | None = None,
+                 row_deltas: Sequence | None = None):
         if not deltas:
             raise ValueError("MultiDeltaLinear needs at least one delta")
         for t, cm in enumerate(deltas):
@@ -1584,43 +1715,38 @@ class MultiDeltaLinear(torch.nn.Module):
                                  f"{tuple(cm.shape)}")
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        super().__init__(len(deltas))
         self.base, self.deltas, self.backend = base, list(deltas), backend
-        self.tenants: TenantBatch | None = None
+        self.extra = TenantTerms(base.weight.shape[0], bias_deltas, row_deltas, len(deltas))
         self._prepared: KernelDelta | None = None
         self.group: DeltaGroup | None = None    # set by serving_options
         self.overlap = False
 
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The base layer's weight (for code that inspects a model's layers)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
-        if ((self.group is not None or self.overlap) and tenant_idx is None
-                and self.tenants is not None and _backend_for(x, self.backend) == "triton"):
-            plan = self.tenants.plan(tuple(x.shape[:-1]), x.device)
-            if self.group is not None:
-                return self.group.output(self, x, plan)
-            return serve_layers(x, [self.base], self.kernel_delta(x.device), plan,
-                                overlap=True)[0]
-        y = self.base(x)
         lead = tuple(x.shape[:-1])
-        n = len(self.deltas)
-        if tenant_idx is None and self.tenants is None:
-            raise ValueError("MultiDeltaLinear needs tenant_idx: pass it, or call the model "
-                             "inside `with use_tenants(model, tenant_idx):`")
-        if tenant_idx is None:
-            batch = self.tenants
-        elif tuple(torch.as_tensor(tenant_idx).shape) == lead:               # one per row
-            batch = None
-            rows = check_tenant_idx(tenant_idx, lead, n).reshape(-1)          # (B,)
-        else:                                                                # one per sequence
-            batch = TenantBatch(tenant_idx, n)
-        if batch is not None:
-            rows = batch.rows(lead)                                          # (B,)
+        batch = self.tenant_batch(tenant_idx)
         if _backend_for(x, self.backend) != "triton":
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
-            return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
-        plan = batch.plan(lead, x.device) if batch is not None else \
-            plan_tenants(rows, n, x.device)
-        return multi_delta_matmul(x, self.kernel_delta(x.device), None, y, backend="triton",
-                                  plan=plan)
+            y = multi_delta_matmul(x, self.deltas, batch.rows(lead).view(lead), self.base(x),
+                                   backend="reference")
+        else:
+            plan = batch.plan(lead, x.device)
+            served = tenant_idx is None and self.tenants is not None    # inside use_tenants
+            if served and self.group is not None:
+                y = self.group.output(self, x, plan)
+            elif served and self.overlap:
+                y = serve_layers(x, [self.base], self.kernel_delta(x.device), plan,
+                                 overlap=True)[0]
+            else:
+                y = multi_delta_matmul(x, self.kernel_delta(x.device), None, self.base(x),
+                                       backend="triton", plan=plan)
+        return self.extra.add(y, x, batch.rows_on(lead, x.device))
 
     def kernel_delta(self, device) -> KernelDelta:
         """The N deltas in the kernels' layout on `device`, prepared on first use."""
@@ -1630,62 +1756,437 @@ class MultiDeltaLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         ranks = [sum(b.rank for b in cm.bands) for cm in self.deltas]
-        return f"tenants={len(self.deltas)}, ranks={ranks}, backend={self.backend}"
+        return (f"tenants={len(self.deltas)}, ranks={ranks}, backend={self.backend}"
+                f"{self.extra.describe()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tenant tensors outside the projections. A full fine-tune changes its norms, biases,
+# embeddings and lm_head too; each row of a batch must use its own tenant's:
+#
+#   norm weight / bias   per-tenant vectors gathered per row (MultiNorm): y = w_t ⊙ n(x) + b_t,
+#                        n(x) computed once for the batch by the base norm itself
+#   Linear bias          a per-tenant bias delta b_t − b added per row (TenantTerms)
+#   lm_head              just another Linear: its compressed delta runs in the same batched
+#                        kernels (MultiDeltaLinear); a tied head (one weight with the
+#                        embedding) takes the tenant's embedding delta as its head delta
+#   embedding            E[id] + Δ̂_t[id] at lookup (MultiDeltaEmbedding): a row of
+#                        Û diag(S) V̂ᵀ is r codes of Û at id, gathered, times V̂ᵀ
+#   rows stored whole    (a vocabulary's changed rows, or a tensor carried whole) deltas
+#                        W_t[i] − W[i] of those rows only (RowTable): found by one sorted
+#                        search at lookup, or products x·Δ[i] added to output i of a Linear
+#
+# embedding_delta_reference and the per-tenant reference of each term are the ground truth;
+# the batched forms are plain torch, no Python loop over rows.
+
+
+class RowTable(torch.nn.Module):
+    """N tenants' row deltas of one weight (n_rows, cols): tenant t changes its rows index_t
+    by delta_t. keys = t·n_rows + index, ascending, so one sorted search finds any tenant's
+    row. row_deltas[t]: (index (K_t,) ints, delta (K_t, cols)) or None."""
+
+    def __init__(self, n_rows: int, row_deltas: Sequence):
+        super().__init__()
+        present = [(t, rd) for t, rd in enumerate(row_deltas) if rd is not None]
+        if not present:
+            raise ValueError("RowTable needs at least one tenant's rows")
+        device = present[0][1][1].device
+        self.n_rows = n_rows
+        self.register_buffer("keys", torch.cat([t * n_rows + rd[0].to(device, torch.int64)
+                                                for t, rd in present]), persistent=False)
+        self.register_buffer("delta", torch.cat([rd[1] for _, rd in present]), persistent=False)
+
+    def lookup(self, ids: torch.Tensor, trow: torch.Tensor) -> torch.Tensor:
+        """ids (n,), trow (n,) tenants -> (n, cols): row ids of tenant trow's delta (0 where
+        that tenant did not change it)."""
+        q = trow * self.n_rows + ids                                             # (n,)
+        pos = torch.searchsorted(self.keys, q).clamp_(max=self.keys.numel() - 1)
+        return self.delta[pos] * (self.keys[pos] == q).unsqueeze(1).to(self.delta.dtype)
+
+    def add_products(self, y2: torch.Tensor, x2: torch.Tensor, trow: torch.Tensor) -> torch.Tensor:
+        """y2 (B, n_rows) + x2 (B, cols) · Δ_t[i] at output i, for the rows i tenant trow[b]
+        changed: one product of every stored row with every input row, masked by tenant."""
+        p = x2 @ self.delta.to(x2.dtype).mT                                      # (B, K)
+        mine = (self.keys // self.n_rows).unsqueeze(0) == trow.unsqueeze(1)      # (B, K)
+        return y2.index_add(1, self.keys % self.n_rows, (p * mine).to(y2.dtype))
+
+
+class TenantTerms(torch.nn.Module):
+    """What a tenant's Linear adds beside its compressed delta: a bias delta b_t − b (N, out)
+    and row deltas (a RowTable of its weight), each per row of the batch."""
+
+    def __init__(self, n_out: int, bias_deltas: torch.Tensor | None, row_deltas, n: int):
+        super().__init__()
+        if bias_deltas is not None and tuple(bias_deltas.shape) != (n, n_out):
+            raise ValueError(f"bias_deltas is {tuple(bias_deltas.shape)}, expected {(n, n_out)}")
+        self.register_buffer("bias", bias_deltas, persistent=False)
+        has_rows = row_deltas is not None and any(r is not None for r in row_deltas)
+        self.rows = RowTable(n_out, row_deltas) if has_rows else None
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, trow: torch.Tensor) -> torch.Tensor:
+        """y (..., out) from x (..., in), trow (B,) the tenant of each row -> y + the terms."""
+        if self.bias is None and self.rows is None:
+            return y
+        y2 = y.reshape(-1, y.shape[-1])                                          # (B, out)
+        if self.bias is not None:
+            y2 = y2 + self.bias.to(y2.dtype)[trow]
+        if self.rows is not None:
+            y2 = self.rows.add_products(y2, x.reshape(-1, x.shape[-1]), trow)
+        return y2.view(y.shape)
+
+    def describe(self) -> str:
+        return (", bias deltas" if self.bias is not None else "") + \
+            (f", {self.rows.keys.numel()} stored rows" if self.rows is not None else "")
+
+
+def embedding_delta_reference(ids: torch.Tensor, cm: CompressedMatrix,
+                              dtype: torch.dtype) -> torch.Tensor:
+    """ids (n,) -> Δ̂[ids] (n, cols) in `dtype`, Δ̂ (vocab, cols) = Û diag(S) V̂ᵀ: z = Û[ids] ⊙ S
+    rounded to `dtype` (as delta_matmul_reference rounds z), then z V̂ᵀ."""
+    if not cm.bands:
+        return torch.zeros(ids.numel(), cm.shape[1], dtype=dtype, device=ids.device)
+    V, S, U = dequantize_bands(cm, torch.float32, ids.device)     # (r, cols), (r,), (r, vocab)
+    z = (U[:, ids].mT * S).to(dtype)                                          # (n, r)
+    return z @ V.to(dtype)                                                    # (n, cols)
+
+
+@dataclass
+class EmbeddingDeltas:
+    """N tenants' compressed embedding deltas (vocab, cols), laid out for row lookups on one
+    device: where each tenant's vector j of Û starts in flat buffers of the stored codes,
+    scales and zeros (R = the largest rank; vectors past a tenant's rank have S = 0), and
+    each tenant's V̂ (r_t, cols) in the compute dtype."""
+    group_size: int
+    words: torch.Tensor        # int32, flat: the stored code rows of every band's Û
+    scale: torch.Tensor        # fp16, flat
+    zero: torch.Tensor         # fp16, flat
+    word_base: torch.Tensor    # (N, R) int64: first word of vector j
+    bits: torch.Tensor         # (N, R) int64: its container width c
+    sz_base: torch.Tensor      # (N, R) int64: its first group's scale and zero
+    S: torch.Tensor            # (N, R) fp32
+    V: list                    # per tenant (r_t, cols) in the compute dtype
+    ranks: list
+
+
+def prepare_embedding_deltas(deltas: Sequence[CompressedMatrix | None], device,
+                             dtype: torch.dtype) -> EmbeddingDeltas:
+    """N compressed embedding deltas (None: that tenant has none) -> EmbeddingDeltas."""
+    ranks = [sum(b.rank for b in cm.bands) if cm is not None else 0 for cm in deltas]
+    n, R = len(deltas), max(1, *ranks)
+    word_base, sz_base = torch.zeros(n, R, dtype=torch.int64), torch.zeros(n, R, dtype=torch.int64)
+    bits, S = torch.ones(n, R, dtype=torch.int64), torch.zeros(n, R)
+    words, scale, zero, V = [torch.zeros(1, dtype=torch.int32)], [], [], []
+    n_words, n_groups, g = 1, 0, 128
+    for t, cm in enumerate(deltas):
+        j = 0
+        for band in cm.bands if cm is not None else []:
+            r, (w, G) = band.rank, (band.U.codes.shape[1], band.U.scale.shape[1])
+            word_base[t, j:j + r] = n_words + torch.arange(r) * w
+            sz_base[t, j:j + r] = n_groups + torch.arange(r) * G
+            bits[t, j:j + r] = container_bits(band.bits)
+            S[t, j:j + r] = band.S.float().cpu()
+            words.append(band.U.codes.reshape(-1).cpu())
+            scale.append(band.U.scale.reshape(-1).cpu())
+            zero.append(band.U.zero.reshape(-1).cpu())
+            n_words, n_groups, g, j = n_words + r * w, n_groups + r * G, band.U.group_size, j + r
+        V.append(torch.cat([dequantize_vectors(b.V) for b in cm.bands]).to(device, dtype)
+                 if ranks[t] else None)
+    half = torch.zeros(1, dtype=torch.float16)
+    return EmbeddingDeltas(g, torch.cat(words).to(device), torch.cat(scale + [half]).to(device),
+                           torch.cat(zero + [half]).to(device), word_base.to(device),
+                           bits.to(device), sz_base.to(device), S.to(device), V, ranks)
+
+
+def embedding_delta(ids: torch.Tensor, trow: torch.Tensor, table: EmbeddingDeltas,
+                    plan: TenantPlan) -> torch.Tensor:
+    """ids (n,), trow (n,) the tenant of each -> Δ̂_{trow}[ids] (n, cols) in the table's
+    dtype, as embedding_delta_reference: Û's codes at each id gathered from the packed
+    words (all vectors of all rows at once), z = û ⊙ S, then per tenant z V̂ᵀ on its rows
+    (`plan`: plan_tenants of trow, which groups them)."""
+    c = table.bits[trow]                                                      # (n, R)
+    pw = 32 // c
+    col = ids.unsqueeze(1)                                                    # (n, 1)
+    at = (table.word_base[trow] + col // pw).clamp_(max=table.words.numel() - 1)
+    code = (table.words[at].to(torch.int64) >> (col % pw * c)) & ((1 << c) - 1)
+    grp = (table.sz_base[trow] + col // table.group_size).clamp_(max=table.scale.numel() - 1)
+    u = code * table.scale[grp].float() + table.zero[grp].float()             # (n, R)
+    dtype = next((v.dtype for v in table.V if v is not None), torch.float32)
+    z = (u * table.S[trow]).to(dtype)[plan.order.long()]                      # (n, R) sorted
+    cols = next((v.shape[1] for v in table.V if v is not None), 0)
+    out = torch.zeros(ids.numel(), cols, dtype=dtype, device=ids.device)     # sorted rows
+    start = 0
+    for t, count in enumerate(plan.rows_per_tenant):
+        if count and table.ranks[t]:
+            out[start:start + count] = z[start:start + count, :table.ranks[t]] @ table.V[t]
+        start += count
+    return torch.empty_like(out).index_copy_(0, plan.order.long(), out)
+
+
+class MultiDeltaEmbedding(TenantModule):
+    """A base nn.Embedding plus N tenants' deltas of its table: token id of a row of tenant t
+    looks up E[id] + Δ̂_t[id] (its compressed delta, rebuilt per token: embedding_delta) + its
+    stored rows (RowTable), summed in fp32. deltas[t]: a CompressedMatrix or None;
+    row_deltas[t]: (index, delta) or None."""
+
+    def __init__(self, base: torch.nn.Embedding, deltas: Sequence, row_deltas=None):
+        super().__init__(len(deltas))
+        for t, cm in enumerate(deltas):
+            if cm is not None and tuple(cm.shape) != tuple(base.weight.shape):
+                raise ValueError(f"embedding is {tuple(base.weight.shape)}, delta {t} is "
+                                 f"{tuple(cm.shape)}")
+        self.base, self.deltas = base, list(deltas)
+        has_rows = row_deltas is not None and any(r is not None for r in row_deltas)
+        self.rows = RowTable(base.weight.shape[0], row_deltas) if has_rows else None
+        self._prepared: dict = {}
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor, tenant_idx=None) -> torch.Tensor:
+        e = self.base(ids)                                                    # (..., cols)
+        lead = tuple(ids.shape)
+        batch = self.tenant_batch(tenant_idx)
+        trow, flat = batch.rows_on(lead, ids.device), ids.reshape(-1)
+        d = torch.zeros(flat.numel(), e.shape[-1], device=e.device)          # (n, cols) fp32
+        if any(cm is not None and cm.bands for cm in self.deltas):
+            key = (str(ids.device), e.dtype)
+            if key not in self._prepared:
+                self._prepared = {key: prepare_embedding_deltas(self.deltas, ids.device, e.dtype)}
+            d += embedding_delta(flat, trow, self._prepared[key], batch.plan(lead, ids.device))
+        if self.rows is not None:
+            d += self.rows.lookup(flat, trow)
+        return (e.reshape(-1, e.shape[-1]).float() + d).to(e.dtype).view(e.shape)
+
+    def extra_repr(self) -> str:
+        ranks = [sum(b.rank for b in cm.bands) if cm is not None else 0 for cm in self.deltas]
+        rows = f", {self.rows.keys.numel()} stored rows" if self.rows is not None else ""
+        return f"tenants={self.n_tenants}, ranks={ranks}{rows}"
+
+
+class MultiNorm(TenantModule):
+    """A norm y = w ⊙ n(x) + b whose weight w and bias b are each tenant's own, gathered per
+    row: n(x) is the base norm's own computation, run once for the batch by a copy of it
+    with w = 1 and b = 0 (check_affine_norm checks, at patch time, that the norm has this
+    form). weights (N, dim); biases (N, dim) or None (the base's bias, if any, for all)."""
+
+    def __init__(self, base: torch.nn.Module, weights: torch.Tensor,
+                 biases: torch.Tensor | None = None):
+        import copy
+        super().__init__(weights.shape[0])
+        if isinstance(getattr(base, "bias", None), torch.Tensor) and biases is None:
+            raise ValueError("the norm has a bias: give every tenant's (biases)")
+        self.base = base
+        self.normalize = copy.deepcopy(base)
+        with torch.no_grad():
+            self.normalize.weight.fill_(1)
+            if biases is not None:
+                self.normalize.bias.zero_()
+        self.register_buffer("weights", weights, persistent=False)
+        self.register_buffer("biases", biases, persistent=False)
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
+        trow = self.tenant_batch(tenant_idx).rows_on(tuple(x.shape[:-1]), x.device)
+        n = self.normalize(x)                                                 # (..., dim)
+        y = n.reshape(-1, n.shape[-1]) * self.weights.to(n.dtype)[trow]
+        if self.biases is not None:
+            y = y + self.biases.to(n.dtype)[trow]
+        return y.view(n.shape)
+
+    def extra_repr(self) -> str:
+        return f"tenants={self.n_tenants}, biases={self.biases is not None}"
+
+
+def check_affine_norm(module: torch.nn.Module, path: str) -> None:
+    """MultiNorm serves a norm only if its output is weight ⊙ n(x) + bias with n(x) not
+    depending on them: checked on a random input with random weight and bias against the
+    same norm with weight 1 and bias 0 (a form like n(x) ⊙ (1 + weight) fails)."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        raise DeltaComeError(f"{path}: a {type(module).__name__} without a 1-D weight cannot "
+                             f"take one per tenant")
+    gen = torch.Generator().manual_seed(0)
+    dim, has_bias = weight.shape[0], isinstance(bias, torch.Tensor)
+    x, w, b = (torch.randn(*shape, generator=gen).to(weight.device)
+               for shape in ((3, dim), (dim,), (dim,)))
+    some = {"weight": w, **({"bias": b} if has_bias else {})}
+    unit = {"weight": torch.ones_like(w), **({"bias": torch.zeros_like(b)} if has_bias else {})}
+    with torch.no_grad():
+        got = torch.func.functional_call(module, some, (x,))
+        n = torch.func.functional_call(module, unit, (x,))
+    want = n * w + (b if has_bias else 0)
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-4,
+                                                      atol=1e-5):
+        raise DeltaComeError(f"{path}: a {type(module).__name__} whose output is not "
+                             f"weight ⊙ n(x) + bias: its tenants' weights cannot be served in "
+                             f"one batch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading N fine-tunes onto one base model.
 
 
 def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
                         backend: str = "auto", fuse: bool = False,
                         overlap: bool = False) -> list[str]:
-    """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place: every
-    compressed matrix NAME.weight swaps the nn.Linear at NAME for a MultiDeltaLinear holding
-    the N deltas (tenant t = delta_paths[t]). Returns the patched names.
+    """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place (tenant t
+    = delta_paths[t]); call it inside `use_tenants(model, tenant_idx)`. Every compressed
+    projection NAME.weight swaps the nn.Linear at NAME for a MultiDeltaLinear holding the N
+    deltas. Whatever else the fine-tunes changed is served per tenant too: norms by
+    MultiNorm, Linear biases and lm_head by MultiDeltaLinear (a tied lm_head takes each
+    tenant's embedding delta), embeddings by MultiDeltaEmbedding; a carried tensor that all
+    N files hold equal is copied into the model once. Returns NAME.weight of every replaced
+    module.
 
-    All files must compress the same matrices. Carried tensors (norms, embeddings, lm_head:
-    whatever the fine-tunes changed outside the compressed matrices) are shared by every
-    tenant of one model, so they must be equal in all N files; they are then copied into the
-    model. Tenants that differ there cannot share one model: that is an error, naming the
-    tensor. All or nothing, like patch_model. Call the model inside
-    `use_tenants(model, tenant_idx)`. fuse and overlap: see serving_options."""
+    Errors, one line each (DeltaComeError), and the model is left as it was: files of
+    different bases or projections, a file made for another model or resizing the
+    vocabulary, a tensor that differs between tenants in a module that cannot take one per
+    tenant. Every file is read and every replacement module built before the model changes.
+    fuse and overlap: see serving_options."""
     paths = [Path(p) for p in delta_paths]
     if not paths:
         raise DeltaComeError("patch_model_tenants needs at least one delta file")
     files = [read_delta_file(p) for p in paths]
-    names = list(files[0].matrices)
-    for p, f in zip(paths[1:], files[1:]):
-        if set(f.matrices) != set(names):
-            odd = sorted(set(f.matrices) ^ set(names))[0]
-            raise DeltaComeError(f"{p} and {paths[0]} compress different matrices "
-                                 f"(e.g. {odd}): not fine-tunes of one base model?")
-    for name in sorted(set().union(*(f.carried for f in files))):
-        first = next(t for t, f in enumerate(files) if name in f.carried)
-        for t, f in enumerate(files):
-            if name not in f.carried or not same_bits(f.carried[name],
-                                                      files[first].carried[name]):
-                raise DeltaComeError(f"carried tensor {name} differs between {paths[first]} "
-                                     f"and {paths[t]}: tenants of one model must share every "
-                                     f"tensor outside the compressed matrices")
+    check_tenant_files(paths, files)
+    for p, f in zip(paths, files):
+        check_model(model, f, p, grow=False)
+    shared, modules = plan_tenant_modules(model, paths, files, backend)
     patch = ModelPatch(model, paths[0])
-    copy_carried(patch, files[0].carried)
-    for name in names:
-        replace_linear(patch, name, lambda layer: MultiDeltaLinear(
-            layer, [f.matrices[name] for f in files], backend))
+    copy_carried(patch, shared)
+    patch.swaps.update(modules)
     patch.commit()
     if fuse or overlap:
         serving_options(model, fuse, overlap)
-    return names
+    return [f"{path}.weight" for path in modules]
+
+
+def check_tenant_files(paths: list, files: list) -> None:
+    """Tenants of one model: the same projections compressed, one group size, one base (the
+    files' base probes agree). One-line DeltaComeError naming a tensor and both files."""
+    def projections(f):
+        return {n for n in f.matrices if f.role(n) == "projection"}
+    names, first = projections(files[0]), files[0].meta
+    for p, f in zip(paths[1:], files[1:]):
+        if projections(f) != names:
+            odd = sorted(projections(f) ^ names)[0]
+            raise DeltaComeError(f"{p} and {paths[0]} compress different matrices "
+                                 f"(e.g. {odd}): not fine-tunes of one base model?")
+        if f.meta["group_size"] != first["group_size"] and f.matrices:
+            raise DeltaComeError(f"{p} and {paths[0]} use group sizes {f.meta['group_size']} and "
+                                 f"{first['group_size']}: the kernels take one per matrix")
+        probes = f.meta.get("base_probes", {})
+        for name, values in first.get("base_probes", {}).items():
+            if name in probes and not probes_match(values, probes[name], torch.float32):
+                raise DeltaComeError(f"tensor {name}: {paths[0]} and {p} were made against "
+                                     f"different base models")
+
+
+def tenant_changes(name: str, files: list, w: torch.Tensor):
+    """Tenant by tenant, how each file changes the model's tensor NAME (BASE's values w):
+    (compressed matrix or None, (row index, row delta) or None). A carried tensor becomes
+    all its rows; a row delta is FT's rows minus w's, in w's dtype."""
+    out = []
+    for f in files:
+        rows = f.rows.get(name)
+        index, values = (rows.index, rows.values) if rows is not None else \
+            (torch.arange(w.shape[0]), f.carried[name]) if name in f.carried else (None, None)
+        delta = None if index is None else (index, (
+            values.to(w.device).float() - w.detach()[index.to(w.device)].float()).to(w.dtype))
+        out.append((f.matrices.get(name), delta))
+    return out
+
+
+def plan_tenant_modules(model: torch.nn.Module, paths: list, files: list, backend: str):
+    """The replacement of every module a tenant changes, built without changing the model:
+    (carried tensors all N files hold equal, {module path: replacement module})."""
+    state = model.state_dict(keep_vars=True)
+    names = sorted(set().union(*(set(f.matrices) | set(f.rows) | set(f.carried) for f in files)))
+    shared, mine = {}, {}
+    for name in names:
+        held = [f.carried.get(name) for f in files]
+        if all(t is not None and same_bits(t, held[0]) for t in held):
+            shared[name] = held[0]
+        else:
+            path, _, attr = name.rpartition(".")
+            mine.setdefault(path, {})[attr] = name
+    modules = {}
+    for path, attrs in mine.items():
+        module = model.get_submodule(path)
+        if isinstance(module, (DeltaLinear, TenantModule)):
+            raise DeltaComeError(f"{path} is already patched")
+        weight = attrs.get("weight")
+        if isinstance(module, torch.nn.Linear) and set(attrs) <= {"weight", "bias"}:
+            modules[path] = tenant_linear(module, state, attrs, files, backend)
+        elif isinstance(module, torch.nn.Embedding) and set(attrs) == {"weight"}:
+            changes = tenant_changes(weight, files, module.weight)
+            modules[path] = MultiDeltaEmbedding(module, [cm for cm, _ in changes],
+                                                [rd for _, rd in changes])
+            for head_path, head in model.named_modules():     # tied heads: the same weight
+                if isinstance(head, torch.nn.Linear) and head.weight is module.weight \
+                        and head_path not in mine:
+                    modules[head_path] = tenant_linear(head, state, {"weight": weight}, files,
+                                                       backend)
+        elif set(attrs) <= {"weight", "bias"} and all(state[n].ndim == 1 for n in attrs.values()):
+            check_affine_norm(module, path)
+            modules[path] = MultiNorm(module, *(tenant_vectors(module, a, attrs.get(a), files)
+                                                for a in ("weight", "bias")))
+        else:
+            name = next(iter(attrs.values()))
+            t = next(t for t, f in enumerate(files) if name not in f.carried
+                     or name not in files[0].carried
+                     or not same_bits(f.carried[name], files[0].carried[name]))
+            raise DeltaComeError(f"tensor {name} differs between {paths[0]} and "
+                                 f"{paths[t] if t else 'BASE'}, and a {type(module).__name__} "
+                                 f"cannot take one per tenant")
+    return shared, modules
+
+
+def tenant_vectors(module: torch.nn.Module, attr: str, name: str | None, files: list):
+    """(N, dim): each tenant's copy of the module's vector `attr` (weight or bias), FT's where
+    its file carries NAME, else the base's; None if the module has no such tensor."""
+    base = getattr(module, attr, None)
+    if not isinstance(base, torch.Tensor):
+        return None
+    base = base.detach()
+    return torch.stack([f.carried[name].to(base) if name in f.carried else base for f in files])
+
+
+def tenant_linear(layer: torch.nn.Linear, state: dict, attrs: dict, files: list,
+                  backend: str) -> MultiDeltaLinear:
+    """The MultiDeltaLinear serving every tenant's changes to `layer`: its compressed deltas
+    (an empty one for a tenant without), row deltas, and bias deltas."""
+    changes = tenant_changes(attrs["weight"], files, layer.weight) if "weight" in attrs else \
+        [(None, None)] * len(files)
+    empty = CompressedMatrix(tuple(layer.weight.shape), str(layer.weight.dtype), [])
+    bias = None
+    if "bias" in attrs:
+        b = state[attrs["bias"]].detach()
+        bias = torch.stack([f.carried.get(attrs["bias"], b).to(b.device).float() - b.float()
+                            for f in files]).to(b.dtype)                        # (N, out)
+    return MultiDeltaLinear(layer, [cm if cm is not None else empty for cm, _ in changes],
+                            backend, bias, [rd for _, rd in changes])
 
 
 @contextmanager
 def use_tenants(model: torch.nn.Module, tenant_idx):
-    """Within the block, every MultiDeltaLinear of `model` serves sequence i of the batch with
-    tenant tenant_idx[i] (tenant_idx: (batch,) ints). The plan is made once for the batch."""
-    layers = [m for m in model.modules() if isinstance(m, MultiDeltaLinear)]
+    """Within the block, every tenant layer of `model` (MultiDeltaLinear, MultiDeltaEmbedding,
+    MultiNorm) serves sequence i of the batch with tenant tenant_idx[i] (tenant_idx: (batch,)
+    ints). The plan is made once for the batch, per input shape (a generate call's prefill
+    and its decoding steps have one each)."""
+    layers = [m for m in model.modules() if isinstance(m, TenantModule)]
     if not layers:
         raise ValueError("the model has no MultiDeltaLinear layers: patch_model_tenants first")
-    batch = TenantBatch(tenant_idx, len(layers[0].deltas))
+    if torch.as_tensor(tenant_idx).ndim != 1:
+        raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
+                         f"{tuple(torch.as_tensor(tenant_idx).shape)}")
+    batch = TenantBatch(tenant_idx, layers[0].n_tenants)
     for m in layers:
-        if len(m.deltas) != batch.n_tenants:
-            raise ValueError(f"layers hold {len(m.deltas)} and {batch.n_tenants} deltas")
+        if m.n_tenants != batch.n_tenants:
+            raise ValueError(f"layers hold {m.n_tenants} and {batch.n_tenants} tenants")
         m.tenants = batch
     try:
         yield batch

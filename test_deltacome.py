@@ -279,14 +279,16 @@ def test_cli_compress_info_apply(pair, tmp_path, layout, monkeypatch):
     assert d.meta["version"] == dc.FORMAT_VERSION and d.meta["group_size"] == 128
     base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
     compressed = [n for n in base_r.names() if ".layers." in n and base_r.get(n).ndim == 2]
-    assert sorted(d.matrices) == sorted(compressed)
+    assert sorted(n for n in d.matrices if d.role(n) == "projection") == sorted(compressed)
     for name, cm in d.matrices.items():
         assert cm.nbytes() <= dc.budget_bytes(*cm.shape, 1 / 16)
-    # Carried tensors are FT's, bit-exact; unchanged ones (the embedding here) are not stored.
+    # Carried tensors are FT's, bit-exact; unchanged ones are not stored. The vocabulary:
+    # lm_head (every row changed) compressed, the embedding's few changed rows stored whole.
+    assert d.role("lm_head.weight") == "vocab" and list(d.rows) == ["model.embed_tokens.weight"]
     for name in base_r.names():
-        if name not in d.matrices and not torch.equal(base_r.get(name), ft_r.get(name)):
+        if name not in d.matrices and name not in d.rows and \
+                not torch.equal(base_r.get(name), ft_r.get(name)):
             assert torch.equal(d.carried[name], ft_r.get(name))
-    assert "model.embed_tokens.weight" not in d.carried
 
     assert run_cli("info", out)[0] == 0
     merged = tmp_path / "merged"
@@ -1079,15 +1081,17 @@ def test_multi_tenant_model_matches_merged(tmp_path, backend):
 
 
 def test_patch_model_tenants_errors(tmp_path):
-    """Tenants that changed a carried tensor differently cannot share one model."""
+    """Tenants that changed tensors outside the projections differently share one model
+    (per-tenant norms, embedding, lm_head); a model without the files' tensors is an error."""
     transformers = pytest.importorskip("transformers")
     base_dir, deltas, _ = make_tenants(tmp_path, 1)
     own_ft = tmp_path / "pair" / "ft"                  # make_example's ft: norms, lm_head differ
     compress(base_dir, own_ft, tmp_path / "own.safetensors", Config(device="cpu"),
              progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    with pytest.raises(DeltaComeError, match="carried tensor .* differs"):
-        kernel.patch_model_tenants(model, [deltas[0], tmp_path / "own.safetensors"])
+    kernel.patch_model_tenants(model, [deltas[0], tmp_path / "own.safetensors"])
+    assert isinstance(model.model.layers[0].input_layernorm, kernel.MultiNorm)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     with pytest.raises(DeltaComeError, match="not in the model|no module"):
         kernel.patch_model_tenants(torch.nn.Module(), deltas)
     with pytest.raises(ValueError, match="no MultiDeltaLinear"):
@@ -1096,7 +1100,8 @@ def test_patch_model_tenants_errors(tmp_path):
 
 
 def test_bench_tenants_runs_on_cpu(tmp_path):
-    """bench.py --tenants on CPU: the reference ways at the small shape, and the memory lines."""
+    """bench.py --tenants on CPU: the reference ways at the small shape (block, vocabulary
+    ends, the model composed of them), and the memory lines."""
     import json
 
     import bench
@@ -1105,10 +1110,19 @@ def test_bench_tenants_runs_on_cpu(tmp_path):
         pytest.skip("on CUDA this is the GPU benchmark, not a test")
     assert bench.main(["--tenants", "1,3", "--json", str(tmp_path / "t.json")]) == 0
     result = json.loads((tmp_path / "t.json").read_text())["tenants"]
-    assert [(r["tenants"], r["way"]) for r in result["rows"]] == [
-        (1, "separate"), (1, "loop"), (3, "separate"), (3, "loop")]
+    assert [(r["tenants"], r["part"], r["way"]) for r in result["rows"]] == [
+        (n, part, way) for n in (1, 3) for part in ("block", "vocab", "model")
+        for way in ("separate", "loop")]
+    for r in result["rows"]:                  # the model: 2 layers × block + vocabulary ends
+        if r["part"] == "model":
+            block, vocab = (next(q for q in result["rows"] if q["part"] == part and
+                                 q["tenants"] == r["tenants"] and q["way"] == r["way"])
+                            for part in ("block", "vocab"))
+            assert math.isclose(r["us"], 2 * block["us"] + vocab["us"])
+            assert r["bytes_read"] == 2 * block["bytes_read"] + vocab["bytes_read"]
     mem = result["memory"]
     assert 0 < mem["tenant_block_bytes"] <= mem["tenant_block_device_bytes"]
+    assert 0 < mem["tenant_vocab_bytes"] <= mem["tenant_vocab_device_bytes"]
     assert mem["fit_delta_tenants"] > mem["fit_fp16_finetunes"]
 
 
@@ -1355,7 +1369,7 @@ CORRUPT_DELTAS = {          # case: (corruption, the start of what the error nam
     "no format": (meta_edit(lambda m: m.pop("format")), "'format'"),
     "no version": (meta_edit(lambda m: m.pop("version")), "'version'"),
     "version a string": (meta_edit(lambda m: m.update(version="1")), "'version' is '1'"),
-    "version 2": (meta_edit(lambda m: m.update(version=2)), "format version 2"),
+    "version 3": (meta_edit(lambda m: m.update(version=3)), "format version 3"),
     "no group_size": (meta_edit(lambda m: m.pop("group_size")), "'group_size'"),
     "group size 0": (meta_edit(lambda m: m.update(group_size=0)), "'group_size' is 0"),
     "group size 64": (meta_edit(lambda m: m.update(group_size=64)), "the metadata implies"),
@@ -2493,3 +2507,442 @@ def test_bad_calibration_is_a_one_line_error(tiny_pair, tmp_path, pair, monkeypa
     code, err = run_cli(p.base, p.ft, out, "--device", "cpu", "--calib", p.calib)
     assert code == 2 and "needs the transformers package" in err and err.count("\n") == 1
     assert list(out.parent.iterdir()) == []
+
+
+# =============================================================================================
+# Serving real full fine-tunes as tenants: vocabulary tensors (embeddings, lm_head) in the delta
+# file (compressed, or changed rows stored whole), the whole-file ratio, resized vocabularies,
+# and per-tenant norms, biases, embeddings and lm_head in one batch.
+
+def make_fine_tune(base_dir, out_dir, seed, changes, added=0, tied=False):
+    """A fine-tune of `base_dir` (a make_example pair's base) in out_dir. changes: a subset of
+    projections (long-tailed deltas, 5 % of the weights as in make_tenants), norms (±20 %),
+    embed_rows (the first 24 rows of the embedding), embed_all (a long-tailed delta of the whole
+    embedding), head (the same of an untied lm_head); `added` rows appended to the embedding and
+    the untied head (a resized vocabulary: config vocab_size follows). Returns out_dir."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base_dir, out_dir)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name, w in list(tensors.items()):
+            big = (".layers." in name and w.ndim == 2 and "projections" in changes
+                   or "embed" in name and "embed_all" in changes
+                   or "lm_head" in name and "head" in changes)
+            if big:
+                w = (w.float() + synthetic_delta(*w.shape, gen, scale=0.5)).to(w.dtype)
+            elif "norm" in name and "norms" in changes:
+                w = (w.float() * (1 + 0.2 * torch.randn(w.shape, generator=gen))).to(w.dtype)
+            elif "embed" in name and "embed_rows" in changes:
+                w = w.clone()
+                w[:24] += 0.05 * torch.randn(24, w.shape[1], generator=gen).to(w.dtype)
+            if added and ("embed" in name or "lm_head" in name):
+                w = torch.cat([w, 0.02 * torch.randn(added, w.shape[1], generator=gen).to(w.dtype)])
+            tensors[name] = w
+        save_file(tensors, shard, {"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config["vocab_size"] += added
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def tie_example(base_dir, out_dir):
+    """make_example's base with a tied lm_head: the checkpoint drops lm_head.weight."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base_dir, out_dir)
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if tensors.pop("lm_head.weight", None) is not None:
+            save_file(tensors, shard, {"format": "pt"})
+    index = out_dir / "model.safetensors.index.json"
+    blob = json.loads(index.read_text())
+    blob["weight_map"].pop("lm_head.weight")
+    index.write_text(json.dumps(blob))
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def full_tenants(tmp_path_factory):
+    """A tiny untied base and 3 full fine-tunes compressed and merged: tenant 0 changed
+    everything (projections, norms, 24 embedding rows, lm_head), tenant 1 only its
+    projections, tenant 2 its projections, norms and its whole embedding. Returns
+    (base_dir, [delta file], [merged dir])."""
+    root = tmp_path_factory.mktemp("full")
+    base_dir, _ = make_example(root / "pair", layers=1, width=64)
+    changes = [{"projections", "norms", "embed_rows", "head"}, {"projections"},
+               {"projections", "norms", "embed_all"}]
+    deltas, merged = [], []
+    for k, ch in enumerate(changes):
+        ft = make_fine_tune(base_dir, root / f"ft{k}", 200 + k, ch)
+        deltas.append(root / f"d{k}.safetensors")
+        compress(base_dir, ft, deltas[-1], Config(device="cpu"), progress=False)
+        merged.append(apply(base_dir, deltas[-1], root / f"m{k}", "cpu", progress=False))
+    return base_dir, deltas, merged
+
+
+def test_vocabulary_storage_and_whole_file_ratio(full_tenants, tmp_path):
+    """What each tenant's file holds, by --vocab auto: 24 changed embedding rows take fewer
+    bytes than the compressed matrix would (stored whole), a whole changed embedding or
+    lm_head does not (compressed); the summary's kinds add up to the file, and the whole-file
+    ratio is every byte of the file over 2 bytes per element of every tensor of FT."""
+    base_dir, deltas, _ = full_tenants
+    d0, d1, d2 = (read_delta_file(d) for d in deltas)
+    assert list(d0.rows) == ["model.embed_tokens.weight"] and d0.role("lm_head.weight") == "vocab"
+    assert d0.rows["model.embed_tokens.weight"].index.tolist() == list(range(24))
+    assert not d1.rows and not any(d1.role(n) == "vocab" for n in d1.matrices) and not d1.carried
+    assert d2.role("model.embed_tokens.weight") == "vocab" and "lm_head.weight" not in d2.matrices
+    ft = dc.CheckpointReader(base_dir.parent.parent / "ft0")
+    whole = 2 * sum(ft.get(n).numel() for n in ft.names())
+    rows = dc.storage(d0.meta, dc.tensor_sizes(deltas[0]), deltas[0].stat().st_size)
+    assert d0.meta["whole_fp16_bytes"] == whole == rows[-1].fp16_bytes
+    assert rows[-1].stored_bytes == deltas[0].stat().st_size
+    assert sum(r.fp16_bytes for r in rows[:-1]) == whole              # every tensor, once
+    header = 8 + int.from_bytes(deltas[0].read_bytes()[:8], "little")
+    assert sum(r.stored_bytes for r in rows[:-1]) + header == deltas[0].stat().st_size
+    text = dc.info(deltas[0])
+    assert f"{deltas[0].stat().st_size / whole:.4f}" in text and "rows: 24 changed" in text
+    # forced choices: rows store every changed row (all of lm_head's), carry the whole tensors
+    ft0 = base_dir.parent.parent / "ft0"
+    for vocab in ("rows", "carry", "compress"):
+        out = tmp_path / f"{vocab}.safetensors"
+        compress(base_dir, ft0, out, Config(device="cpu", vocab=vocab, include="q_proj"),
+                 progress=False)
+        d = read_delta_file(out)
+        kinds = {n: ("rows" if n in d.rows else "carry" if n in d.carried else d.role(n))
+                 for n in ("model.embed_tokens.weight", "lm_head.weight")}
+        assert set(kinds.values()) == {{"rows": "rows", "carry": "carry",
+                                        "compress": "vocab"}[vocab]}
+    with pytest.raises(SystemExit, match="2"):                       # argparse: one line, 2
+        run_cli(base_dir, ft0, tmp_path / "x.safetensors", "--vocab", "nope")
+
+
+def test_version_1_file_still_loads(full_tenants, tmp_path):
+    """A file written before the vocabulary kinds (format version 1: projections and carried
+    tensors only, no recorded sizes or probes) reads, applies, patches and says what it lacks."""
+    from safetensors import safe_open
+    transformers = pytest.importorskip("transformers")
+    base_dir, deltas, _ = full_tenants
+    with safe_open(str(deltas[1]), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["deltacome"])
+    old = {k: meta[k] for k in ("format", "group_size", "config", "matrices", "carried")}
+    old["version"] = 1
+    for m in old["matrices"].values():
+        m.pop("role")
+    save_file(tensors, str(tmp_path / "v1.safetensors"), {"deltacome": json.dumps(old)})
+    d = read_delta_file(tmp_path / "v1.safetensors")
+    assert d.meta["version"] == 1 and not d.rows and len(d.matrices) == 7
+    assert "not recorded (version-1 file)" in dc.info(tmp_path / "v1.safetensors")
+    apply(base_dir, tmp_path / "v1.safetensors", tmp_path / "merged", "cpu", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    assert len(kernel.patch_model(model, tmp_path / "v1.safetensors", backend="reference")) == 7
+
+
+def test_row_and_embedding_lookups_match_reference():
+    """The batched lookups against their references, 4 tenants, rows unsorted and repeated:
+    embedding_delta (Û's codes gathered per token, every width, a rank-0 tenant and one
+    without a delta) vs embedding_delta_reference; RowTable vs a loop over rows; a
+    MultiDeltaLinear's bias and row terms vs the same per row."""
+    cms = [random_matrix(300, 40, {8: 2, 3: 5, 2: 9}, 1), random_matrix(300, 40, {}, 2), None,
+           random_matrix(300, 40, {4: 3, 1: 7}, 3)]
+    ids = torch.tensor([299, 0, 5, 128, 127, 7, 299, 33])
+    trow = torch.tensor([3, 0, 3, 0, 2, 1, 0, 3])
+    for dtype in (torch.float32, torch.float16):
+        table = kernel.prepare_embedding_deltas(cms, "cpu", dtype)
+        got = kernel.embedding_delta(ids, trow, table, kernel.plan_tenants(trow, 4, "cpu"))
+        for b in range(len(ids)):
+            cm = cms[int(trow[b])]
+            want = kernel.embedding_delta_reference(ids[b:b + 1], cm, dtype) if cm else 0 * got[b]
+            assert got.dtype == dtype and rel(got[b], want) < (1e-6 if dtype == torch.float32
+                                                               else 1e-3), (b, dtype)
+    gen = torch.Generator().manual_seed(4)
+    rds = [(torch.tensor([0, 3, 9]), torch.randn(3, 5, generator=gen)), None,
+           (torch.tensor([3, 4]), torch.randn(2, 5, generator=gen))]
+    table = kernel.RowTable(10, rds)
+    ids, trow = torch.tensor([3, 3, 9, 4, 0]), torch.tensor([0, 2, 0, 1, 2])
+    x, y = torch.randn(5, 5, generator=gen), torch.randn(5, 10, generator=gen)
+    looked, added = table.lookup(ids, trow), table.add_products(y, x, trow)
+    for b, (i, t) in enumerate(zip(ids.tolist(), trow.tolist())):
+        dense = torch.zeros(10, 5)
+        if rds[t] is not None:
+            dense[rds[t][0]] = rds[t][1]
+        assert torch.equal(looked[b], dense[i])
+        assert torch.allclose(added[b], y[b] + dense @ x[b], atol=1e-6)
+    cm = [random_matrix(10, 5, r, 5 + t) for t, r in enumerate(({2: 3}, {4: 2}, {}))]
+    bias = torch.randn(3, 10, generator=gen)
+    lin = kernel.MultiDeltaLinear(torch.nn.Linear(5, 10), cm, "reference", bias, rds)
+    with torch.no_grad():
+        got = lin(x, trow)
+        for b, t in enumerate(trow.tolist()):
+            dense = torch.zeros(10, 5)
+            if rds[t] is not None:
+                dense[rds[t][0]] = rds[t][1]
+            want = lin.base(x[b]) + x[b] @ (decompress_matrix(cm[t]) + dense).mT + bias[t]
+            assert rel(got[b], want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_full_tenants_match_their_merged_fine_tunes(full_tenants, backend, monkeypatch):
+    """Three full fine-tunes in one batch (rows unsorted, tenant 0 of 3 used alone in a second
+    batch): each row's logits match its own merged fine-tune (apply) within 1e-2 relative, as
+    a single patched fine-tune does (see test_multi_tenant_model_matches_merged), and are far
+    (≥ 10× that) from every other tenant's: per-tenant norms, embedding (rows stored whole,
+    compressed, none) and lm_head (compressed, none) are each row's own."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, deltas, merged = full_tenants
+    dtype = torch.float32 if backend == "reference" else torch.float16
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(base_dir, dtype=dtype).eval()
+    names = kernel.patch_model_tenants(model, deltas, backend=backend)
+    kinds = {n: type(model.get_submodule(n.removesuffix(".weight"))).__name__ for n in names}
+    assert kinds["model.embed_tokens.weight"] == "MultiDeltaEmbedding"
+    assert kinds["model.norm.weight"] == "MultiNorm"
+    assert kinds["lm_head.weight"] == "MultiDeltaLinear"
+    ids = torch.randint(0, 512, (5, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = torch.arange(5) * 5                   # tokens among the 24 changed rows
+    wants = [load(m, dtype=dtype).eval() for m in merged]
+    plans = []                                   # one plan a batch serves every tenant layer
+    monkeypatch.setattr(kernel, "plan_tenants",
+                        lambda *a, make=kernel.plan_tenants: plans.append(a) or make(*a))
+    for tenants in (torch.tensor([2, 0, 1, 0, 2]), torch.tensor([0, 0, 0, 0, 0])):
+        with torch.no_grad(), kernel.use_tenants(model, tenants):
+            got = model(ids).logits.double()                                  # (5, 6, vocab)
+        for t in tenants.unique().tolist():
+            rows = (tenants == t).nonzero().squeeze(1)
+            with torch.no_grad():
+                logits = [w(ids[rows]).logits.double() for w in wants]
+            err = rel(got[rows], logits[t])
+            assert err < 1e-2, (t, err)
+            assert all(rel(got[rows], logits[u]) > 10 * err for u in range(3) if u != t)
+    assert len(plans) == 2
+
+
+def test_tied_head_tenants(tmp_path):
+    """Tied lm_head: the checkpoint holds only the embedding, whose delta (every row changed,
+    so compressed) is each tenant's head delta too. Two tenants in one batch match their merged
+    fine-tunes; a single patch_model (merged embedding, shared by the head) does as well."""
+    transformers = pytest.importorskip("transformers")
+    base_dir = tie_example(make_example(tmp_path / "pair", layers=1, width=64)[0],
+                           tmp_path / "base")
+    deltas, merged = [], []
+    for k, ch in enumerate([{"projections", "embed_all"}, {"embed_all", "norms"}]):
+        ft = make_fine_tune(base_dir, tmp_path / f"ft{k}", 300 + k, ch)
+        deltas.append(tmp_path / f"d{k}.safetensors")
+        compress(base_dir, ft, deltas[-1], Config(device="cpu"), progress=False)
+        assert read_delta_file(deltas[-1]).role("model.embed_tokens.weight") == "vocab"
+        merged.append(apply(base_dir, deltas[-1], tmp_path / f"m{k}", "cpu", progress=False))
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(base_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = kernel.patch_model_tenants(model, deltas, backend="reference")
+    assert "lm_head.weight" in names and isinstance(model.lm_head, kernel.MultiDeltaLinear)
+    ids = torch.randint(0, 512, (4, 5), generator=torch.Generator().manual_seed(1))
+    tenants = torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        with kernel.use_tenants(model, tenants):
+            got = model(ids).logits.double()
+        single = load(base_dir, dtype=torch.float32).eval()
+        kernel.patch_model(single, deltas[1], backend="reference")
+        for t in (0, 1):
+            rows = (tenants == t).nonzero().squeeze(1)
+            want = load(merged[t], dtype=torch.float32).eval()(ids[rows]).logits.double()
+            other = load(merged[1 - t], dtype=torch.float32).eval()(ids[rows]).logits.double()
+            assert rel(got[rows], want) < 1e-2 and rel(got[rows], other) > 10 * rel(got[rows], want)
+            if t == 1:
+                assert rel(single(ids[rows]).logits.double(), want) < 1e-2
+
+
+def test_resized_vocabulary_round_trip(tmp_path):
+    """A fine-tune that added 8 tokens (512 -> 520 rows in the embedding and the untied lm_head,
+    config vocab_size 520): compress stores the shared rows as usual and the added rows whole;
+    apply rebuilds 520-row tensors and FT's config, which from_pretrained loads; patch_model
+    grows the base model's embedding and head and gives the merged model's logits; tenants of
+    one model refuse it (one line, model unchanged)."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, _ = make_example(tmp_path / "pair", layers=1, width=64)
+    ft = make_fine_tune(base_dir, tmp_path / "ft", 400, {"projections", "embed_rows", "head"},
+                        added=8)
+    out = tmp_path / "d.safetensors"
+    assert run_cli(base_dir, ft, out) == (0, "")
+    d = read_delta_file(out)
+    emb, head = d.rows["model.embed_tokens.weight"], d.rows["lm_head.weight"]
+    assert emb.shape == (520, 64) and emb.index.tolist() == [*range(24), *range(512, 520)]
+    assert head.index.tolist() == list(range(512, 520))
+    assert d.matrices["lm_head.weight"].shape == (512, 64)
+    assert list(d.files) == ["config.json"]
+    assert run_cli("apply", base_dir, out, tmp_path / "merged") == (0, "")
+    assert run_cli("verify", base_dir, out, tmp_path / "merged") == (0, "")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    merged = load(tmp_path / "merged", dtype=torch.float32).eval()
+    ft_model = load(ft, dtype=torch.float32).eval()
+    assert merged.config.vocab_size == 520
+    ft_r = dc.CheckpointReader(ft)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        got = merged.state_dict()[name]
+        assert torch.equal(got[512:], ft_r.get(name)[512:])             # added rows, exact
+    ids = torch.tensor([[515, 3, 519, 7, 100]])
+    model = load(base_dir, dtype=torch.float32).eval()
+    kernel.patch_model(model, out, backend="reference")
+    assert model.model.embed_tokens.num_embeddings == 520 and model.config.vocab_size == 520
+    with torch.no_grad():
+        got, want = model(ids).logits, merged(ids).logits
+        assert got.shape == (1, 5, 520) and rel(got, want) < 1e-2       # fp16 merged weights
+        assert rel(want, ft_model(ids).logits) < 0.5                    # Δ̂ approximates Δ
+    tenant_model = load(base_dir, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in tenant_model.state_dict().items()}
+    with pytest.raises(DeltaComeError, match="resizes the vocabulary"):
+        kernel.patch_model_tenants(tenant_model, [out])
+    assert all(torch.equal(v, before[k]) for k, v in tenant_model.state_dict().items())
+
+
+class ScaledNorm(torch.nn.Module):
+    """n(x) ⊙ (1 + weight), Gemma's form: not weight ⊙ n(x) + bias."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True) * (1 + self.weight)
+
+
+def test_tenant_bad_input_is_one_line_and_leaves_the_model(full_tenants, tmp_path):
+    """Tenants of different bases, a delta file made for another model, a norm that is not
+    weight ⊙ n(x) + bias: one-line DeltaComeError naming the tensor, and the model unchanged."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, deltas, _ = full_tenants
+    other_base, _ = make_example(tmp_path / "other", layers=1, width=64, seed=9)
+    other_ft = make_fine_tune(other_base, tmp_path / "oft", 500, {"projections"})
+    compress(other_base, other_ft, tmp_path / "other.safetensors", Config(device="cpu"),
+             progress=False)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(base_dir, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [([deltas[0], tmp_path / "other.safetensors"], "made against different base"),
+             ([tmp_path / "other.safetensors"], "not those of the base")]
+    for files, message in cases:
+        with pytest.raises(DeltaComeError, match=message) as e:
+            kernel.patch_model_tenants(model, files)
+        assert "\n" not in str(e.value) and "tensor model." in str(e.value)
+        assert not any(isinstance(m, kernel.TenantModule) for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(DeltaComeError, match="not those of the base"):
+        kernel.patch_model(model, tmp_path / "other.safetensors")
+    model.model.norm = ScaledNorm(64)
+    with pytest.raises(DeltaComeError, match="model.norm: a ScaledNorm whose output is not"):
+        kernel.check_affine_norm(model.model.norm, "model.norm")
+    kernel.check_affine_norm(torch.nn.LayerNorm(64), "layer_norm")       # w ⊙ n(x) + b: fine
+
+
+def test_serve_tenants_on_tiny_model(tmp_path, monkeypatch):
+    """eval.py's serving stage end to end on the smoke model (tied embeddings, char tokenizer):
+    two fine-tunes compressed with --vocab auto and carry, each evaluated merged, patched alone
+    and as tenants in one mixed batch. In fp32 on the reference the mixed batch changes no
+    completion of either task (its logits differ from the single tenant's in the last bits)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("reasoning_gym")
+    tasks = ("chain_sum", "letter_counting")
+    cfg = ev.RunConfig(tasks=tasks, train=ev.TrainConfig(steps=8, batch=8, warmup=2), n_test=6,
+                       tiny=True)
+    ev.make_pair(tmp_path / "work", cfg, None, log=lambda m: None)
+    for d in ("base", *(f"ft-{t}" for t in tasks)):
+        # 8 steps teach EOS and whitespace only: suppress the specials and whitespace (ids 0-8)
+        f = tmp_path / "work" / d / "generation_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "suppress_tokens": list(range(9))}))
+    plans = []
+    monkeypatch.setattr(kernel, "plan_tenants",
+                        lambda *a, make=kernel.plan_tenants: plans.append(a[0].numel()) or make(*a))
+    res = ev.serve_tenants(tmp_path / "work", tmp_path / "out",
+                           ev.ServeConfig(tasks, vocab=("auto", "carry"), n_test=6),
+                           log=lambda m: None)
+    for t in tasks:
+        rows = res["tasks"][t]["rows"]
+        assert rows["auto"]["file_bytes"] < rows["carry"]["file_bytes"]
+        for row in rows.values():
+            assert row["same_completions"] == 1.0 and any(row["sample"])
+            assert row["tenants"]["acc"] == row["patch_model"]["acc"]
+            assert all(0 <= row[k]["acc"] <= 1 and row[k]["n"] == 6
+                       for k in ("merged", "patch_model", "tenants"))
+    # generate's prefill (12 rows × prompt length) and its decoding steps (12 rows) have a plan
+    # each, made once: on the reference only the compressed embedding (auto) asks for one
+    assert len(plans) == 2 and plans[1] == 12
+    table = (tmp_path / "out" / "serve_table.txt").read_text()
+    assert table.count("chain_sum") == 2 and "letter_counting" in table and "± " in table
+
+
+def test_grow_vocabulary_keeps_a_tied_head_tied():
+    """patch_model's resize of a tied model: the embedding and lm_head keep one weight, both
+    grow, config.vocab_size follows, and the logits have the new rows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    old = model.model.embed_tokens.weight.detach().clone()
+    kernel.grow_parameter(model, model.model.embed_tokens.weight,
+                          torch.cat([old, torch.zeros(3, 32)]))
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert emb.weight is head.weight and emb.weight.shape == (43, 32)
+    assert emb.num_embeddings == 43 and head.out_features == 43 and config.vocab_size == 43
+    assert torch.equal(emb.weight[:40], old) and not emb.weight[40:].any()
+    with torch.no_grad():
+        assert model(torch.tensor([[41, 3, 42]])).logits.shape == (1, 3, 43)
+
+
+# =============================================================================================
+# Vocabulary entries of a delta file (stored rows, added rows, side files) are validated on
+# read like the rest: each corruption below is refused in one line by read_delta_file.
+
+def vocabulary_delta(tmp_path) -> Path:
+    """A delta file with stored rows: an untied embedding whose fine-tune changed 3 rows and
+    added 2 (a resized vocabulary), and FT's config.json that says so."""
+    gen = torch.Generator().manual_seed(1)
+    base = {"model.embed_tokens.weight": torch.randn(12, 32, generator=gen).half(),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(40, 32, generator=gen).half()}
+    ft = {"model.embed_tokens.weight": torch.cat([base["model.embed_tokens.weight"],
+                                                  torch.randn(2, 32, generator=gen).half()]),
+          "model.layers.0.mlp.up_proj.weight": (base["model.layers.0.mlp.up_proj.weight"].float()
+                                                + synthetic_delta(40, 32, gen)).half()}
+    ft["model.embed_tokens.weight"][[1, 4, 7]] += 0.5
+    for name, tensors, vocab in (("base", base, 12), ("ft", ft, 14)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    out = tmp_path / "delta.safetensors"
+    compress(tmp_path / "base", tmp_path / "ft", out, Config(vocab="rows", device="cpu"),
+             progress=False)
+    return out
+
+
+VOCAB_CORRUPTIONS = {       # case: (corruption, what the error names)
+    "count off by one": (meta_edit(lambda m: m["rows"][EMB].update(count=4)),
+                         "the metadata implies"),
+    "base rows past the shape": (meta_edit(lambda m: m["rows"][EMB].update(base_rows=15)),
+                                 "'base_rows'"),
+    "values in int": (meta_edit(lambda m: m["rows"][EMB].update(dtype="int32")), "'dtype'"),
+    "index not ascending": (tensor_edit(lambda t: t.update({f"rows.{EMB}.index": t[
+        f"rows.{EMB}.index"].flip(0).contiguous()})), "not ascending"),
+    "an added row missing": (tensor_edit(lambda t: t.update({f"rows.{EMB}.index": torch.tensor(
+        [1, 4, 7, 11, 12], dtype=torch.int32)})), "are not all stored"),
+    "side file not a config": (meta_edit(lambda m: m.update(files=["../evil.py"])), "'files'"),
+    "role unknown": (meta_edit(lambda m: m["matrices"][UP0].update(role="head")), "'role'"),
+    "rows and carried": (meta_edit(lambda m: m["carried"].append(EMB)), "carried"),
+}
+EMB, UP0 = "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("case", sorted(VOCAB_CORRUPTIONS))
+def test_corrupt_vocabulary_entries_are_refused(tmp_path, case):
+    delta = vocabulary_delta(tmp_path)
+    good = read_delta_file(rewrite_delta(delta, tmp_path / "good.safetensors"))
+    assert good.rows[EMB].index.tolist() == [1, 4, 7, 12, 13] and "config.json" in good.files
+    corrupt, message = VOCAB_CORRUPTIONS[case]
+    bad = rewrite_delta(delta, tmp_path / "bad.safetensors", corrupt)
+    with pytest.raises(DeltaComeError, match=re.escape(message)) as e:
+        read_delta_file(bad)
+    assert "\n" not in str(e.value)
