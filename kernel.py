@@ -109,7 +109,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -175,19 +175,65 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 # Work tables. A program of phase V reduces one column tile of one band (BLOCK_J vectors)
 # over a chunk of its quantization groups; a program of phase U reduces one output tile
 # (BLOCK_O outputs) over a chunk of one band's vectors. A tile with several such programs
-# ("items") sums them in a shared fp32 workspace (see _reduce). Item rows (ITEM_COLS int32):
-#
-#   [c, word base, ld, band rank, first column (V) / output tile (U), lo, hi, scale base,
-#    S base, z column of the band, tile, items of the tile, 0, 0, 0, 0]
-#
-# lo..hi are group indices (V) or band-local vector indices (U). Tables are per tenant,
+# ("items") sums them in a shared fp32 workspace (see _reduce). An item is a WorkItem, stored
+# as a row of ITEM_COLS int32 (its fields in order, then zeros). Tables are per tenant,
 # padded to the largest tenant's item count with empty rows (0 items: the program returns),
 # built once per tiling and cached.
 
-ITEM_COLS = 16
+
+class BandLayout(NamedTuple):
+    """Where one band of one tenant lies in a KernelDelta's buffers (element offsets)."""
+    c: int                  # container width in bits (1, 2, 4 or 8)
+    rank: int
+    v_words: int            # phase V: first word of its (positions/pw, ldv) block
+    ldv: int                #   words a row: rank rounded up to 16
+    v_sz: int               #   first scale|zero of its (⌈in/g⌉, rank) block
+    u_words: int            # phase U: first word of its (rank padded to 16, ldu) block
+    ldu: int                #   words a row: ⌈out/pw⌉ rounded up to 16
+    u_sz: int               #   first scale|zero of its (rank padded to 16, ⌈out/g⌉) block
+    S: int                  # first singular value
+    z_col: int              # first column of z
+
+
+class WorkItem(NamedTuple):
+    """What one program of a launch computes: one row of a work table."""
+    c: int                  # container width of the band
+    words: int              # first word of the band in this phase's layout
+    ld: int                 # words a row of that layout
+    rank: int               # the band's rank
+    first: int              # phase V: first vector of the tile; phase U: the output tile
+    lo: int                 # the reduction's range lo..hi: groups (phase V) or band-local
+    hi: int                 #   vectors (phase U)
+    sz: int                 # first scale|zero of the band in this phase's layout
+    S: int                  # first singular value of the band
+    z_col: int              # first column of the band in z
+    tile: int               # the tile's index among this tenant's tiles
+    tile_items: int         # items of the tile (0: an empty padding item)
+
+
+ITEM_COLS = 16                         # int32s a work-table row (WorkItem, then zeros)
 _ITEM_COLS = tl.constexpr(ITEM_COLS)   # kernels may only read constexpr globals
+# The column of each WorkItem field, for the kernels.
+_C, _WORDS, _LD, _RANK, _FIRST, _LO, _HI, _SZ, _S, _Z_COL, _TILE, _TILE_ITEMS = (
+    tl.constexpr(WorkItem._fields.index(name)) for name in (
+        "c", "words", "ld", "rank", "first", "lo", "hi", "sz", "S", "z_col", "tile",
+        "tile_items"))
+
+
+class Segment(NamedTuple):
+    """Rows of one tenant in a batch sorted by tenant (a row of a TenantPlan's segments)."""
+    tenant: int
+    row0: int               # first sorted row
+    rows: int               # at most MAX_BATCH
+
+
+SEG_COLS = len(Segment._fields)
+_SEG_COLS = tl.constexpr(SEG_COLS)
+_SEG_TENANT, _SEG_ROW0, _SEG_ROWS = (
+    tl.constexpr(Segment._fields.index(name)) for name in ("tenant", "row0", "rows"))
 Z_STATE = 4                            # int32s before the tile counters: see _z_buffer
 _Z_STATE = tl.constexpr(Z_STATE)
+_TURN, _TURN_READ, _DIRTY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)   # Z_STATE's
 
 
 @dataclass
@@ -199,9 +245,7 @@ class KernelDelta:
     ranks: tuple[int, ...]          # Σ band ranks, per tenant
     nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
     device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
-    bands: list                     # per tenant, per band: [c, rank, v word base, ldv,
-                                    #   v scale base, u word base, ldu, u scale base, S base,
-                                    #   z column]
+    bands: list                     # per tenant, its bands' BandLayout
     S: torch.Tensor                 # fp32, flat
     v_words: torch.Tensor           # int32, flat
     v_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
@@ -221,16 +265,15 @@ class KernelDelta:
     def z_width(self) -> int:
         """Columns of a row of z: each band's rank padded to 16 (the padding columns stay
         zero), for the tenant with the most."""
-        return max(1, max((b[-1] + _pad16(b[1]) for bands in self.bands for b in bands[-1:]),
-                          default=1))
+        return max(1, max((b.z_col + _pad16(b.rank) for bands in self.bands
+                           for b in bands[-1:]), default=1))
 
     def v_items(self, block_j: int, split: int) -> tuple[torch.Tensor, int, int]:
         """Phase-V items for tiles of block_j vectors, each tile's groups cut into `split`
-        chunks, 8-bit bands' into about twice as many: their loop costs ~1.24× the
-        instructions per code of 2-bit bands (sm_90 SASS: 3.45 and 2.78), and in a grid of
-        one round the slowest program sets the time (H200 timeline, 8192×28672: 8-bit items
-        11.3 µs at the median, 2-bit 9.2). Returns (table (N·n, ITEM_COLS), n items per
-        tenant, most tiles of a tenant)."""
+        chunks, 8-bit bands' into about twice as many: their loop costs more per code, and
+        in a grid of one round the slowest program sets the time (docs/PERFORMANCE.md).
+        Returns (table (N·n, ITEM_COLS) of WorkItem rows, n items per tenant, most tiles of
+        a tenant)."""
         key = ("v", block_j, split)
         if key not in self._tables:
             n_groups = -(-self.shape[1] // self.group_size)
@@ -238,12 +281,13 @@ class KernelDelta:
             tables = []
             for bands in self.bands:
                 rows, tile = [], 0
-                for c, r, vwb, ldv, vsb, _, _, _, sb, zc in bands:
-                    n = per if c < 8 else -(-per // 2)
-                    for col0 in range(0, r, block_j):
+                for b in bands:
+                    n = per if b.c < 8 else -(-per // 2)
+                    for col0 in range(0, b.rank, block_j):
                         chunks = range(0, n_groups, n)
-                        rows += [[c, vwb, ldv, r, col0, lo, min(lo + n, n_groups), vsb, sb,
-                                  zc, tile, len(chunks)] for lo in chunks]
+                        rows += [WorkItem(b.c, b.v_words, b.ldv, b.rank, col0, lo,
+                                          min(lo + n, n_groups), b.v_sz, b.S, b.z_col, tile,
+                                          len(chunks)) for lo in chunks]
                         tile += 1
                 tables.append((rows, tile))
             self._tables[key] = self._pad(tables)
@@ -251,33 +295,31 @@ class KernelDelta:
 
     def u_items(self, block_o: int, rows: int) -> tuple[torch.Tensor, int, int]:
         """Phase-U items for tiles of block_o outputs, each band cut into chunks of `rows`
-        vectors, 8-bit bands into chunks of about half as many (a multiple of 16): their loop
-        costs ~1.4× the instructions per code of 2-bit bands (sm_90 SASS: 4.0 and 2.8), and
-        in a grid of one round the slowest program sets the time (H100, 28672×8192 at batch
-        1: 24.17 -> 23.41 µs, averaged over three workspace offsets). Returns (table, n items
-        per tenant, most tiles). A tenant without bands gets one empty item per tile, so its
-        rows still get the base output."""
+        vectors, 8-bit bands into chunks of about half as many (a multiple of 16), for the
+        reason v_items gives. Returns (table of WorkItem rows, n items per tenant, most
+        tiles). A tenant without bands gets one empty item per tile, so its rows still get
+        the base output."""
         key = ("u", block_o, rows)
         if key not in self._tables:
             n_tiles = -(-self.shape[0] // block_o)
             tables = []
             for bands in self.bands:
-                chunks = [(c, uwb, ldu, r, usb, sb, zc, lo, n)
-                          for c, r, _, _, _, uwb, ldu, usb, sb, zc in bands
-                          for n in [rows if c < 8 else max(16, rows // 32 * 16)]
-                          for lo in range(0, r, n)]
+                chunks = [(b, lo, n) for b in bands
+                          for n in [rows if b.c < 8 else max(16, rows // 32 * 16)]
+                          for lo in range(0, b.rank, n)]
+                items = [WorkItem(b.c, b.u_words, b.ldu, b.rank, tile, lo, min(lo + n, b.rank),
+                                  b.u_sz, b.S, b.z_col, tile, len(chunks))
+                         for tile in range(n_tiles) for b, lo, n in chunks]
                 if not chunks:          # rank 0: an empty item per tile writes the base
-                    chunks = [(self.containers[0], 0, 16, 0, 0, 0, 0, 0, rows)]
-                tables.append(([[c, uwb, ldu, r, tile, lo, min(lo + n, r), usb, sb, zc, tile,
-                                 len(chunks)]
-                                for tile in range(n_tiles)
-                                for c, uwb, ldu, r, usb, sb, zc, lo, n in chunks], n_tiles))
+                    items = [WorkItem(self.containers[0], 0, 16, 0, tile, 0, 0, 0, 0, 0, tile, 1)
+                             for tile in range(n_tiles)]
+                tables.append((items, n_tiles))
             self._tables[key] = self._pad(tables)
         return self._tables[key]
 
     def _pad(self, tables):
         n = max(1, max(len(rows) for rows, _ in tables))
-        flat = [row + [0] * (ITEM_COLS - len(row)) for rows, _ in tables
+        flat = [list(row) + [0] * (ITEM_COLS - len(row)) for rows, _ in tables
                 for row in rows + [[0] * ITEM_COLS] * (n - len(rows))]
         return (torch.tensor(flat, dtype=torch.int32, device=self.S.device), n,
                 max(1, max(tiles for _, tiles in tables)))
@@ -324,10 +366,10 @@ def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDel
         for band in cm.bands:
             r, c = band.rank, container_bits(band.bits)
             pw = 32 // c
-            row = [c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
-                   _pad16(-(-out_f // pw)), size["usz"], size["S"], zc]
+            layout = BandLayout(c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
+                                _pad16(-(-out_f // pw)), size["usz"], size["S"], zc)
             # Phase V: the stored words (r, ⌈in/pw⌉) transposed to (positions/pw, ldv).
-            vw = torch.zeros(n_gin * g // pw, row[3], dtype=torch.int32, device=device)
+            vw = torch.zeros(n_gin * g // pw, layout.ldv, dtype=torch.int32, device=device)
             vw[: band.V.codes.shape[1], :r] = band.V.codes.to(device).mT
             add("vw", vw)
             sz = torch.zeros(n_gin, r, dtype=torch.int32, device=device)
@@ -335,14 +377,14 @@ def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDel
                                            | _bits16(band.V.zero.to(device)) << 16).mT
             add("vsz", sz)
             # Phase U: the stored words (r, ⌈out/pw⌉) in rows of ldu, r padded to 16 rows.
-            uw = torch.zeros(_pad16(r), row[6], dtype=torch.int32, device=device)
+            uw = torch.zeros(_pad16(r), layout.ldu, dtype=torch.int32, device=device)
             uw[:r, : band.U.codes.shape[1]] = band.U.codes.to(device)
             add("uw", uw)
             sz = torch.zeros(_pad16(r), n_gout, dtype=torch.int32, device=device)
             sz[:r] = _bits16(band.U.scale.to(device)) | _bits16(band.U.zero.to(device)) << 16
             add("usz", sz)
             add("S", band.S.to(device, torch.float32))
-            bands.append(row)
+            bands.append(layout)
             zc += _pad16(r)
         all_bands.append(bands)
         dev_bytes.append(4 * sum(size[k] - start[k] for k in size))
@@ -361,8 +403,8 @@ def prepare_multi_delta(deltas: Sequence[CompressedMatrix], device) -> KernelDel
         return torch.cat(parts[kind]) if parts[kind] else torch.zeros(0, dtype=dtype,
                                                                       device=device)
     return KernelDelta(
-        shape, g, tuple(sorted({b[0] for bands in all_bands for b in bands})),
-        tuple(sum(b[1] for b in bands) for bands in all_bands),
+        shape, g, tuple(sorted({b.c for bands in all_bands for b in bands})),
+        tuple(sum(b.rank for b in bands) for bands in all_bands),
         tuple(cm.nbytes() for cm in deltas), tuple(dev_bytes), all_bands,
         cat("S", torch.float32), cat("vw", torch.int32), cat("vsz", torch.int32),
         cat("uw", torch.int32), cat("usz", torch.int32))
@@ -668,16 +710,16 @@ def _wait_previous(PDL: tl.constexpr):
 @triton.jit
 def _program_item(segs_ptr, items_ptr, n_items):
     """This program's segment (its index, first row, rows), a pointer to its work item's row
-    (ITEM_COLS int32, see the layout notes) and the item's first three fields: container
-    width, word base and row length of the band's words (both multiples of 16)."""
+    (a WorkItem) and the item's first three fields: container width, word base and row
+    length of the band's words (both multiples of 16)."""
     seg = tl.program_id(0)
-    tenant = tl.load(segs_ptr + seg * 3)
-    row0 = tl.load(segs_ptr + seg * 3 + 1)
-    n_rows = tl.load(segs_ptr + seg * 3 + 2)
+    tenant = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_TENANT)
+    row0 = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_ROW0)
+    n_rows = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_ROWS)
     meta = items_ptr + (tenant * n_items + tl.program_id(1)) * _ITEM_COLS
-    c = tl.load(meta)
-    w_base = tl.multiple_of(tl.load(meta + 1), 16)
-    ld = tl.multiple_of(tl.load(meta + 2), 16)
+    c = tl.load(meta + _C)
+    w_base = tl.multiple_of(tl.load(meta + _WORDS), 16)
+    ld = tl.multiple_of(tl.load(meta + _LD), 16)
     return seg, row0, n_rows, meta, c, w_base, ld
 
 
@@ -686,8 +728,8 @@ def _item_span(meta):
     """The fields both phases read from an item's row: its reduction range lo..hi, scale
     base, the band's z column, its tile and the tile's item count (0: an empty padding
     item)."""
-    return (tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 9),
-            tl.load(meta + 10), tl.load(meta + 11))
+    return (tl.load(meta + _LO), tl.load(meta + _HI), tl.load(meta + _SZ),
+            tl.load(meta + _Z_COL), tl.load(meta + _TILE), tl.load(meta + _TILE_ITEMS))
 
 
 @triton.jit
@@ -698,10 +740,10 @@ def _z_buffer(z_size, z_used, state_ptr):
     it is zeroed. The turn is counted in the workspace's state (turn, the turn phase U
     reads, and how many floats each buffer was dirtied over); program 0 records it, and
     the z_used floats this launch will dirty."""
-    turn = tl.load(state_ptr)
+    turn = tl.load(state_ptr + _TURN)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(state_ptr + 1, turn)
-        tl.store(state_ptr + 2 + turn % 2, z_used)
+        tl.store(state_ptr + _TURN_READ, turn)
+        tl.store(state_ptr + _DIRTY + turn % 2, z_used)
     return (turn % 2) * z_size
 
 
@@ -721,9 +763,9 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
         _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
-    r = tl.load(meta + 3)
-    col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
-    S_base = tl.load(meta + 8)
+    r = tl.load(meta + _RANK)
+    col0 = tl.multiple_of(tl.load(meta + _FIRST), BLOCK_J)
+    S_base = tl.load(meta + _S)
     _wait_previous(PDL)                       # x and z are the last kernels'
     z_ptr += _z_buffer(z_size, z_used, state_ptr)
     if tile_items > 0:
@@ -777,9 +819,9 @@ def _z_turn(z_ptr, z_size, state_ptr):
     used this launch. Meanwhile every program zeroes its share of the other one, as far as
     the launch before this one dirtied it, and program 0 passes the turn on (the next
     launch's phase V takes the other buffer)."""
-    turn = tl.load(state_ptr + 1)             # phase V's, this launch
+    turn = tl.load(state_ptr + _TURN_READ)    # phase V's, this launch
     other = 1 - turn % 2
-    n = tl.load(state_ptr + 2 + other)        # floats the launch before added into `other`
+    n = tl.load(state_ptr + _DIRTY + other)   # floats the launch before added into `other`
     p = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     share = tl.cdiv(tl.cdiv(n, tl.num_programs(0) * tl.num_programs(1)), 64) * 64
     i = p * share + tl.arange(0, 64)
@@ -787,7 +829,7 @@ def _z_turn(z_ptr, z_size, state_ptr):
         tl.store(z_ptr + other * z_size + k + i, tl.zeros((64,), tl.float32),
                  mask=k + i < n)
     if p == 0:
-        tl.store(state_ptr, turn + 1)
+        tl.store(state_ptr + _TURN, turn + 1)
     return (turn % 2) * z_size
 
 
@@ -951,7 +993,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     n_groups = -(-kd.shape[1] // kd.group_size)
 
     def v_tiles(bj):                                          # phase-V tiles, largest tenant
-        return max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands)
+        return max(sum(-(-b.rank // bj) for b in bands) for bands in kd.bands)
     if block_j is None:
         block_j = 32 if block_b <= FMA_ROWS and v_tiles(64) * n_groups < target / 2 else 64
 
@@ -1345,7 +1387,7 @@ def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
         for s in range(start, start + n, MAX_BATCH):
             rows = min(MAX_BATCH, start + n - s)
             block_b = block_rows(rows)
-            buckets.setdefault(block_b, []).append([t, s, rows])
+            buckets.setdefault(block_b, []).append(Segment(t, s, rows))
         start += n
     groups = [(bb, torch.tensor(segs, dtype=torch.int32, device=device), len(segs))
               for bb, segs in sorted(buckets.items())]

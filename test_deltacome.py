@@ -629,7 +629,7 @@ def test_triton_phase_u_tiles_of_large_shapes(block_o):
 def fake_delta(out_f, in_f, rank, tenants=1):
     """What choose_config reads of a KernelDelta: one 2-bit band of `rank` a tenant."""
     return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
-                           bands=[[[2, rank]]] * tenants,
+                           bands=[[kernel.BandLayout(2, rank, *[0] * 8)]] * tenants,
                            device_bytes=(rank * (out_f + in_f) // 4,) * tenants)
 
 
