@@ -6,26 +6,34 @@ width), the fine-tune's output is
 
     y = x Wᵀ + ((x V̂) ⊙ S) Ûᵀ      x: (batch, in), V̂: (in, r), Û: (out, r), y: (batch, out)
 
-The delta term is two skinny matmuls, memory-bound at decode batch sizes: the floor is the
-packed bytes over HBM bandwidth. This file holds, in the order to read them:
+The delta term is two skinny matmuls, "phase V" (z = (x V̂) ⊙ S) and "phase U" (y = z Ûᵀ),
+memory-bound at decode batch sizes: the floor is the packed bytes over HBM bandwidth. This
+file holds, in the order to read them:
 
+  Start here
     delta_matmul_reference  dequantize every band to the compute dtype, two torch matmuls:
                             the ground truth, readable, runs anywhere
-    runtime layout          `prepare_delta`: a one-time repack of the stored codes into the
-                            layout the kernels read (the file format stays as it is)
-    Triton kernels          `_v_kernel`: z = (x V̂) ⊙ S over all bands in one launch;
-                            `_u_kernel`: y = z Ûᵀ (+ base output) over all bands in one launch.
-                            Codes are dequantized in registers, never written to memory.
-    delta_matmul            checks, picks Triton (CUDA, fp16/bf16) or the reference, launches
+    delta_matmul_simple     the same two matmuls as two small Triton kernels that read the
+                            stored codes: one launch per band and phase, each code unpacked
+                            by a shift and a mask, times its group's scale, plus its zero
+  The tuned kernels (the same sums, tested against the same truth)
+    prepare_delta           a one-time repack of the stored codes into the layout the tuned
+                            kernels read (the file format stays as it is)
+    _v_kernel, _u_kernel    each phase over all bands in one launch, codes dequantized in
+                            registers, work cut into items that fill the GPU
+    choose_config           the tiling of a launch pair, per shape, batch and GPU
+  Wrappers
+    delta_matmul            checks, picks a backend ("triton": the tuned kernels, "simple",
+                            "reference"), launches
+  Serving one fine-tune
     DeltaLinear             nn.Linear + compressed delta, forward = base + delta path
     patch_model             swaps a model's Linear layers for DeltaLinear from a delta file
-
-  Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row):
+  Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row)
     multi_delta_matmul_reference   a loop over tenants of delta_matmul_reference
     plan_tenants            a batch's rows grouped by tenant, once per batch (host side)
     prepare_multi_delta     N deltas in one runtime layout (a single delta is N = 1)
-    multi_delta_matmul      checks, plans, picks Triton or the reference, launches the same
-                            two kernels over a (tenant segment, work item) grid
+    multi_delta_matmul      checks, plans, picks a backend, launches the same two tuned
+                            kernels over a (tenant segment, work item) grid
     MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
@@ -33,6 +41,7 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
 Usage:
     dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
     model_names = patch_model(model, "delta.safetensors")      # serve without merging
+    y = delta_matmul(x, cm, backend="simple")                  # the kernel to learn from
     patch_model_tenants(model, ["math.safetensors", "code.safetensors"])  # N fine-tunes
     with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
         logits = model(input_ids).logits                      # input_ids: (4, seq)
@@ -118,6 +127,7 @@ import triton.language as tl
 from deltacome import (CompressedMatrix, DeltaComeError, container_bits, dequantize_vectors,
                        read_delta_file)
 
+# The tuned kernels' constants (see THE TUNED KERNELS below).
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
 MAX_BATCH = 32         # rows per launch at most; larger batches are cut into chunks (Triton
@@ -127,6 +137,9 @@ _LIFT = tl.constexpr(2.0**LIFT_LOG2)
 _FMA_ROWS = tl.constexpr(FMA_ROWS)
 _UNSCALE_EXP = tl.constexpr(127 + 149 - LIFT_LOG2)   # fp32 exponent field of 2^(149 - 64)
 
+
+# ==============================================================================================
+# START HERE: the reference, then the simple kernel.
 
 # ----------------------------------------------------------------------------------------------
 # Reference: dequantize, then two matmuls in the compute dtype. The ground truth.
@@ -151,6 +164,125 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
     z = (x @ V.mT) * S                                                  # (..., r)
     return z @ U                                                        # (..., out)
 
+
+# ----------------------------------------------------------------------------------------------
+# The simple kernel: the reference's two matmuls in Triton, read straight from the stored
+# codes (no repack). Read it before the tuned kernels: they compute the same sums.
+#
+# Per band of rank r at c-bit containers (pw = 32/c codes a word), as deltacome.py stores it:
+# codes (r, ⌈n/pw⌉) int32, element k of vector j = code k % pw of word k // pw, least
+# significant first; scale, zero (r, ⌈n/g⌉) fp16, element k in group k // g; S (r,) fp32.
+# One launch per band and phase; each element is unpacked where it is used and every sum is
+# taken in fp32, so the result is rounded once, to x.dtype, at the end.
+
+SIMPLE_ROWS = 4            # batch rows a program takes; more rows run in more programs
+SIMPLE_BLOCK_R = 16        # vectors a program takes (phase V) or sums over per step (phase U)
+SIMPLE_TILE = 8192         # rows × vectors × positions (or outputs) a program multiplies per
+SIMPLE_WARPS = 8           # step: its fp32 sums and codes fit the registers of 8 warps
+
+
+@triton.jit
+def _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j, k, mask, n_words, n_groups,
+                   C: tl.constexpr, GROUP: tl.constexpr):
+    """Elements k of vectors j of one band's Û or V̂ (broadcastable int32 tensors, `mask`
+    where they exist) -> code · scale + zero in fp32 (0 off the mask)."""
+    PW: tl.constexpr = 32 // C                                   # codes a word
+    word = tl.load(codes_ptr + j * n_words + k // PW, mask=mask, other=0)
+    code = (word >> (C * (k % PW))) & ((1 << C) - 1)             # shift it down, mask it off
+    group = j * n_groups + k // GROUP
+    scale = tl.load(scale_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _simple_v_kernel(x_ptr, n_rows, n_in, codes_ptr, scale_ptr, zero_ptr, S_ptr, rank,
+                     z_ptr, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase V of one band: z[b, j] = S[j] · Σ_k x[b, k] V̂[j, k]. x (n_rows, n_in), z
+    (n_rows, rank) fp32. Program (i, t) takes rows i·BLOCK_B.. and vectors t·BLOCK_R.., and
+    walks all n_in positions, BLOCK_K at a time: one FMA per product into a sum of its own,
+    reduced over the positions once at the end."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)                  # (BLOCK_B,) rows
+    j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)                  # (BLOCK_R,) vectors
+    n_words, n_groups = tl.cdiv(n_in, 32 // C), tl.cdiv(n_in, GROUP)       # of a stored row
+    acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_K), tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)                                      # (BLOCK_K,)
+        v = _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j[:, None], k[None, :],
+                           (j[:, None] < rank) & (k[None, :] < n_in), n_words, n_groups, C,
+                           GROUP)                                           # (BLOCK_R, BLOCK_K)
+        xk = tl.load(x_ptr + b[:, None] * n_in + k[None, :],
+                     mask=(b[:, None] < n_rows) & (k[None, :] < n_in), other=0.0)
+        xk = xk.to(tl.float32)                                              # (BLOCK_B, BLOCK_K)
+        acc += xk[:, None, :] * v[None, :, :]                                # FMA
+    S = tl.load(S_ptr + j, mask=j < rank, other=0.0)
+    tl.store(z_ptr + b[:, None] * rank + j[None, :], tl.sum(acc, 2) * S[None, :],
+             mask=(b[:, None] < n_rows) & (j[None, :] < rank))
+
+
+@triton.jit
+def _simple_u_kernel(z_ptr, n_rows, rank, codes_ptr, scale_ptr, zero_ptr, y_ptr, n_out,
+                     C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Phase U of one band: y[b, o] += Σ_j z[b, j] Û[j, o]. z (n_rows, rank) and y (n_rows,
+    n_out) fp32. Program (i, t) takes rows i·BLOCK_B.. and outputs t·BLOCK_O.., and walks the
+    band's vectors, BLOCK_R at a time, summing as phase V does. It alone writes its outputs
+    (the bands' launches run one after another), so a plain load and store adds into y."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)                  # (BLOCK_B,) rows
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)                  # (BLOCK_O,) outputs
+    n_words, n_groups = tl.cdiv(n_out, 32 // C), tl.cdiv(n_out, GROUP)     # of a stored row
+    acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_O), tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)                                      # (BLOCK_R,)
+        u = _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j[:, None], o[None, :],
+                           (j[:, None] < rank) & (o[None, :] < n_out), n_words, n_groups, C,
+                           GROUP)                                           # (BLOCK_R, BLOCK_O)
+        zj = tl.load(z_ptr + b[:, None] * rank + j[None, :],
+                     mask=(b[:, None] < n_rows) & (j[None, :] < rank), other=0.0)
+        acc += zj[:, :, None] * u[None, :, :]                                # FMA
+    mask = (b[:, None] < n_rows) & (o[None, :] < n_out)
+    offs = b[:, None] * n_out + o[None, :]
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0) + tl.sum(acc, 1)       # (BLOCK_B, BLOCK_O)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def delta_matmul_simple(x: torch.Tensor, cm: CompressedMatrix,
+                        base: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) -> x Δ̂ᵀ (..., out), plus `base` (..., out) if given, in x.dtype, by the
+    simple kernels on x's device (CUDA, or CPU under TRITON_INTERPRET=1); the bands' tensors
+    must be there too. Per band: phase V into z (B, r) fp32, then phase U adds z Ûᵀ into the
+    fp32 output, which starts as the base output (or zero)."""
+    out_f, in_f = cm.shape
+    x2 = x.reshape(-1, in_f).contiguous()                                   # (B, in)
+    B = x2.shape[0]
+    y = torch.zeros(B, out_f, dtype=torch.float32, device=x.device)        # (B, out)
+    if base is not None:
+        y += base.reshape(B, out_f)
+    if B == 0:
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+    block_b = min(triton.next_power_of_2(B), SIMPLE_ROWS)
+    block = max(16, SIMPLE_TILE // (block_b * SIMPLE_BLOCK_R))             # positions, outputs
+    for band in cm.bands:
+        if band.S.device != x.device:
+            raise ValueError(f"the delta is on {band.S.device}, x on {x.device}")
+        c, r = container_bits(band.bits), band.rank
+        z = torch.empty(B, r, dtype=torch.float32, device=x.device)         # (B, r)
+        _simple_v_kernel[(triton.cdiv(B, block_b), triton.cdiv(r, SIMPLE_BLOCK_R))](
+            x2, B, in_f, band.V.codes, band.V.scale, band.V.zero, band.S, r, z,
+            C=c, GROUP=band.V.group_size, BLOCK_B=block_b, BLOCK_R=SIMPLE_BLOCK_R,
+            BLOCK_K=block, num_warps=SIMPLE_WARPS)
+        _simple_u_kernel[(triton.cdiv(B, block_b), triton.cdiv(out_f, block))](
+            z, B, r, band.U.codes, band.U.scale, band.U.zero, y, out_f,
+            C=c, GROUP=band.U.group_size, BLOCK_B=block_b, BLOCK_R=SIMPLE_BLOCK_R,
+            BLOCK_O=block, num_warps=SIMPLE_WARPS)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+
+# ==============================================================================================
+# THE TUNED KERNELS: the simple kernel's sums, each phase in one launch over all bands,
+# codes dequantized in registers, the work cut into items that fill the GPU. The runtime
+# layout, the kernels, their tiling (choose_config) and the launcher, in that order.
 
 # ----------------------------------------------------------------------------------------------
 # Runtime layout: the stored codes, transposed where phase V needs it, with work tables.
@@ -1124,6 +1256,12 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
     return y
 
 
+# ==============================================================================================
+# WRAPPERS: the checks, the choice of backend, delta_matmul.
+
+BACKENDS = ("auto", "triton", "simple", "reference")
+
+
 def _backend_for(x: torch.Tensor, backend: str) -> str:
     """"auto" -> "triton" for fp16/bf16 CUDA tensors, else "reference"; others as given."""
     if backend != "auto":
@@ -1135,9 +1273,11 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
                     backend: str) -> str:
     """The checks both wrappers share: x (..., in) and base (..., out) against the delta's
     (out, in) shape, then "auto" -> "triton" (fp16/bf16 CUDA tensors) or "reference", and
-    for Triton, x's dtype and device. Returns "triton" or "reference"."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    for the Triton backends, x's dtype and device. Returns "triton", "simple" or
+    "reference"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
+                         f"{backend!r}")
     out_f, in_f = shape
     if x.ndim == 0 or x.shape[-1] != in_f:
         raise ValueError(f"x has shape {tuple(x.shape)}; the delta expects (..., {in_f})")
@@ -1145,12 +1285,14 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
         raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
                          f"{(*x.shape[:-1], out_f)} on {x.device}")
     backend = _backend_for(x, backend)
-    if backend == "triton":
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                             "before triton is imported)")
+    if backend == "triton" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
+    if backend == "simple" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the simple kernel takes fp16, bf16 or fp32 x, got {x.dtype}")
+    if (backend in ("triton", "simple") and not x.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError(f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         f"before triton is imported)")
     return backend
 
 
@@ -1168,15 +1310,19 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
                  config: KernelConfig | None = None) -> torch.Tensor:
     """x (..., in) -> x Δ̂ᵀ (..., out), plus `base` (..., out) if given, in x.dtype.
 
-    backend: "auto" = Triton for fp16/bf16 CUDA tensors, the reference otherwise;
-    "triton" = the kernels (also on CPU tensors under TRITON_INTERPRET=1); "reference".
-    A CompressedMatrix is repacked on every Triton call: prepare it once with
-    `prepare_delta` (DeltaLinear does) to serve it."""
+    backend: "auto" = the tuned kernels for fp16/bf16 CUDA tensors, the reference
+    otherwise; "triton" = the tuned kernels, "simple" = the simple kernel (both also on CPU
+    tensors under TRITON_INTERPRET=1); "reference". A CompressedMatrix is repacked on every
+    tuned-kernel call: prepare it once with `prepare_delta` (DeltaLinear does) to serve it.
+    The simple kernel and the reference take the CompressedMatrix, on x's device."""
     out_f, in_f = delta.shape
-    if resolve_backend(x, delta.shape, base, backend) == "reference":
+    backend = resolve_backend(x, delta.shape, base, backend)
+    if backend in ("reference", "simple"):
         if isinstance(delta, KernelDelta):
-            raise ValueError("the reference backend needs the CompressedMatrix, "
-                             "not a KernelDelta")
+            raise ValueError(f"the {backend} backend needs the CompressedMatrix, "
+                             f"not a KernelDelta")
+        if backend == "simple":
+            return delta_matmul_simple(x, delta, base)
         y = delta_matmul_reference(x, delta)
         return y if base is None else base + y
     kd = delta if isinstance(delta, KernelDelta) else prepare_delta(delta, x.device)
@@ -1204,15 +1350,16 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
     return y.reshape(*lead, out_f)
 
 
-# ----------------------------------------------------------------------------------------------
-# Serving a compressed fine-tune: one layer, then a whole model.
+# ==============================================================================================
+# SERVING ONE FINE-TUNE: one layer, then a whole model.
 
 
 class DeltaLinear(torch.nn.Module):
     """A base nn.Linear plus one matrix's compressed delta: forward(x) = base(x) + x Δ̂ᵀ.
 
-    The delta is prepared for the kernels on first use on a CUDA device (a one-time repack);
-    the base layer's parameters are shared, not copied."""
+    backend as delta_matmul's. The tuned kernels prepare the delta on first use on a device
+    (a one-time repack); the simple kernel and the reference move it there once. The base
+    layer's parameters are shared, not copied."""
 
     def __init__(self, base: torch.nn.Linear, delta: CompressedMatrix, backend: str = "auto"):
         super().__init__()
@@ -1224,10 +1371,11 @@ class DeltaLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if _backend_for(x, self.backend) != "triton":
+        backend = _backend_for(x, self.backend)
+        if backend != "triton":                  # the simple kernel or the reference
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
-            return delta_matmul(x, self.delta, y, backend="reference")
+            return delta_matmul(x, self.delta, y, backend=backend)
         if self._prepared is None or self._prepared.S.device != x.device:
             self._prepared = prepare_delta(self.delta, x.device)
         return delta_matmul(x, self._prepared, y, backend="triton")
@@ -1281,8 +1429,8 @@ def replace_linear(model: torch.nn.Module, name: str, make, source) -> None:
     setattr(parent, child, make(layer))
 
 
-# ----------------------------------------------------------------------------------------------
-# Multi-tenant serving: one base, N compressed fine-tunes of it, one batch. Row b of a batch
+# ==============================================================================================
+# MULTI-TENANT SERVING: one base, N compressed fine-tunes of it, one batch. Row b of a batch
 # belongs to tenant t = tenant_idx[b]:
 #
 #     y[b] = x[b] Wᵀ + ((x[b] V̂ₜ) ⊙ Sₜ) Ûₜᵀ
@@ -1331,16 +1479,17 @@ def check_tenant_idx(tenant_idx, lead: tuple, n_tenants: int) -> torch.Tensor:
 
 
 def multi_delta_matmul_reference(x: torch.Tensor, deltas: Sequence[CompressedMatrix],
-                                 tenant_idx) -> torch.Tensor:
+                                 tenant_idx, matmul=delta_matmul_reference) -> torch.Tensor:
     """x (..., in), tenant_idx (...) -> (..., out), row b = delta_{tenant_idx[b]}(x[b]),
-    each tenant's rows through delta_matmul_reference in x.dtype."""
+    each tenant's rows through matmul(rows, delta) (the reference, or the simple kernel) in
+    x.dtype."""
     out_f, in_f = deltas[0].shape
     idx = check_tenant_idx(tenant_idx, x.shape[:-1], len(deltas)).reshape(-1)
     x2 = x.reshape(-1, in_f)                                                  # (B, in)
     y = x2.new_zeros(x2.shape[0], out_f)                                      # (B, out)
     for t in idx.unique().tolist():
         rows = (idx == t).nonzero().squeeze(1).to(x.device)
-        y[rows] = delta_matmul_reference(x2[rows], deltas[t])
+        y[rows] = matmul(x2[rows], deltas[t])
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -1403,9 +1552,9 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
     """x (..., in), tenant_idx (...) ints in [0, N) -> (..., out): row b gets
     x[b] Δ̂_{tenant_idx[b]}ᵀ, plus `base` (..., out) if given, in x.dtype.
 
-    backend as delta_matmul: "auto" = Triton for fp16/bf16 CUDA tensors, else the
-    reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "reference" (needs the
-    CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
+    backend as delta_matmul: "auto" = the tuned kernels for fp16/bf16 CUDA tensors, else
+    the reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "simple" and
+    "reference" (a loop over the tenants present; they need the CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
     of tenant_idx to reuse one plan across the layers of a forward pass."""
     n = deltas.n_tenants if isinstance(deltas, KernelDelta) else len(deltas)
     if n == 0:
@@ -1415,13 +1564,14 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
     if (tenant_idx is None) == (plan is None):
         raise ValueError("give exactly one of tenant_idx and plan")
     lead = x.shape[:-1]
-    if backend == "reference":
+    if backend in ("reference", "simple"):
         if isinstance(deltas, KernelDelta):
-            raise ValueError("the reference backend needs the CompressedMatrix list, "
-                             "not a KernelDelta")
+            raise ValueError(f"the {backend} backend needs the CompressedMatrix list, "
+                             f"not a KernelDelta")
         if tenant_idx is None:
-            raise ValueError("the reference backend takes tenant_idx, not a plan")
-        y = multi_delta_matmul_reference(x, deltas, tenant_idx)
+            raise ValueError(f"the {backend} backend takes tenant_idx, not a plan")
+        y = multi_delta_matmul_reference(x, deltas, tenant_idx, delta_matmul_simple
+                                         if backend == "simple" else delta_matmul_reference)
         return y if base is None else base + y
     md = deltas if isinstance(deltas, KernelDelta) else prepare_multi_delta(deltas,
                                                                                  x.device)
@@ -1490,8 +1640,9 @@ class MultiDeltaLinear(torch.nn.Module):
             if tuple(base.weight.shape) != tuple(cm.shape):
                 raise ValueError(f"base weight is {tuple(base.weight.shape)}, delta {t} is "
                                  f"{tuple(cm.shape)}")
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
+                             f"{backend!r}")
         self.base, self.deltas, self.backend = base, list(deltas), backend
         self.tenants: TenantBatch | None = None
         self._prepared: KernelDelta | None = None
@@ -1512,10 +1663,11 @@ class MultiDeltaLinear(torch.nn.Module):
             batch = TenantBatch(tenant_idx, n)
         if batch is not None:
             rows = batch.rows(lead)                                          # (B,)
-        if _backend_for(x, self.backend) != "triton":
+        backend = _backend_for(x, self.backend)
+        if backend != "triton":                  # the simple kernel or the reference
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
-            return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend="reference")
+            return multi_delta_matmul(x, self.deltas, rows.view(lead), y, backend=backend)
         if self._prepared is None or self._prepared.S.device != x.device:
             self._prepared = prepare_multi_delta(self.deltas, x.device)
         plan = batch.plan(lead, x.device) if batch is not None else \
