@@ -32,7 +32,7 @@ between replays.
 
 Usage:
     python bench.py                      # full table (CUDA), or a small CPU table
-    python bench.py --check              # the GPU equivalence matrix of issue 4
+    python bench.py --check              # correctness at awkward and real shapes, fp16/bf16
     python bench.py --models llama-2-7b --batches 1,16 --json runs/bench.json
     python bench.py --tenants 1,4,16,64 --models llama-2-7b      # multi-tenant scenario
     python bench.py --ceiling            # what one bare read-only launch streams
@@ -115,11 +115,10 @@ def copies_of(cm, n: int):
 def time_us(calls, graph: bool, min_calls: int = 16) -> float:
     """Median µs per call of `calls` (a list of closures run in turn, one per operand copy).
     graph=True: one CUDA graph replays the list, cycled until it holds at least min_calls
-    calls. A replay has a fixed cost of its own (H100: a 28672×8192 delta pair took 28.9 µs
-    a call in a graph of 2 calls, 26.3 in 4, 24.7 in 16; the dense GEMV 176.9 µs in a graph
-    of 1, 165.0 in 4), which a model's graphed forward pass pays once, not per matmul. The
-    copies are cycled in order, so an operand is read again only after all the others
-    (more than 2× the L2 together, see `bench`)."""
+    calls. A replay has a fixed cost of its own, which a model's graphed forward pass pays
+    once, not per matmul (measured in docs/PERFORMANCE.md). The copies are cycled in order,
+    so an operand is read again only after all the others (more than 2× the L2 together,
+    see `bench`)."""
     import triton.testing
 
     if not graph:
@@ -198,7 +197,7 @@ def profile_workload(shape, batch: int, dtype, device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The GPU equivalence matrix (issue 4) and the benchmark table (issue 5).
+# Correctness on the GPU, and the benchmark table.
 
 
 def check(shapes, batches, dtypes, device) -> list[dict]:
@@ -341,7 +340,7 @@ def layer_rows(models, batches, dtype, device, cache) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-tenant serving (issue 8): N fine-tunes of one base, one token each, one block.
+# Multi-tenant serving: N fine-tunes of one base, one token each, one block.
 
 
 def model_fp16_bytes(m: dict) -> int:

@@ -46,68 +46,43 @@ Usage:
     with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
         logits = model(input_ids).logits                      # input_ids: (4, seq)
 
-Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
+What the tuned kernels do that the simple one does not (each measured in
+docs/PERFORMANCE.md, which also records what was tried and dropped):
 
-* Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
-  must consume ~50 codes per clock, so the per-code work must be a few instructions: two.
-  A code masked where it lies in its word (one LOP3, the mask an immediate) is, read as an
-  fp32 with a zero exponent, the denormal q·2^pos·2^-149: exact, and ready for one FFMA
-  with the factor it multiplies (x in phase V, z·scale in phase U), which carries the
-  power of two back (2^64 of it) so the product is a normal float. No int->float conversion
-  (16/clock/SM), no subtraction of an exponent-trick offset (the FADD that cost a third of
-  the per-code work). The range this leaves is wide: see _code_denormals.
+* Two instructions a code. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 a byte;
+  to stream them at 3 TB/s an SM must consume ~50 codes per clock. A code masked where it
+  lies in its word (one LOP3, the mask an immediate) is, read as an fp32 with a zero
+  exponent, the exact denormal q·2^pos·2^-149, ready for one FFMA with the factor it
+  multiplies, which carries the power of two back (_code_denormals). No shift, and no
+  int-to-float conversion (16 a clock per SM).
 * Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group, so a group's scale
-  and zero cost nothing per code in phase V; in phase U every thread owns slots of 32
-  outputs inside one group, whose codes share one factor z·scale per (vector, slot).
-* Layout. Phase V reads V̂ transposed, (positions/pw, vectors): a program's threads own a few
-  vectors and walk down the positions; phase U reads Û as stored, (vectors, outputs/pw): its
-  threads own output slots and walk down the vectors. Both reductions stay in-thread. The
-  scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
-  loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
-  plain loads, because every thread needs all of a step's x and async copies of it cost
-  more in shared memory than they hide (but for a single delta above 16 MB at batch 1, where
-  2 stages measured faster: choose_config); the lanes of a warp convert and lift that x once
-  between them and share it through shared memory (_v_fma). A value all threads share in
-  phase U (z of a vector) is loaded as a scalar: as a tensor, each thread's copy went
-  through shared memory, and that made phase U twice as slow (ncu: 80 % of its
-  shared-memory wavefronts were bank conflicts).
-* Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
-  items (tile × chunk of the reduction) until there are ~16 programs per SM. In phase V
-  every item adds its part straight into z with fp32 atomics: z is one of two buffers in
-  the workspace, and phase U zeroes the other one (the launch before used it) while it
-  reads this one, so no program waits for all others to finish with z (`_z_buffer`,
-  `_z_turn`). In phase U a tile with several items adds them into a zeroed fp32 workspace
-  and the last item (a counter: each count releases, the last acquires) reads the sum,
-  resets the workspace and writes the result. No memset, no extra launch. The order of the
-  adds, and so the last bits, can vary between runs. On Hopper both kernels use
-  programmatic dependent launch:
-  the next kernel's programs start as this one's finish, and wait only before they read
-  what a kernel wrote (`_wait_previous`); in a grid of one round they are let start only
-  once this one's programs are past their main loops, so that they spread over all SMs
-  (KernelConfig.early_next).
-* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows), and
-  so does batch 2 from 4096 outputs up: the rows share each code's LOP3, so a code costs
-  one more FFMA, not another pass over the bytes (70B shapes: 2.2× / 1.8× faster than the
-  tl.dot path). Batches 3–32 (2 below 4096 outputs) pad to 16/32 rows and use tl.dot on
-  exact codes: phase V in fp16 for fp16 x (codes ≤ 255 are exact in fp16), in tf32 for
-  bf16 x; phase U in fp16 from 8192 outputs up, with z·scale lifted per row by a power of
-  two into fp16's range (any magnitude, 10 bits kept), else in tf32 (10 bits too), like
-  the reference rounds z to the compute dtype.
+  and zero cost nothing per code in phase V; in phase U a thread owns slots of 32 outputs
+  inside one group, whose codes share one factor z·scale per (vector, slot).
+* Layout. Phase V reads V̂ transposed, (positions/pw, vectors), phase U reads Û as stored,
+  (vectors, outputs/pw), so both reductions stay inside a thread; the scale and zero of a
+  group are one int32, so every load is 4 or 16 bytes. Phase U's main loop is pipelined
+  with async copies; phase V's mostly uses plain loads, as every thread needs all of a
+  step's x: the lanes of a warp convert it once between them and share it through shared
+  memory. In phase U the z of a vector, which every thread needs, is a scalar load.
+* Work items. Each phase is one launch over all bands, its work cut into items (tile ×
+  chunk of the reduction) until the grid fills the GPU (choose_config). Phase V's items add
+  their parts straight into z with fp32 atomics, into one of two z buffers, while phase U
+  zeroes the other one for the next launch (_z_buffer, _z_turn); a tile of phase U with
+  several items sums them in a zeroed fp32 workspace, and the last item (a counter: each
+  count releases, the last acquires) writes the result. No memset, no extra launch. The
+  order of the adds, and so the last bits, can vary between runs.
+* Overlap. On Hopper the two launches overlap by programmatic dependent launch: the next
+  kernel's programs start as this one's finish and wait only before they read what a
+  kernel wrote (_wait_previous); in a grid of one round only once this one's programs are
+  past their main loops, so that they spread over all SMs (KernelConfig.early_next).
+* Batch. Batch 1 runs on CUDA-core FMAs (tensor cores would waste 15/16 of their rows), and
+  so does batch 2 on wide outputs, the rows sharing each code's mask; batches up to 32 pad
+  to 16/32 rows and use tl.dot on the exact codes: phase V in fp16 for fp16 x (codes ≤ 255
+  are exact in fp16), in tf32 for bf16 x; phase U in fp16 with z·scale lifted per row by a
+  power of two into fp16's range (_row_lift), or tf32.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time).
-
-Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-71–126× faster than the reference and 44 % / 45 % of copy bandwidth on the two 70B shapes
-(22.2 / 21.9 µs, 0.138 / 0.133 of the dense GEMV); batch 2 costs 1.5× batch 1 (FMA path),
-batch 16 3.2× / 2.8× (tl.dot path). Both batch-1 phases are latency-bound with few warps
-per SM (ncu: phase U issues on 40 % of cycles, phase V's warps wait on memory in 40 % of
-samples), and items taken from a shared counter to balance them were slower (each item
-pays its round trips again); the tl.dot path spends most of its time moving codes into the
-dot layout through shared memory (batch 16: one shared-memory load per code in phase U).
-The next steps are fp16 pairs into tensor-core dots held in registers (Marlin-style, beyond
-what Triton lets one control), fewer instructions per vector in phase U's loop, and fewer
-round trips in phase U.
 """
 
 from __future__ import annotations
@@ -616,10 +591,9 @@ def _v_fma(x_ptr, stride_x, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi
     load, convert and lift it once between them (two values each) and sum it for Σx; the
     reduce below is there only to keep Triton from recomputing that chain in every thread:
     without it, Triton moved the layout conversion up to the fp16 load, and each thread
-    converted, lifted and added all 64 values itself (sm_90 SASS of the loop, 2-bit codes:
-    1025 instructions for a thread's 256 codes of a group, now 713; H100, phase V on
-    8192×28672: 17.4 -> 13.6 µs). The lifted x then reaches every thread through shared
-    memory, four floats a load, and each vector's products are summed in one FFMA chain."""
+    converted, lifted and added all of a step's x itself (docs/PERFORMANCE.md). The lifted
+    x then reaches every thread through shared memory, four floats a load, and each
+    vector's products are summed in one FFMA chain."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
@@ -661,10 +635,9 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
            BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Batch 2–32, padded to 16/32 rows: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per
     group a dot of x with the exact codes, then the affine fold as in _v_fma. fp16 x: an
-    fp16 dot (codes ≤ 255 are exact in fp16; half the bytes of tf32 through shared memory,
-    H100 batch 16: phase V 44 -> 38 µs at 8192×28672). bf16 x: a tf32 dot (exact too),
-    because Triton's CPU interpreter, which the tests run, gets int -> bf16 conversions and
-    bf16 dots wrong."""
+    fp16 dot (codes ≤ 255 are exact in fp16, and take half the bytes of tf32 through shared
+    memory). bf16 x: a tf32 dot (exact too), because Triton's CPU interpreter, which the
+    tests run, gets int -> bf16 conversions and bf16 dots wrong."""
     PW: tl.constexpr = 32 // C
     t = tl.arange(0, STEP // PW)
     b = tl.arange(0, BLOCK_B)
@@ -723,12 +696,11 @@ def _u_fma(z_ptr, stride_z, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gou
             # No masks. Chunks end at a multiple of 16 vectors but at a band's end, where
             # the rows up to the next multiple of 16 are padding: zero codes and scales, and
             # z columns that stay zero (KernelDelta.z_width), so they add exact zeros.
-            # Columns past the tile's last word are padding or slack (never stored). The
-            # loads stay 16-byte vectors and the unrolled loop carries no mask (sm_90 SASS,
-            # 2 bits: 831 -> 719 instructions an iteration; H100, 70B shapes: ~0.35 µs).
+            # Columns past the tile's last word are padding or slack (never stored). So the
+            # loads stay 16-byte vectors and the unrolled loop carries no mask.
             words = tl.load(words_ptr + w_base + (j0 + u) * ld + w)
             # z of each row: scalars (as a tensor, every thread's copy of it went through
-            # shared memory, see the notes at the top)
+            # shared memory, with bank conflicts)
             z = tl.load(z_ptr + j0 + u)
             for i in tl.static_range(1, BLOCK_B):
                 z = tl.where(b == i, tl.load(z_ptr + i * stride_z + j0 + u), z)
@@ -761,9 +733,8 @@ def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_bas
     with the exact codes, 16 vectors at a time, plus Σ z·zero. FP16: an fp16 dot of
     z·scale lifted per row and step by _row_lift (undone on its fp32 result), else a tf32
     dot of z·scale. Both round z·scale to 10 bits; fp16 codes are half the bytes of fp32
-    ones on their way through shared memory to the tensor cores (H100, batch 16, µs,
-    tf32 -> fp16: 28672×8192 79.3 -> 70.9, 14336×4096 29.7 -> 27.5, 8192×8192 31.0 ->
-    30.2, but 4096×4096 16.4 -> 17.0 and 4096×11008 25.8 -> 27.0: see choose_config)."""
+    ones on their way through shared memory to the tensor cores (which dot is faster
+    depends on the shape: choose_config)."""
     PW: tl.constexpr = 32 // C
     BW: tl.constexpr = BLOCK_O // PW
     w = tile * BW + tl.arange(0, BW)
@@ -812,8 +783,7 @@ def _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr):
         if last:
             # Each count releases its program's adds; the acquire is on the reset, which
             # reads the last count and so follows every count (their release sequences).
-            # An acq_rel count made every program invalidate its L1: H100, 0.3-0.45 µs a
-            # launch pair at the 7B and 70B shapes, batch 1-2.
+            # An acq_rel count would make every program invalidate its L1.
             tl.atomic_xchg(lock_ptr, 0, sem="acquire")
             total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(acc_ptr + offs, tl.zeros_like(val), mask=mask)
@@ -1035,8 +1005,8 @@ class KernelConfig:
     v_stages: int = 1      # software pipelining depth of the main loops (async copies;
     u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
-    u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's ~160);
-                           #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
+    u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's
+                           #   choice); 128 fits 16 warps per SM instead of 12
     dot_u_warps: int = DOT_WARPS   # tl.dot path phase U: warps per program
     u_fp16: bool = True            # tl.dot path phase U: an fp16 dot, else tf32 (_u_dot)
     early_next: bool = False       # where a program lets the next kernel start (_launch_next):
@@ -1063,54 +1033,34 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   dot_u_warps: int | None = None, u_fp16: bool | None = None
                   ) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
-    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
-    SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
-    tenant segments that read more than 64 MB between them (below); plain loads in phase V, 3
-    pipeline stages and 128 registers in phase U (a single delta at batch 1: below);
-    1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per SM
-    (4096×4096: 6.4 instead of 7.0 µs), half that at 2 rows; on the tl.dot path, phase-U
-    programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 %
-    faster on 8192×28672 but 5–6 % slower on 8192×8192 and 11008×4096, 8–16 % slower on
-    4096×4096), and an fp16 dot in phase U from 8192 outputs up, tf32 below (H100, batch
-    16, tf32 / fp16, µs, mean of three workspace offsets: 28672×8192 79.3 / 70.9,
-    8192×28672 62.8 / 60.8, 14336×4096 29.7 / 27.5, 11008×4096 25.1 / 24.5, 8192×8192
-    31.0 / 30.2; 4096×4096 16.4 / 17.0, 4096×11008 25.8 / 27.0, 1024×4096 8.7 / 8.7;
-    batch 4 alike).
+    A keyword argument overrides its rule (bench.py --sweep times the alternatives). The
+    rules and why; the measurements behind each are in docs/PERFORMANCE.md:
 
-    Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
-    (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
-    4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
-    rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
-
-    Phase-V tiles on the FMA path are 64 vectors, or 32 where 64-vector tiles of one group
-    each would still fill less than half the grid: short inputs (4096: 32 groups) and small
-    ranks (H100, µs, mean of three workspace offsets, batch 1 64 -> 32 / batch 2: 4096×4096
-    9.46 -> 8.85 / 12.46 -> 11.95, 11008×4096 12.21 -> 11.93 / 16.38 -> 15.91, 14336×4096
-    13.06 -> 12.87 / 18.52 -> 18.00, 1024×4096 7.90 -> 7.54, 1024×8192 8.82 -> 7.85; where the
-    grid fills without them, 32-vector tiles were slower: 4096×11008 11.09 -> 11.88, 8192×8192
-    13.02 -> 13.46, 8192×28672 21.80 -> 22.97).
-
-    A single delta at batch 1 pipelines phase U 4 deep where it is at most 16 MB, and phase
-    V 2 deep (and phase U 3) where it is larger (H100, µs, mean of three workspace offsets,
-    default / V 2 stages / U 4 stages: 4096×4096 9.84 / 10.38 / 9.49, 1024×8192 9.06 / 9.41 /
-    8.63, 4096×11008 11.48 / 11.83 / 11.10, 14336×4096 13.34 / 13.66 / 13.21, 8192×8192 13.39
-    / 13.60 / 13.32; 30 MB: 28672×8192 22.78 / 22.50 / 23.62, 8192×28672 22.60 / 22.00 /
-    23.72; the 7B and 8B shapes are at most 8.4 MB). At batch 2 both were slower.
-
-    Launches over several tenant segments (FMA path) aim at 64 programs per SM where the
-    segments read more than 64 MB between them, else 16: one round of larger programs wins
-    while the work is small, several rounds of smaller ones once it is large (H100, µs at
-    16 / 64 programs per SM, N tenants × 1 row: 4096×4096 N=4 12.9 / 16.5, N=16 24.0 / 27.9;
-    4096×11008 N=4 19.6 / 24.5, N=16 58.9 / 58.2; 11008×4096 N=64 206.6 / 176.0; 28672×8192
-    N=16 222.9 / 205.2; 2 rows a tenant alike). Single deltas stay at 16.
-
-    Under PDL, a kernel's programs take the SM slots this one's free. Where the grid is one
-    round (16 programs per SM at most), each program lets the next kernel start only after
-    its main loop: started at once, the next kernel's programs filled the SMs that freed up
-    first to 16 each and left others idle (H100 timeline, 8192×28672: phase U ran on 69 of
-    132 SMs), and the pair took 27.7 µs instead of 25.7 (4096×14336: 15.4 instead of 12.6).
-    A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
-    faster so."""
+    * 16 programs per SM (one warp each on the FMA path, four on the tl.dot path): one
+      round, every program resident at once, so a phase takes about one program's chain of
+      dependent memory round trips.
+    * 64 for an FMA-path launch over tenant segments that read more than 64 MB between
+      them: once the work is large, several rounds of smaller programs balance better.
+    * Segments of 2 rows take the FMA path from 4096 outputs up: the rows share each code's
+      mask, so a code costs one more FFMA, not a pass through the tl.dot layout; on
+      narrower outputs the tl.dot path measured faster.
+    * FMA-path phase-V tiles of 64 vectors, or 32 where 64-vector tiles of one group each
+      would fill less than half the grid (short inputs, small ranks): more, smaller
+      programs where there are too few.
+    * FMA-path phase-U tiles of 1024 outputs, or 512 where 1024 would leave fewer than 2
+      programs per SM; half that at 2 rows (16 outputs a thread, so both rows' sums fit
+      128 registers).
+    * Plain loads in phase V (every thread needs all of a step's x: async copies of it
+      cost more shared memory than they hide), 3 async-copy stages in phase U; a single
+      delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep above
+      (measured per shape; at batch 2 and for tenants the deeper pipelines were slower).
+    * 128 registers a thread in FMA-path phase U: 16 warps fit an SM instead of 12.
+    * tl.dot path: phase-U programs of 2 warps from 16384 outputs up (measured faster there,
+      slower on narrower outputs); phase U's dot in fp16 from 8192 outputs up, where its
+      halved shared-memory bytes pay for the per-row lift, tf32 below.
+    * Under PDL, a grid of one round lets the next kernel start only after each program's
+      main loop: started at once, the next kernel's programs crowd onto the SMs that free
+      up first. A grid of several rounds (many tenants) lets it start at once."""
     fma_rows = FMA_ROWS if kd.shape[0] >= 4096 else 1
     block_b = _padded_rows(block_b, fma_rows)
     launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
@@ -1230,7 +1180,7 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base: torch.Ten
         acc, locks, z_size = workspace(x.device, B * z_width, B * out_f,
                                        Z_STATE + n_seg * u_tiles)
         # Phase V's steps: 64 positions, or 32 where the group size needs it and at 2 rows
-        # on the FMA path (two rows of 64 lifted x took 200 registers a thread, sm_90)
+        # on the FMA path (two rows of 64 lifted x do not fit a thread's registers)
         step = 32 if kd.group_size % 64 or 1 < block_b <= FMA_ROWS else 64
         try:
             _v_kernel[(n_seg, n_v)](
@@ -1298,10 +1248,8 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
 
 def rows_per_launch(shape: tuple[int, int]) -> int:
     """The chunks delta_matmul cuts a batch into: MAX_BATCH rows, or 16 from 14336 outputs
-    up, where phase U's 32-row tiles cost more than two launches of 16 rows (H100, fp16, µs,
-    batch 32 in one launch / in two: 28672×8192 180.0 / 142.2, 14336×4096 59.9 / 54.8,
-    11008×4096 50.0 / 49.1; the other way 8192×28672 107.6 / 122.1, 8192×8192 59.3 / 61.8,
-    4096×4096 30.3 / 36.0). Tenant plans keep MAX_BATCH: one plan serves every layer."""
+    up, where phase U's 32-row tiles measured slower than two launches of 16 rows
+    (docs/PERFORMANCE.md). Tenant plans keep MAX_BATCH: one plan serves every layer."""
     return 16 if shape[0] >= 14336 else MAX_BATCH
 
 
