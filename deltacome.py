@@ -2224,8 +2224,8 @@ def synthetic_delta(out_f: int, in_f: int, gen: torch.Generator, alpha: float = 
     """A delta with singular values σ_i ∝ (i+1)^-alpha over random orthonormal bases, plus
     white noise at `noise` of its norm: the long-tailed shape Delta-CoMe relies on. With
     alpha = 0.75 a 4096-wide delta has ~82 % of its energy in the top 16 singular values and
-    ~92 % in the top 64, close to a real fine-tune's deltas (DESIGN.md section 5). Made on
-    the generator's device; entries have mean |Δ| = scale/100."""
+    ~92 % in the top 64, close to a real fine-tune's deltas. Made on the generator's
+    device; entries have mean |Δ| = scale/100."""
     k, device = min(out_f, in_f), gen.device
     U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen, device=device))
     V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen, device=device))
@@ -2313,7 +2313,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "lm_head, embed_out)")
         p.add_argument("--svd", choices=("full", "gram", "lowrank"), default=d.svd,
                        help="gram (default: fp64 eigh of the smaller Gram matrix; same result "
-                            "as full, compression 2.5x faster on an H100), full "
+                            "as full, and faster), full "
                             "(LAPACK/cuSOLVER SVD), lowrank (randomized, approximate tail)")
         if command == "compress":
             p.add_argument("--calib", metavar="FILE", default=d.calib,

@@ -285,11 +285,10 @@ def layer_input_grams(model, windows: torch.Tensor, names, batch: int = 8) -> di
 # Tasks. reasoning-gym seeds item i of a dataset with seed + i, so the held-out set starts far
 # past the training items, and any training question that also occurs in it is dropped anyway
 # (counted in the results). chain_sum is widened past its small defaults (3–5 terms of 1–3
-# digits: 1,994 distinct questions in 2,000); letter_counting asks how often
-# a letter occurs in a span of 5–15 words of a novel (its defaults: 1,999 distinct in 2,000, the
-# answer "1" for a third of them), a skill a 135M model must learn token by token;
-# word_sequence_reversal is a string task unlike arithmetic (it saturates: every method keeps
-# 100 %).
+# digits: 1,994 distinct questions in 2,000); letter_counting asks how often a letter occurs
+# in a span of 5–15 words of a novel (1,999 distinct in 2,000, the answer "1" for a third of
+# them), a skill a 135M model must learn token by token; word_sequence_reversal is a string
+# task unlike arithmetic.
 
 TASKS = {
     "chain_sum": dict(min_terms=3, max_terms=5, min_digits=1, max_digits=3),
@@ -533,8 +532,7 @@ def text_windows(tok, n: int, length: int, tiny: bool = False,
 # ----------------------------------------------------------------------------------------------
 # Pipeline: pair -> per task and method, compressed deltas -> accuracy, perplexity, errors.
 # Compression runs in CPU worker processes (one thread each), queued up front, so it overlaps
-# with the GPU's evaluation of the methods before it (on the H100 run, 14 workers kept the GPU
-# waiting 0.2–17 s per method for 210 matrices; the evaluation itself takes 2–5 s).
+# with the GPU's evaluation of the methods before it (measured: docs/PERFORMANCE.md).
 
 
 @dataclass

@@ -6,26 +6,34 @@ width), the fine-tune's output is
 
     y = x Wᵀ + ((x V̂) ⊙ S) Ûᵀ      x: (batch, in), V̂: (in, r), Û: (out, r), y: (batch, out)
 
-The delta term is two skinny matmuls, memory-bound at decode batch sizes: the floor is the
-packed bytes over HBM bandwidth. This file holds, in the order to read them:
+The delta term is two skinny matmuls, "phase V" (z = (x V̂) ⊙ S) and "phase U" (y = z Ûᵀ),
+memory-bound at decode batch sizes: the floor is the packed bytes over HBM bandwidth. This
+file holds, in the order to read them:
 
+  Start here
     delta_matmul_reference  dequantize every band to the compute dtype, two torch matmuls:
                             the ground truth, readable, runs anywhere
-    runtime layout          `prepare_delta`: a one-time repack of the stored codes into the
-                            layout the kernels read (the file format stays as it is)
-    Triton kernels          `_v_kernel`: z = (x V̂) ⊙ S over all bands in one launch;
-                            `_u_kernel`: y = z Ûᵀ (+ base output) over all bands in one launch.
-                            Codes are dequantized in registers, never written to memory.
-    delta_matmul            checks, picks Triton (CUDA, fp16/bf16) or the reference, launches
+    delta_matmul_simple     the same two matmuls as two small Triton kernels that read the
+                            stored codes: one launch per band and phase, each code unpacked
+                            by a shift and a mask, times its group's scale, plus its zero
+  The tuned kernels (the same sums, tested against the same truth)
+    prepare_delta           a one-time repack of the stored codes into the layout the tuned
+                            kernels read (the file format stays as it is)
+    _v_kernel, _u_kernel    each phase over all bands in one launch, codes dequantized in
+                            registers, work cut into items that fill the GPU
+    choose_config           the tiling of a launch pair, per shape, batch and GPU
+  Wrappers
+    delta_matmul            checks, picks a backend ("triton": the tuned kernels, "simple",
+                            "reference"), launches
+  Serving one fine-tune
     DeltaLinear             nn.Linear + compressed delta, forward = base + delta path
     patch_model             swaps a model's Linear layers for DeltaLinear from a delta file
-
-  Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row):
+  Multi-tenant serving (N fine-tunes of one base in one batch, a tenant index per row)
     multi_delta_matmul_reference   a loop over tenants of delta_matmul_reference
     plan_tenants            a batch's rows grouped by tenant, once per batch (host side)
     prepare_multi_delta     N deltas in one runtime layout (a single delta is N = 1)
-    multi_delta_matmul      checks, plans, picks Triton or the reference, launches the same
-                            two kernels over a (tenant segment, work item) grid
+    multi_delta_matmul      checks, plans, picks a backend, launches the same two tuned
+                            kernels over a (tenant segment, work item) grid
     MultiDeltaLinear        nn.Linear + N compressed deltas, forward(x, tenant_idx)
     per-tenant tensors      a full fine-tune's other changes, each row its own tenant's:
                             MultiNorm (norm weights, biases), MultiDeltaEmbedding (E[id] +
@@ -44,74 +52,50 @@ packed bytes over HBM bandwidth. This file holds, in the order to read them:
 Usage:
     dl = DeltaLinear(base_linear, read_delta_file(path).matrices[name])
     model_names = patch_model(model, "delta.safetensors")      # serve without merging
+    y = delta_matmul(x, cm, backend="simple")                  # the kernel to learn from
     patch_model_tenants(model, ["math.safetensors", "code.safetensors"])  # N fine-tunes
     with use_tenants(model, torch.tensor([0, 1, 1, 0])):     # a tenant per sequence
         logits = model(input_ids).logits                      # input_ids: (4, seq)
     serving_options(model, fuse=True, overlap=True)            # fewer, overlapped launches
 
-Kernel design (why it is shaped this way; numbers are for an H100 at ~3 TB/s):
+What the tuned kernels do that the simple one does not (each measured in
+docs/PERFORMANCE.md, which also records what was tried and dropped):
 
-* Bytes. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 per byte; at 3 TB/s an SM
-  must consume ~50 codes per clock, so the per-code work must be a few instructions: two.
-  A code masked where it lies in its word (one LOP3, the mask an immediate) is, read as an
-  fp32 with a zero exponent, the denormal q·2^pos·2^-149: exact, and ready for one FFMA
-  with the factor it multiplies (x in phase V, z·scale in phase U), which carries the
-  power of two back (2^64 of it) so the product is a normal float. No int->float conversion
-  (16/clock/SM), no subtraction of an exponent-trick offset (the FADD that cost a third of
-  the per-code work). The range this leaves is wide: see _code_denormals.
+* Two instructions a code. At 1/16 of the fp16 delta most bytes are 2-bit codes, 4 a byte;
+  to stream them at 3 TB/s an SM must consume ~50 codes per clock. A code masked where it
+  lies in its word (one LOP3, the mask an immediate) is, read as an fp32 with a zero
+  exponent, the exact denormal q·2^pos·2^-149, ready for one FFMA with the factor it
+  multiplies, which carries the power of two back (_code_denormals). No shift, and no
+  int-to-float conversion (16 a clock per SM).
 * Affine fold. Σ_j x_j (q_j s + m) = s Σ_j x_j q_j + m Σ_j x_j per group, so a group's scale
-  and zero cost nothing per code in phase V; in phase U every thread owns slots of 32
-  outputs inside one group, whose codes share one factor z·scale per (vector, slot).
-* Layout. Phase V reads V̂ transposed, (positions/pw, vectors): a program's threads own a few
-  vectors and walk down the positions; phase U reads Û as stored, (vectors, outputs/pw): its
-  threads own output slots and walk down the vectors. Both reductions stay in-thread. The
-  scale/zero pair of a group is one int32, so every load is 4 or 16 bytes. Phase U's main
-  loop is software-pipelined with async copies (`tl.range(num_stages=...)`); phase V's uses
-  plain loads, because every thread needs all of a step's x and async copies of it cost
-  more in shared memory than they hide (but for a single delta above 16 MB at batch 1, where
-  2 stages measured faster: choose_config); the lanes of a warp convert and lift that x once
-  between them and share it through shared memory (_v_fma). A value all threads share in
-  phase U (z of a vector) is loaded as a scalar: as a tensor, each thread's copy went
-  through shared memory, and that made phase U twice as slow (ncu: 80 % of its
-  shared-memory wavefronts were bank conflicts).
-* Launches. Two per matrix (phase U needs all of z), each over all bands. Work is cut into
-  items (tile × chunk of the reduction) until there are ~16 programs per SM. In phase V
-  every item adds its part straight into z with fp32 atomics: z is one of two buffers in
-  the workspace, and phase U zeroes the other one (the launch before used it) while it
-  reads this one, so no program waits for all others to finish with z (`_z_buffer`,
-  `_z_turn`). In phase U a tile with several items adds them into a zeroed fp32 workspace
-  and the last item (a counter: each count releases, the last acquires) reads the sum,
-  resets the workspace and writes the result. No memset, no extra launch. The order of the
-  adds, and so the last bits, can vary between runs. On Hopper both kernels use
-  programmatic dependent launch:
-  the next kernel's programs start as this one's finish, and wait only before they read
-  what a kernel wrote (`_wait_previous`); in a grid of one round they are let start only
-  once this one's programs are past their main loops, so that they spread over all SMs
-  (KernelConfig.early_next).
-* Batch. Batch 1 uses CUDA-core FMAs (tensor cores would waste 15/16 of their rows), and
-  so does batch 2 from 4096 outputs up: the rows share each code's LOP3, so a code costs
-  one more FFMA, not another pass over the bytes (70B shapes: 2.2× / 1.8× faster than the
-  tl.dot path). Batches 3–32 (2 below 4096 outputs) pad to 16/32 rows and use tl.dot on
-  exact codes: phase V in fp16 for fp16 x (codes ≤ 255 are exact in fp16), in tf32 for
-  bf16 x; phase U in fp16 from 8192 outputs up, with z·scale lifted per row by a power of
-  two into fp16's range (any magnitude, 10 bits kept), else in tf32 (10 bits too), like
-  the reference rounds z to the compute dtype.
+  and zero cost nothing per code in phase V; in phase U a thread owns slots of 32 outputs
+  inside one group, whose codes share one factor z·scale per (vector, slot).
+* Layout. Phase V reads V̂ transposed, (positions/pw, vectors), phase U reads Û as stored,
+  (vectors, outputs/pw), so both reductions stay inside a thread; the scale and zero of a
+  group are one int32, so every load is 4 or 16 bytes. Phase U's main loop is pipelined
+  with async copies; phase V's mostly uses plain loads, as every thread needs all of a
+  step's x: the lanes of a warp convert it once between them and share it through shared
+  memory. In phase U the z of a vector, which every thread needs, is a scalar load.
+* Work items. Each phase is one launch over all bands, its work cut into items (tile ×
+  chunk of the reduction) until the grid fills the GPU (choose_config). Phase V's items add
+  their parts straight into z with fp32 atomics, into one of two z buffers, while phase U
+  zeroes the other one for the next launch (_z_buffer, _z_turn); a tile of phase U with
+  several items sums them in a zeroed fp32 workspace, and the last item (a counter: each
+  count releases, the last acquires) writes the result. No memset, no extra launch. The
+  order of the adds, and so the last bits, can vary between runs.
+* Overlap. On Hopper the two launches overlap by programmatic dependent launch: the next
+  kernel's programs start as this one's finish and wait only before they read what a
+  kernel wrote (_wait_previous); in a grid of one round only once this one's programs are
+  past their main loops, so that they spread over all SMs (KernelConfig.early_next).
+* Batch. Batch 1 runs on CUDA-core FMAs (tensor cores would waste 15/16 of their rows), and
+  so does batch 2 on wide outputs, the rows sharing each code's mask; batches up to 32 pad
+  to 16/32 rows and use tl.dot on the exact codes: phase V in fp16 for fp16 x (codes ≤ 255
+  are exact in fp16), in tf32 for bf16 x; phase U in fp16 with z·scale lifted per row by a
+  power of two into fp16's range (_row_lift), or tf32.
 
 The fp32 workspace and the counters are shared by every prepared delta on a device
 (`workspace`): launches on one device must not overlap (one CUDA stream at a time; the
 overlap option keeps every delta launch on one side stream, see serving_options).
-
-Measured (bench.py, H100, see README): correct at every shape and batch tried; at batch 1,
-71–126× faster than the reference and 44 % / 45 % of copy bandwidth on the two 70B shapes
-(22.2 / 21.9 µs, 0.138 / 0.133 of the dense GEMV); batch 2 costs 1.5× batch 1 (FMA path),
-batch 16 3.2× / 2.8× (tl.dot path). Both batch-1 phases are latency-bound with few warps
-per SM (ncu: phase U issues on 40 % of cycles, phase V's warps wait on memory in 40 % of
-samples), and items taken from a shared counter to balance them were slower (each item
-pays its round trips again); the tl.dot path spends most of its time moving codes into the
-dot layout through shared memory (batch 16: one shared-memory load per code in phase U).
-The next steps are fp16 pairs into tensor-core dots held in registers (Marlin-style, beyond
-what Triton lets one control), fewer instructions per vector in phase U's loop, and fewer
-round trips in phase U.
 """
 
 from __future__ import annotations
@@ -122,7 +106,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -131,6 +115,7 @@ import triton.language as tl
 from deltacome import (CompressedMatrix, DeltaComeError, DeltaFile, container_bits,
                        decompress_matrix, dequantize_vectors, probe, read_delta_file, same_bits)
 
+# The tuned kernels' constants (see THE TUNED KERNELS below).
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
 MAX_BATCH = 32         # rows per launch at most; larger batches are cut into chunks (Triton
@@ -140,6 +125,9 @@ _LIFT = tl.constexpr(2.0**LIFT_LOG2)
 _FMA_ROWS = tl.constexpr(FMA_ROWS)
 _UNSCALE_EXP = tl.constexpr(127 + 149 - LIFT_LOG2)   # fp32 exponent field of 2^(149 - 64)
 
+
+# ==============================================================================================
+# START HERE: the reference, then the simple kernel.
 
 # ----------------------------------------------------------------------------------------------
 # Reference: dequantize, then two matmuls in the compute dtype. The ground truth.
@@ -166,6 +154,125 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
+# The simple kernel: the reference's two matmuls in Triton, read straight from the stored
+# codes (no repack). Read it before the tuned kernels: they compute the same sums.
+#
+# Per band of rank r at c-bit containers (pw = 32/c codes a word), as deltacome.py stores it:
+# codes (r, ⌈n/pw⌉) int32, element k of vector j = code k % pw of word k // pw, least
+# significant first; scale, zero (r, ⌈n/g⌉) fp16, element k in group k // g; S (r,) fp32.
+# One launch per band and phase; each element is unpacked where it is used and every sum is
+# taken in fp32, so the result is rounded once, to x.dtype, at the end.
+
+SIMPLE_ROWS = 4            # batch rows a program takes; more rows run in more programs
+SIMPLE_BLOCK_R = 16        # vectors a program takes (phase V) or sums over per step (phase U)
+SIMPLE_TILE = 8192         # rows × vectors × positions (or outputs) a program multiplies per
+SIMPLE_WARPS = 8           # step: its fp32 sums and codes fit the registers of 8 warps
+
+
+@triton.jit
+def _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j, k, mask, n_words, n_groups,
+                   C: tl.constexpr, GROUP: tl.constexpr):
+    """Elements k of vectors j of one band's Û or V̂ (broadcastable int32 tensors, `mask`
+    where they exist) -> code · scale + zero in fp32 (0 off the mask)."""
+    PW: tl.constexpr = 32 // C                                   # codes a word
+    word = tl.load(codes_ptr + j * n_words + k // PW, mask=mask, other=0)
+    code = (word >> (C * (k % PW))) & ((1 << C) - 1)             # shift it down, mask it off
+    group = j * n_groups + k // GROUP
+    scale = tl.load(scale_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _simple_v_kernel(x_ptr, n_rows, n_in, codes_ptr, scale_ptr, zero_ptr, S_ptr, rank,
+                     z_ptr, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase V of one band: z[b, j] = S[j] · Σ_k x[b, k] V̂[j, k]. x (n_rows, n_in), z
+    (n_rows, rank) fp32. Program (i, t) takes rows i·BLOCK_B.. and vectors t·BLOCK_R.., and
+    walks all n_in positions, BLOCK_K at a time: one FMA per product into a sum of its own,
+    reduced over the positions once at the end."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)                  # (BLOCK_B,) rows
+    j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)                  # (BLOCK_R,) vectors
+    n_words, n_groups = tl.cdiv(n_in, 32 // C), tl.cdiv(n_in, GROUP)       # of a stored row
+    acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_K), tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)                                      # (BLOCK_K,)
+        v = _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j[:, None], k[None, :],
+                           (j[:, None] < rank) & (k[None, :] < n_in), n_words, n_groups, C,
+                           GROUP)                                           # (BLOCK_R, BLOCK_K)
+        xk = tl.load(x_ptr + b[:, None] * n_in + k[None, :],
+                     mask=(b[:, None] < n_rows) & (k[None, :] < n_in), other=0.0)
+        xk = xk.to(tl.float32)                                              # (BLOCK_B, BLOCK_K)
+        acc += xk[:, None, :] * v[None, :, :]                                # FMA
+    S = tl.load(S_ptr + j, mask=j < rank, other=0.0)
+    tl.store(z_ptr + b[:, None] * rank + j[None, :], tl.sum(acc, 2) * S[None, :],
+             mask=(b[:, None] < n_rows) & (j[None, :] < rank))
+
+
+@triton.jit
+def _simple_u_kernel(z_ptr, n_rows, rank, codes_ptr, scale_ptr, zero_ptr, y_ptr, n_out,
+                     C: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Phase U of one band: y[b, o] += Σ_j z[b, j] Û[j, o]. z (n_rows, rank) and y (n_rows,
+    n_out) fp32. Program (i, t) takes rows i·BLOCK_B.. and outputs t·BLOCK_O.., and walks the
+    band's vectors, BLOCK_R at a time, summing as phase V does. It alone writes its outputs
+    (the bands' launches run one after another), so a plain load and store adds into y."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)                  # (BLOCK_B,) rows
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)                  # (BLOCK_O,) outputs
+    n_words, n_groups = tl.cdiv(n_out, 32 // C), tl.cdiv(n_out, GROUP)     # of a stored row
+    acc = tl.zeros((BLOCK_B, BLOCK_R, BLOCK_O), tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)                                      # (BLOCK_R,)
+        u = _simple_unpack(codes_ptr, scale_ptr, zero_ptr, j[:, None], o[None, :],
+                           (j[:, None] < rank) & (o[None, :] < n_out), n_words, n_groups, C,
+                           GROUP)                                           # (BLOCK_R, BLOCK_O)
+        zj = tl.load(z_ptr + b[:, None] * rank + j[None, :],
+                     mask=(b[:, None] < n_rows) & (j[None, :] < rank), other=0.0)
+        acc += zj[:, :, None] * u[None, :, :]                                # FMA
+    mask = (b[:, None] < n_rows) & (o[None, :] < n_out)
+    offs = b[:, None] * n_out + o[None, :]
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0) + tl.sum(acc, 1)       # (BLOCK_B, BLOCK_O)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def delta_matmul_simple(x: torch.Tensor, cm: CompressedMatrix,
+                        base: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) -> x Δ̂ᵀ (..., out), plus `base` (..., out) if given, in x.dtype, by the
+    simple kernels on x's device (CUDA, or CPU under TRITON_INTERPRET=1); the bands' tensors
+    must be there too. Per band: phase V into z (B, r) fp32, then phase U adds z Ûᵀ into the
+    fp32 output, which starts as the base output (or zero)."""
+    out_f, in_f = cm.shape
+    x2 = x.reshape(-1, in_f).contiguous()                                   # (B, in)
+    B = x2.shape[0]
+    y = torch.zeros(B, out_f, dtype=torch.float32, device=x.device)        # (B, out)
+    if base is not None:
+        y += base.reshape(B, out_f)
+    if B == 0:
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+    block_b = min(triton.next_power_of_2(B), SIMPLE_ROWS)
+    block = max(16, SIMPLE_TILE // (block_b * SIMPLE_BLOCK_R))             # positions, outputs
+    for band in cm.bands:
+        if band.S.device != x.device:
+            raise ValueError(f"the delta is on {band.S.device}, x on {x.device}")
+        c, r = container_bits(band.bits), band.rank
+        z = torch.empty(B, r, dtype=torch.float32, device=x.device)         # (B, r)
+        _simple_v_kernel[(triton.cdiv(B, block_b), triton.cdiv(r, SIMPLE_BLOCK_R))](
+            x2, B, in_f, band.V.codes, band.V.scale, band.V.zero, band.S, r, z,
+            C=c, GROUP=band.V.group_size, BLOCK_B=block_b, BLOCK_R=SIMPLE_BLOCK_R,
+            BLOCK_K=block, num_warps=SIMPLE_WARPS)
+        _simple_u_kernel[(triton.cdiv(B, block_b), triton.cdiv(out_f, block))](
+            z, B, r, band.U.codes, band.U.scale, band.U.zero, y, out_f,
+            C=c, GROUP=band.U.group_size, BLOCK_B=block_b, BLOCK_R=SIMPLE_BLOCK_R,
+            BLOCK_O=block, num_warps=SIMPLE_WARPS)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+
+# ==============================================================================================
+# THE TUNED KERNELS: the simple kernel's sums, each phase in one launch over all bands,
+# codes dequantized in registers, the work cut into items that fill the GPU. The runtime
+# layout, the kernels, their tiling (choose_config) and the launcher, in that order.
+
+# ----------------------------------------------------------------------------------------------
 # Runtime layout: the stored codes, transposed where phase V needs it, with work tables.
 #
 # N ≥ 1 deltas of one matrix shape ("tenants"; a single fine-tune is N = 1) are concatenated
@@ -188,13 +295,8 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 # Work tables. A program of phase V reduces one column tile of one band (BLOCK_J vectors)
 # over a chunk of its quantization groups; a program of phase U reduces one output tile
 # (BLOCK_O outputs) over a chunk of one band's vectors. A tile with several such programs
-# ("items") sums them in a shared fp32 workspace (see _reduce). Item rows (ITEM_COLS int32):
-#
-#   [c, word base, ld, band rank, first column (V) / output tile (U), lo, hi, scale base,
-#    S base, z column of the band, tile, items of the tile, first output (U), outputs (U),
-#    0, 0]
-#
-# lo..hi are group indices (V) or band-local vector indices (U). Tables are per tenant,
+# ("items") sums them in a shared fp32 workspace (see _reduce). An item is a WorkItem, stored
+# as a row of ITEM_COLS int32 (its fields in order, then zeros). Tables are per tenant,
 # padded to the largest tenant's item count with empty rows (0 items: the program returns),
 # built once per tiling and cached.
 #
@@ -206,10 +308,62 @@ def delta_matmul_reference(x: torch.Tensor, cm: CompressedMatrix) -> torch.Tenso
 # scale rows are as long as the widest member's (KernelDelta.u_groups), so that their
 # length stays one kernel argument. A single matrix is one member at column 0.
 
-ITEM_COLS = 16
+
+class BandLayout(NamedTuple):
+    """Where one band of one tenant lies in a KernelDelta's buffers (element offsets)."""
+    c: int                  # container width in bits (1, 2, 4 or 8)
+    rank: int
+    v_words: int            # phase V: first word of its (positions/pw, ldv) block
+    ldv: int                #   words a row: rank rounded up to 16
+    v_sz: int               #   first scale|zero of its (⌈in/g⌉, rank) block
+    u_words: int            # phase U: first word of its (rank padded to 16, ldu) block
+    ldu: int                #   words a row: ⌈out/pw⌉ rounded up to 16
+    u_sz: int               #   first scale|zero of its (rank padded to 16, ⌈out/g⌉) block
+    S: int                  # first singular value
+    z_col: int              # first column of z
+
+
+class WorkItem(NamedTuple):
+    """What one program of a launch computes: one row of a work table."""
+    c: int                  # container width of the band
+    words: int              # first word of the band in this phase's layout
+    ld: int                 # words a row of that layout
+    rank: int               # the band's rank
+    first: int              # phase V: first vector of the tile; phase U: the output tile
+    lo: int                 # the reduction's range lo..hi: groups (phase V) or band-local
+    hi: int                 #   vectors (phase U)
+    sz: int                 # first scale|zero of the band in this phase's layout
+    S: int                  # first singular value of the band
+    z_col: int              # first column of the band in z
+    tile: int               # the tile's index among this tenant's tiles
+    tile_items: int         # items of the tile (0: an empty padding item)
+    out0: int = 0           # phase U: the member's first output column (fused deltas)
+    n_out: int = 0          # phase U: the member's outputs
+
+
+ITEM_COLS = 16                         # int32s a work-table row (WorkItem, then zeros)
 _ITEM_COLS = tl.constexpr(ITEM_COLS)   # kernels may only read constexpr globals
+# The column of each WorkItem field, for the kernels.
+_C, _WORDS, _LD, _RANK, _FIRST, _LO, _HI, _SZ, _S, _Z_COL, _TILE, _TILE_ITEMS, _OUT0, _N_OUT = (
+    tl.constexpr(WorkItem._fields.index(name)) for name in (
+        "c", "words", "ld", "rank", "first", "lo", "hi", "sz", "S", "z_col", "tile",
+        "tile_items", "out0", "n_out"))
+
+
+class Segment(NamedTuple):
+    """Rows of one tenant in a batch sorted by tenant (a row of a TenantPlan's segments)."""
+    tenant: int
+    row0: int               # first sorted row
+    rows: int               # at most MAX_BATCH
+
+
+SEG_COLS = len(Segment._fields)
+_SEG_COLS = tl.constexpr(SEG_COLS)
+_SEG_TENANT, _SEG_ROW0, _SEG_ROWS = (
+    tl.constexpr(Segment._fields.index(name)) for name in ("tenant", "row0", "rows"))
 Z_STATE = 4                            # int32s before the tile counters: see _z_buffer
 _Z_STATE = tl.constexpr(Z_STATE)
+_TURN, _TURN_READ, _DIRTY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)   # Z_STATE's
 
 
 @dataclass
@@ -221,9 +375,7 @@ class KernelDelta:
     ranks: tuple[int, ...]          # Σ band ranks, per tenant
     nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
     device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
-    bands: list                     # per tenant, per band: [c, rank, v word base, ldv,
-                                    #   v scale base, u word base, ldu, u scale base, S base,
-                                    #   z column]
+    bands: list                     # per tenant, its bands' BandLayout
     S: torch.Tensor                 # fp32, flat
     v_words: torch.Tensor           # int32, flat
     v_sz: torch.Tensor              # int32, flat: fp16 scale | fp16 zero << 16
@@ -250,16 +402,15 @@ class KernelDelta:
     def z_width(self) -> int:
         """Columns of a row of z: each band's rank padded to 16 (the padding columns stay
         zero), for the tenant with the most."""
-        return max(1, max((b[-1] + _pad16(b[1]) for bands in self.bands for b in bands[-1:]),
-                          default=1))
+        return max(1, max((b.z_col + _pad16(b.rank) for bands in self.bands
+                           for b in bands[-1:]), default=1))
 
     def v_items(self, block_j: int, split: int) -> tuple[torch.Tensor, int, int]:
         """Phase-V items for tiles of block_j vectors, each tile's groups cut into `split`
-        chunks, 8-bit bands' into about twice as many: their loop costs ~1.24× the
-        instructions per code of 2-bit bands (sm_90 SASS: 3.45 and 2.78), and in a grid of
-        one round the slowest program sets the time (H200 timeline, 8192×28672: 8-bit items
-        11.3 µs at the median, 2-bit 9.2). Returns (table (N·n, ITEM_COLS), n items per
-        tenant, most tiles of a tenant)."""
+        chunks, 8-bit bands' into about twice as many: their loop costs more per code, and
+        in a grid of one round the slowest program sets the time (docs/PERFORMANCE.md).
+        Returns (table (N·n, ITEM_COLS) of WorkItem rows, n items per tenant, most tiles of
+        a tenant)."""
         key = ("v", block_j, split)
         if key not in self._tables:
             n_groups = -(-self.shape[1] // self.group_size)
@@ -267,43 +418,42 @@ class KernelDelta:
             tables = []
             for bands in self.bands:
                 rows, tile = [], 0
-                for c, r, vwb, ldv, vsb, _, _, _, sb, zc in bands:
-                    n = per if c < 8 else -(-per // 2)
-                    for col0 in range(0, r, block_j):
+                for b in bands:
+                    n = per if b.c < 8 else -(-per // 2)
+                    for col0 in range(0, b.rank, block_j):
                         chunks = range(0, n_groups, n)
-                        rows += [[c, vwb, ldv, r, col0, lo, min(lo + n, n_groups), vsb, sb,
-                                  zc, tile, len(chunks)] for lo in chunks]
+                        rows += [WorkItem(b.c, b.v_words, b.ldv, b.rank, col0, lo,
+                                          min(lo + n, n_groups), b.v_sz, b.S, b.z_col, tile,
+                                          len(chunks)) for lo in chunks]
                         tile += 1
                 tables.append((rows, tile))
             self._tables[key] = self._pad(tables)
         return self._tables[key]
 
     def u_items(self, block_o: int, rows: int) -> tuple[torch.Tensor, int, int]:
-        """Phase-U items for tiles of block_o outputs (of each member), each band cut into
-        chunks of `rows` vectors, 8-bit bands into chunks of about half as many (a multiple
-        of 16): their loop costs ~1.4× the instructions per code of 2-bit bands (sm_90 SASS:
-        4.0 and 2.8), and in a grid of one round the slowest program sets the time (H100,
-        28672×8192 at batch 1: 24.17 -> 23.41 µs, averaged over three workspace offsets).
-        Returns (table, n items per tenant, most tiles). A member without bands gets one
-        empty item per tile, so its rows still get the base output."""
+        """Phase-U items for tiles of block_o outputs of each member, each band cut into
+        chunks of `rows` vectors, 8-bit bands into chunks of about half as many (a multiple of
+        16), for the reason v_items gives. Returns (table of WorkItem rows, n items per
+        tenant, most tiles). A member without bands gets one empty item per tile, so its
+        rows still get the base output."""
         key = ("u", block_o, rows)
         if key not in self._tables:
             tables = []
             for bands, members in zip(self.bands, self.band_members):
                 items, tile0 = [], 0
                 for member, (out0, n_out) in enumerate(self.outputs):
-                    chunks = [(c, uwb, ldu, r, usb, sb, zc, lo, n)
-                              for (c, r, _, _, _, uwb, ldu, usb, sb, zc), m in zip(bands, members)
-                              if m == member
-                              for n in [rows if c < 8 else max(16, rows // 32 * 16)]
-                              for lo in range(0, r, n)]
-                    if not chunks:      # rank 0: an empty item per tile writes the base
-                        chunks = [(self.containers[0], 0, 16, 0, 0, 0, 0, 0, rows)]
+                    chunks = [(b, lo, n) for b, m in zip(bands, members) if m == member
+                              for n in [rows if b.c < 8 else max(16, rows // 32 * 16)]
+                              for lo in range(0, b.rank, n)]
                     n_tiles = -(-n_out // block_o)
-                    items += [[c, uwb, ldu, r, tile, lo, min(lo + n, r), usb, sb, zc,
-                               tile0 + tile, len(chunks), out0, n_out]
-                              for tile in range(n_tiles)
-                              for c, uwb, ldu, r, usb, sb, zc, lo, n in chunks]
+                    items += [WorkItem(b.c, b.u_words, b.ldu, b.rank, tile, lo,
+                                       min(lo + n, b.rank), b.u_sz, b.S, b.z_col, tile0 + tile,
+                                       len(chunks), out0, n_out)
+                              for tile in range(n_tiles) for b, lo, n in chunks]
+                    if not chunks:      # rank 0: an empty item per tile writes the base
+                        items += [WorkItem(self.containers[0], 0, 16, 0, tile, 0, 0, 0, 0, 0,
+                                           tile0 + tile, 1, out0, n_out)
+                                  for tile in range(n_tiles)]
                     tile0 += n_tiles
                 tables.append((items, tile0))
             self._tables[key] = self._pad(tables)
@@ -311,7 +461,7 @@ class KernelDelta:
 
     def _pad(self, tables):
         n = max(1, max(len(rows) for rows, _ in tables))
-        flat = [row + [0] * (ITEM_COLS - len(row)) for rows, _ in tables
+        flat = [list(row) + [0] * (ITEM_COLS - len(row)) for rows, _ in tables
                 for row in rows + [[0] * ITEM_COLS] * (n - len(rows))]
         return (torch.tensor(flat, dtype=torch.int32, device=self.S.device), n,
                 max(1, max(tiles for _, tiles in tables)))
@@ -374,10 +524,10 @@ def prepare_fused_delta(deltas: Sequence[Sequence[CompressedMatrix]], device) ->
             for band in cm.bands:
                 r, c = band.rank, container_bits(band.bits)
                 pw = 32 // c
-                row = [c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
-                       _pad16(-(-out_f // pw)), size["usz"], size["S"], zc]
+                layout = BandLayout(c, r, size["vw"], _pad16(r), size["vsz"], size["uw"],
+                                    _pad16(-(-out_f // pw)), size["usz"], size["S"], zc)
                 # Phase V: the stored words (r, ⌈in/pw⌉) transposed to (positions/pw, ldv).
-                vw = torch.zeros(n_gin * g // pw, row[3], dtype=torch.int32, device=device)
+                vw = torch.zeros(n_gin * g // pw, layout.ldv, dtype=torch.int32, device=device)
                 vw[: band.V.codes.shape[1], :r] = band.V.codes.to(device).mT
                 add("vw", vw)
                 sz = torch.zeros(n_gin, r, dtype=torch.int32, device=device)
@@ -385,7 +535,7 @@ def prepare_fused_delta(deltas: Sequence[Sequence[CompressedMatrix]], device) ->
                                                | _bits16(band.V.zero.to(device)) << 16).mT
                 add("vsz", sz)
                 # Phase U: the stored words (r, ⌈out/pw⌉) in rows of ldu, r padded to 16 rows.
-                uw = torch.zeros(_pad16(r), row[6], dtype=torch.int32, device=device)
+                uw = torch.zeros(_pad16(r), layout.ldu, dtype=torch.int32, device=device)
                 uw[:r, : band.U.codes.shape[1]] = band.U.codes.to(device)
                 add("uw", uw)
                 sz = torch.zeros(_pad16(r), n_gout, dtype=torch.int32, device=device)
@@ -393,7 +543,7 @@ def prepare_fused_delta(deltas: Sequence[Sequence[CompressedMatrix]], device) ->
                                                    | _bits16(band.U.zero.to(device)) << 16)
                 add("usz", sz)
                 add("S", band.S.to(device, torch.float32))
-                bands.append(row)
+                bands.append(layout)
                 band_members.append(member)
                 zc += _pad16(r)
         all_bands.append(bands)
@@ -415,8 +565,8 @@ def prepare_fused_delta(deltas: Sequence[Sequence[CompressedMatrix]], device) ->
                                                                       device=device)
     return KernelDelta(
         (sum(o for o, _ in shapes), in_f), g,
-        tuple(sorted({b[0] for bands in all_bands for b in bands})),
-        tuple(sum(b[1] for b in bands) for bands in all_bands),
+        tuple(sorted({b.c for bands in all_bands for b in bands})),
+        tuple(sum(b.rank for b in bands) for bands in all_bands),
         tuple(sum(cm.nbytes() for cm in members) for members in deltas), tuple(dev_bytes),
         all_bands, cat("S", torch.float32), cat("vw", torch.int32), cat("vsz", torch.int32),
         cat("uw", torch.int32), cat("usz", torch.int32), outputs, all_members)
@@ -496,10 +646,9 @@ def _v_fma(x_ptr, stride_x, n_in, words_ptr, sz_ptr, w_base, ld, r, col0, lo, hi
     load, convert and lift it once between them (two values each) and sum it for Σx; the
     reduce below is there only to keep Triton from recomputing that chain in every thread:
     without it, Triton moved the layout conversion up to the fp16 load, and each thread
-    converted, lifted and added all 64 values itself (sm_90 SASS of the loop, 2-bit codes:
-    1025 instructions for a thread's 256 codes of a group, now 713; H100, phase V on
-    8192×28672: 17.4 -> 13.6 µs). The lifted x then reaches every thread through shared
-    memory, four floats a load, and each vector's products are summed in one FFMA chain."""
+    converted, lifted and added all of a step's x itself (docs/PERFORMANCE.md). The lifted
+    x then reaches every thread through shared memory, four floats a load, and each
+    vector's products are summed in one FFMA chain."""
     PW: tl.constexpr = 32 // C
     RI: tl.constexpr = STEP // PW                # word rows per step
     t = tl.arange(0, RI)
@@ -541,10 +690,9 @@ def _v_dot(x_ptr, stride_x, n_rows, n_in, words_ptr, sz_ptr, w_base, ld, r, col0
            BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Batch 2–32, padded to 16/32 rows: (BLOCK_B, BLOCK_J) = x · V̂ᵀ over groups lo..hi: per
     group a dot of x with the exact codes, then the affine fold as in _v_fma. fp16 x: an
-    fp16 dot (codes ≤ 255 are exact in fp16; half the bytes of tf32 through shared memory,
-    H100 batch 16: phase V 44 -> 38 µs at 8192×28672). bf16 x: a tf32 dot (exact too),
-    because Triton's CPU interpreter, which the tests run, gets int -> bf16 conversions and
-    bf16 dots wrong."""
+    fp16 dot (codes ≤ 255 are exact in fp16, and take half the bytes of tf32 through shared
+    memory). bf16 x: a tf32 dot (exact too), because Triton's CPU interpreter, which the
+    tests run, gets int -> bf16 conversions and bf16 dots wrong."""
     PW: tl.constexpr = 32 // C
     t = tl.arange(0, STEP // PW)
     b = tl.arange(0, BLOCK_B)
@@ -603,12 +751,11 @@ def _u_fma(z_ptr, stride_z, words_ptr, sz_ptr, w_base, ld, lo, hi, s_base, n_gou
             # No masks. Chunks end at a multiple of 16 vectors but at a band's end, where
             # the rows up to the next multiple of 16 are padding: zero codes and scales, and
             # z columns that stay zero (KernelDelta.z_width), so they add exact zeros.
-            # Columns past the tile's last word are padding or slack (never stored). The
-            # loads stay 16-byte vectors and the unrolled loop carries no mask (sm_90 SASS,
-            # 2 bits: 831 -> 719 instructions an iteration; H100, 70B shapes: ~0.35 µs).
+            # Columns past the tile's last word are padding or slack (never stored). So the
+            # loads stay 16-byte vectors and the unrolled loop carries no mask.
             words = tl.load(words_ptr + w_base + (j0 + u) * ld + w)
             # z of each row: scalars (as a tensor, every thread's copy of it went through
-            # shared memory, see the notes at the top)
+            # shared memory, with bank conflicts)
             z = tl.load(z_ptr + j0 + u)
             for i in tl.static_range(1, BLOCK_B):
                 z = tl.where(b == i, tl.load(z_ptr + i * stride_z + j0 + u), z)
@@ -641,9 +788,8 @@ def _u_dot(z_ptr, stride_z, n_rows, words_ptr, sz_ptr, w_base, ld, lo, hi, s_bas
     with the exact codes, 16 vectors at a time, plus Σ z·zero. FP16: an fp16 dot of
     z·scale lifted per row and step by _row_lift (undone on its fp32 result), else a tf32
     dot of z·scale. Both round z·scale to 10 bits; fp16 codes are half the bytes of fp32
-    ones on their way through shared memory to the tensor cores (H100, batch 16, µs,
-    tf32 -> fp16: 28672×8192 79.3 -> 70.9, 14336×4096 29.7 -> 27.5, 8192×8192 31.0 ->
-    30.2, but 4096×4096 16.4 -> 17.0 and 4096×11008 25.8 -> 27.0: see choose_config)."""
+    ones on their way through shared memory to the tensor cores (which dot is faster
+    depends on the shape: choose_config)."""
     PW: tl.constexpr = 32 // C
     BW: tl.constexpr = BLOCK_O // PW
     w = tile * BW + tl.arange(0, BW)
@@ -692,8 +838,7 @@ def _reduce(val, acc_ptr, offs, mask, tile_items, lock_ptr):
         if last:
             # Each count releases its program's adds; the acquire is on the reset, which
             # reads the last count and so follows every count (their release sequences).
-            # An acq_rel count made every program invalidate its L1: H100, 0.3-0.45 µs a
-            # launch pair at the 7B and 70B shapes, batch 1-2.
+            # An acq_rel count would make every program invalidate its L1.
             tl.atomic_xchg(lock_ptr, 0, sem="acquire")
             total = tl.load(acc_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(acc_ptr + offs, tl.zeros_like(val), mask=mask)
@@ -722,16 +867,16 @@ def _wait_previous(PDL: tl.constexpr):
 @triton.jit
 def _program_item(segs_ptr, items_ptr, n_items):
     """This program's segment (its index, first row, rows), a pointer to its work item's row
-    (ITEM_COLS int32, see the layout notes) and the item's first three fields: container
-    width, word base and row length of the band's words (both multiples of 16)."""
+    (a WorkItem) and the item's first three fields: container width, word base and row
+    length of the band's words (both multiples of 16)."""
     seg = tl.program_id(0)
-    tenant = tl.load(segs_ptr + seg * 3)
-    row0 = tl.load(segs_ptr + seg * 3 + 1)
-    n_rows = tl.load(segs_ptr + seg * 3 + 2)
+    tenant = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_TENANT)
+    row0 = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_ROW0)
+    n_rows = tl.load(segs_ptr + seg * _SEG_COLS + _SEG_ROWS)
     meta = items_ptr + (tenant * n_items + tl.program_id(1)) * _ITEM_COLS
-    c = tl.load(meta)
-    w_base = tl.multiple_of(tl.load(meta + 1), 16)
-    ld = tl.multiple_of(tl.load(meta + 2), 16)
+    c = tl.load(meta + _C)
+    w_base = tl.multiple_of(tl.load(meta + _WORDS), 16)
+    ld = tl.multiple_of(tl.load(meta + _LD), 16)
     return seg, row0, n_rows, meta, c, w_base, ld
 
 
@@ -740,15 +885,15 @@ def _item_span(meta):
     """The fields both phases read from an item's row: its reduction range lo..hi, scale
     base, the band's z column, its tile and the tile's item count (0: an empty padding
     item)."""
-    return (tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 9),
-            tl.load(meta + 10), tl.load(meta + 11))
+    return (tl.load(meta + _LO), tl.load(meta + _HI), tl.load(meta + _SZ),
+            tl.load(meta + _Z_COL), tl.load(meta + _TILE), tl.load(meta + _TILE_ITEMS))
 
 
 @triton.jit
 def _item_columns(meta):
     """A phase-U item's member's first output column in y and its outputs. Read after the
     main loop, so they hold no register during it."""
-    return tl.load(meta + 12), tl.load(meta + 13)
+    return tl.load(meta + _OUT0), tl.load(meta + _N_OUT)
 
 
 @triton.jit
@@ -759,10 +904,10 @@ def _z_buffer(z_size, z_used, state_ptr):
     it is zeroed. The turn is counted in the workspace's state (turn, the turn phase U
     reads, and how many floats each buffer was dirtied over); program 0 records it, and
     the z_used floats this launch will dirty."""
-    turn = tl.load(state_ptr)
+    turn = tl.load(state_ptr + _TURN)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(state_ptr + 1, turn)
-        tl.store(state_ptr + 2 + turn % 2, z_used)
+        tl.store(state_ptr + _TURN_READ, turn)
+        tl.store(state_ptr + _DIRTY + turn % 2, z_used)
     return (turn % 2) * z_size
 
 
@@ -782,9 +927,9 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
         _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
-    r = tl.load(meta + 3)
-    col0 = tl.multiple_of(tl.load(meta + 4), BLOCK_J)
-    S_base = tl.load(meta + 8)
+    r = tl.load(meta + _RANK)
+    col0 = tl.multiple_of(tl.load(meta + _FIRST), BLOCK_J)
+    S_base = tl.load(meta + _S)
     _wait_previous(PDL)                       # x and z are the last kernels'
     z_ptr += _z_buffer(z_size, z_used, state_ptr)
     if tile_items > 0:
@@ -841,9 +986,9 @@ def _z_turn(z_ptr, z_size, state_ptr):
     used this launch. Meanwhile every program zeroes its share of the other one, as far as
     the launch before this one dirtied it, and program 0 passes the turn on (the next
     launch's phase V takes the other buffer)."""
-    turn = tl.load(state_ptr + 1)             # phase V's, this launch
+    turn = tl.load(state_ptr + _TURN_READ)    # phase V's, this launch
     other = 1 - turn % 2
-    n = tl.load(state_ptr + 2 + other)        # floats the launch before added into `other`
+    n = tl.load(state_ptr + _DIRTY + other)   # floats the launch before added into `other`
     p = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     share = tl.cdiv(tl.cdiv(n, tl.num_programs(0) * tl.num_programs(1)), 64) * 64
     i = p * share + tl.arange(0, 64)
@@ -851,7 +996,7 @@ def _z_turn(z_ptr, z_size, state_ptr):
         tl.store(z_ptr + other * z_size + k + i, tl.zeros((64,), tl.float32),
                  mask=k + i < n)
     if p == 0:
-        tl.store(state_ptr, turn + 1)
+        tl.store(state_ptr + _TURN, turn + 1)
     return (turn % 2) * z_size
 
 
@@ -865,12 +1010,12 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
     _v_kernel. n_out: the columns of y (all members'); n_gout: the length of a scale row.
-    An item's tile within its member (meta + 4) picks the words and scales it reads."""
+    An item's tile within its member (_FIRST) picks the words and scales it reads."""
     if EARLY_NEXT:
         _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
-    u_tile = tl.load(meta + 4)
+    u_tile = tl.load(meta + _FIRST)
     lock = locks_ptr + _Z_STATE + seg * n_tiles + tile
     _wait_previous(PDL)                       # z, the base output, the workspace
     z_ptr += _z_turn(z_ptr, z_size, locks_ptr)
@@ -927,8 +1072,8 @@ class KernelConfig:
     v_stages: int = 1      # software pipelining depth of the main loops (async copies;
     u_stages: int = 3      #   1: plain loads into registers), phase V and phase U
     waves: int = 0         # for the record: the programs per SM choose_config aimed at
-    u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's ~160);
-                           #   128 fits 16 warps per SM instead of 12 (no spills, triton 3.6)
+    u_regs: int = 128      # FMA path phase U: registers per thread (0: the compiler's
+                           #   choice); 128 fits 16 warps per SM instead of 12
     dot_u_warps: int = DOT_WARPS   # tl.dot path phase U: warps per program
     u_fp16: bool = True            # tl.dot path phase U: an fp16 dot, else tf32 (_u_dot)
     early_next: bool = False       # where a program lets the next kernel start (_launch_next):
@@ -955,54 +1100,34 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
                   dot_u_warps: int | None = None, u_fp16: bool | None = None
                   ) -> KernelConfig:
     """Cut both reductions until a launch over n_seg segments has ~`waves` programs per SM.
-    Defaults (from per-kernel sweeps on an H100 at the 7B, 8B and 70B shapes): 16 programs per
-    SM (one warp each on the FMA path, four on the tl.dot path), 64 for an FMA-path launch over
-    tenant segments that read more than 64 MB between them (below); plain loads in phase V, 3
-    pipeline stages and 128 registers in phase U (a single delta at batch 1: below);
-    1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per SM
-    (4096×4096: 6.4 instead of 7.0 µs), half that at 2 rows; on the tl.dot path, phase-U
-    programs of 2 warps from 16384 outputs up (batch 2–16: 10–12 % faster on 28672×8192; 2–6 %
-    faster on 8192×28672 but 5–6 % slower on 8192×8192 and 11008×4096, 8–16 % slower on
-    4096×4096), and an fp16 dot in phase U from 8192 outputs up, tf32 below (H100, batch
-    16, tf32 / fp16, µs, mean of three workspace offsets: 28672×8192 79.3 / 70.9,
-    8192×28672 62.8 / 60.8, 14336×4096 29.7 / 27.5, 11008×4096 25.1 / 24.5, 8192×8192
-    31.0 / 30.2; 4096×4096 16.4 / 17.0, 4096×11008 25.8 / 27.0, 1024×4096 8.7 / 8.7;
-    batch 4 alike).
+    A keyword argument overrides its rule (bench.py --sweep times the alternatives). The
+    rules and why; the measurements behind each are in docs/PERFORMANCE.md:
 
-    Segments of 2 rows take the FMA path from 4096 outputs up and the tl.dot path below
-    (batch 2, tl.dot -> FMA, µs: H100 28672×8192 75.2 -> 33.3, 8192×28672 61.7 -> 33.0,
-    4096×4096 14.6 -> 12.7; but H200 1024×4096 8.7 -> 10.8 and 1024×8192 9.6 -> 11.4). 3–4
-    rows on the FMA path were slower than tl.dot at every shape but 28672×8192.
-
-    Phase-V tiles on the FMA path are 64 vectors, or 32 where 64-vector tiles of one group
-    each would still fill less than half the grid: short inputs (4096: 32 groups) and small
-    ranks (H100, µs, mean of three workspace offsets, batch 1 64 -> 32 / batch 2: 4096×4096
-    9.46 -> 8.85 / 12.46 -> 11.95, 11008×4096 12.21 -> 11.93 / 16.38 -> 15.91, 14336×4096
-    13.06 -> 12.87 / 18.52 -> 18.00, 1024×4096 7.90 -> 7.54, 1024×8192 8.82 -> 7.85; where the
-    grid fills without them, 32-vector tiles were slower: 4096×11008 11.09 -> 11.88, 8192×8192
-    13.02 -> 13.46, 8192×28672 21.80 -> 22.97).
-
-    A single delta at batch 1 pipelines phase U 4 deep where it is at most 16 MB, and phase
-    V 2 deep (and phase U 3) where it is larger (H100, µs, mean of three workspace offsets,
-    default / V 2 stages / U 4 stages: 4096×4096 9.84 / 10.38 / 9.49, 1024×8192 9.06 / 9.41 /
-    8.63, 4096×11008 11.48 / 11.83 / 11.10, 14336×4096 13.34 / 13.66 / 13.21, 8192×8192 13.39
-    / 13.60 / 13.32; 30 MB: 28672×8192 22.78 / 22.50 / 23.62, 8192×28672 22.60 / 22.00 /
-    23.72; the 7B and 8B shapes are at most 8.4 MB). At batch 2 both were slower.
-
-    Launches over several tenant segments (FMA path) aim at 64 programs per SM where the
-    segments read more than 64 MB between them, else 16: one round of larger programs wins
-    while the work is small, several rounds of smaller ones once it is large (H100, µs at
-    16 / 64 programs per SM, N tenants × 1 row: 4096×4096 N=4 12.9 / 16.5, N=16 24.0 / 27.9;
-    4096×11008 N=4 19.6 / 24.5, N=16 58.9 / 58.2; 11008×4096 N=64 206.6 / 176.0; 28672×8192
-    N=16 222.9 / 205.2; 2 rows a tenant alike). Single deltas stay at 16.
-
-    Under PDL, a kernel's programs take the SM slots this one's free. Where the grid is one
-    round (16 programs per SM at most), each program lets the next kernel start only after
-    its main loop: started at once, the next kernel's programs filled the SMs that freed up
-    first to 16 each and left others idle (H100 timeline, 8192×28672: phase U ran on 69 of
-    132 SMs), and the pair took 27.7 µs instead of 25.7 (4096×14336: 15.4 instead of 12.6).
-    A grid of several rounds (many tenants) still starts it at once: 64 tenants were 2 %
-    faster so."""
+    * 16 programs per SM (one warp each on the FMA path, four on the tl.dot path): one
+      round, every program resident at once, so a phase takes about one program's chain of
+      dependent memory round trips.
+    * 64 for an FMA-path launch over tenant segments that read more than 64 MB between
+      them: once the work is large, several rounds of smaller programs balance better.
+    * Segments of 2 rows take the FMA path from 4096 outputs up: the rows share each code's
+      mask, so a code costs one more FFMA, not a pass through the tl.dot layout; on
+      narrower outputs the tl.dot path measured faster.
+    * FMA-path phase-V tiles of 64 vectors, or 32 where 64-vector tiles of one group each
+      would fill less than half the grid (short inputs, small ranks): more, smaller
+      programs where there are too few.
+    * FMA-path phase-U tiles of 1024 outputs, or 512 where 1024 would leave fewer than 2
+      programs per SM; half that at 2 rows (16 outputs a thread, so both rows' sums fit
+      128 registers).
+    * Plain loads in phase V (every thread needs all of a step's x: async copies of it
+      cost more shared memory than they hide), 3 async-copy stages in phase U; a single
+      delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep above
+      (measured per shape; at batch 2 and for tenants the deeper pipelines were slower).
+    * 128 registers a thread in FMA-path phase U: 16 warps fit an SM instead of 12.
+    * tl.dot path: phase-U programs of 2 warps from 16384 outputs up (measured faster there,
+      slower on narrower outputs); phase U's dot in fp16 from 8192 outputs up, where its
+      halved shared-memory bytes pay for the per-row lift, tf32 below.
+    * Under PDL, a grid of one round lets the next kernel start only after each program's
+      main loop: started at once, the next kernel's programs crowd onto the SMs that free
+      up first. A grid of several rounds (many tenants) lets it start at once."""
     fma_rows = FMA_ROWS if kd.shape[0] >= 4096 else 1
     block_b = _padded_rows(block_b, fma_rows)
     launch_bytes = n_seg * sum(kd.device_bytes) / len(kd.device_bytes)
@@ -1017,7 +1142,7 @@ def choose_config(kd: KernelDelta, block_b: int, sm_count: int, n_seg: int = 1,
     n_groups = -(-kd.shape[1] // kd.group_size)
 
     def v_tiles(bj):                                          # phase-V tiles, largest tenant
-        return max(sum(-(-b[1] // bj) for b in bands) for bands in kd.bands)
+        return max(sum(-(-b.rank // bj) for b in bands) for bands in kd.bands)
     if block_j is None:
         block_j = 32 if block_b <= FMA_ROWS and v_tiles(64) * n_groups < target / 2 else 64
 
@@ -1131,7 +1256,7 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
         acc, locks, z_size = workspace(x.device, B * z_width, B * out_f,
                                        Z_STATE + n_seg * u_tiles)
         # Phase V's steps: 64 positions, or 32 where the group size needs it and at 2 rows
-        # on the FMA path (two rows of 64 lifted x took 200 registers a thread, sm_90)
+        # on the FMA path (two rows of 64 lifted x do not fit a thread's registers)
         step = 32 if kd.group_size % 64 or 1 < block_b <= FMA_ROWS else 64
         try:
             _v_kernel[(n_seg, n_v)](
@@ -1161,6 +1286,12 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
     return y
 
 
+# ==============================================================================================
+# WRAPPERS: the checks, the choice of backend, delta_matmul.
+
+BACKENDS = ("auto", "triton", "simple", "reference")
+
+
 def _backend_for(x: torch.Tensor, backend: str) -> str:
     """"auto" -> "triton" for fp16/bf16 CUDA tensors, else "reference"; others as given."""
     if backend != "auto":
@@ -1172,9 +1303,11 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
                     backend: str) -> str:
     """The checks both wrappers share: x (..., in) and base (..., out) against the delta's
     (out, in) shape, then "auto" -> "triton" (fp16/bf16 CUDA tensors) or "reference", and
-    for Triton, x's dtype and device. Returns "triton" or "reference"."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    for the Triton backends, x's dtype and device. Returns "triton", "simple" or
+    "reference"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
+                         f"{backend!r}")
     out_f, in_f = shape
     if x.ndim == 0 or x.shape[-1] != in_f:
         raise ValueError(f"x has shape {tuple(x.shape)}; the delta expects (..., {in_f})")
@@ -1182,21 +1315,21 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
         raise ValueError(f"base has shape {tuple(base.shape)} on {base.device}; expected "
                          f"{(*x.shape[:-1], out_f)} on {x.device}")
     backend = _backend_for(x, backend)
-    if backend == "triton":
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-                             "before triton is imported)")
+    if backend == "triton" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton kernels take fp16 or bf16 x, got {x.dtype}")
+    if backend == "simple" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the simple kernel takes fp16, bf16 or fp32 x, got {x.dtype}")
+    if (backend in ("triton", "simple") and not x.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError(f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         f"before triton is imported)")
     return backend
 
 
 def rows_per_launch(shape: tuple[int, int]) -> int:
     """The chunks delta_matmul cuts a batch into: MAX_BATCH rows, or 16 from 14336 outputs
-    up, where phase U's 32-row tiles cost more than two launches of 16 rows (H100, fp16, µs,
-    batch 32 in one launch / in two: 28672×8192 180.0 / 142.2, 14336×4096 59.9 / 54.8,
-    11008×4096 50.0 / 49.1; the other way 8192×28672 107.6 / 122.1, 8192×8192 59.3 / 61.8,
-    4096×4096 30.3 / 36.0). Tenant plans keep MAX_BATCH: one plan serves every layer."""
+    up, where phase U's 32-row tiles measured slower than two launches of 16 rows
+    (docs/PERFORMANCE.md). Tenant plans keep MAX_BATCH: one plan serves every layer."""
     return 16 if shape[0] >= 14336 else MAX_BATCH
 
 
@@ -1205,15 +1338,19 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
                  config: KernelConfig | None = None) -> torch.Tensor:
     """x (..., in) -> x Δ̂ᵀ (..., out), plus `base` (..., out) if given, in x.dtype.
 
-    backend: "auto" = Triton for fp16/bf16 CUDA tensors, the reference otherwise;
-    "triton" = the kernels (also on CPU tensors under TRITON_INTERPRET=1); "reference".
-    A CompressedMatrix is repacked on every Triton call: prepare it once with
-    `prepare_delta` (DeltaLinear does) to serve it."""
+    backend: "auto" = the tuned kernels for fp16/bf16 CUDA tensors, the reference
+    otherwise; "triton" = the tuned kernels, "simple" = the simple kernel (both also on CPU
+    tensors under TRITON_INTERPRET=1); "reference". A CompressedMatrix is repacked on every
+    tuned-kernel call: prepare it once with `prepare_delta` (DeltaLinear does) to serve it.
+    The simple kernel and the reference take the CompressedMatrix, on x's device."""
     out_f, in_f = delta.shape
-    if resolve_backend(x, delta.shape, base, backend) == "reference":
+    backend = resolve_backend(x, delta.shape, base, backend)
+    if backend in ("reference", "simple"):
         if isinstance(delta, KernelDelta):
-            raise ValueError("the reference backend needs the CompressedMatrix, "
-                             "not a KernelDelta")
+            raise ValueError(f"the {backend} backend needs the CompressedMatrix, "
+                             f"not a KernelDelta")
+        if backend == "simple":
+            return delta_matmul_simple(x, delta, base)
         y = delta_matmul_reference(x, delta)
         return y if base is None else base + y
     kd = delta if isinstance(delta, KernelDelta) else prepare_delta(delta, x.device)
@@ -1246,15 +1383,16 @@ def single_plan(kd: KernelDelta, rows: int, device) -> TenantPlan:
     return kd._tables[key]
 
 
-# ----------------------------------------------------------------------------------------------
-# Serving a compressed fine-tune: one layer, then a whole model.
+# ==============================================================================================
+# SERVING ONE FINE-TUNE: one layer, then a whole model.
 
 
 class DeltaLinear(torch.nn.Module):
     """A base nn.Linear plus one matrix's compressed delta: forward(x) = base(x) + x Δ̂ᵀ.
 
-    The delta is prepared for the kernels on first use on a CUDA device (a one-time repack);
-    the base layer's parameters are shared, not copied."""
+    backend as delta_matmul's. The tuned kernels prepare the delta on first use on a device
+    (a one-time repack); the simple kernel and the reference move it there once. The base
+    layer's parameters are shared, not copied."""
 
     def __init__(self, base: torch.nn.Linear, delta: CompressedMatrix, backend: str = "auto"):
         super().__init__()
@@ -1275,10 +1413,11 @@ class DeltaLinear(torch.nn.Module):
             plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
             return serve_layers(x, [self.base], kd, plan, overlap=True)[0]
         y = self.base(x)
-        if _backend_for(x, self.backend) != "triton":
+        backend = _backend_for(x, self.backend)
+        if backend != "triton":                  # the simple kernel or the reference
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
-            return delta_matmul(x, self.delta, y, backend="reference")
+            return delta_matmul(x, self.delta, y, backend=backend)
         return delta_matmul(x, self.kernel_delta(x.device), y, backend="triton")
 
     def kernel_delta(self, device) -> KernelDelta:
@@ -1473,8 +1612,8 @@ def replace_linear(patch: ModelPatch, name: str, make) -> None:
         raise DeltaComeError(f"{source}: {path}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Multi-tenant serving: one base, N compressed fine-tunes of it, one batch. Row b of a batch
+# ==============================================================================================
+# MULTI-TENANT SERVING: one base, N compressed fine-tunes of it, one batch. Row b of a batch
 # belongs to tenant t = tenant_idx[b]:
 #
 #     y[b] = x[b] Wᵀ + ((x[b] V̂ₜ) ⊙ Sₜ) Ûₜᵀ
@@ -1523,16 +1662,17 @@ def check_tenant_idx(tenant_idx, lead: tuple, n_tenants: int) -> torch.Tensor:
 
 
 def multi_delta_matmul_reference(x: torch.Tensor, deltas: Sequence[CompressedMatrix],
-                                 tenant_idx) -> torch.Tensor:
+                                 tenant_idx, matmul=delta_matmul_reference) -> torch.Tensor:
     """x (..., in), tenant_idx (...) -> (..., out), row b = delta_{tenant_idx[b]}(x[b]),
-    each tenant's rows through delta_matmul_reference in x.dtype."""
+    each tenant's rows through matmul(rows, delta) (the reference, or the simple kernel) in
+    x.dtype."""
     out_f, in_f = deltas[0].shape
     idx = check_tenant_idx(tenant_idx, x.shape[:-1], len(deltas)).reshape(-1)
     x2 = x.reshape(-1, in_f)                                                  # (B, in)
     y = x2.new_zeros(x2.shape[0], out_f)                                      # (B, out)
     for t in idx.unique().tolist():
         rows = (idx == t).nonzero().squeeze(1).to(x.device)
-        y[rows] = delta_matmul_reference(x2[rows], deltas[t])
+        y[rows] = matmul(x2[rows], deltas[t])
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -1579,7 +1719,7 @@ def plan_tenants(tenant_idx, n_tenants: int, device) -> TenantPlan:
         for s in range(start, start + n, MAX_BATCH):
             rows = min(MAX_BATCH, start + n - s)
             block_b = block_rows(rows)
-            buckets.setdefault(block_b, []).append([t, s, rows])
+            buckets.setdefault(block_b, []).append(Segment(t, s, rows))
         start += n
     groups = [(bb, torch.tensor(segs, dtype=torch.int32, device=device), len(segs))
               for bb, segs in sorted(buckets.items())]
@@ -1595,9 +1735,9 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
     """x (..., in), tenant_idx (...) ints in [0, N) -> (..., out): row b gets
     x[b] Δ̂_{tenant_idx[b]}ᵀ, plus `base` (..., out) if given, in x.dtype.
 
-    backend as delta_matmul: "auto" = Triton for fp16/bf16 CUDA tensors, else the
-    reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "reference" (needs the
-    CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
+    backend as delta_matmul: "auto" = the tuned kernels for fp16/bf16 CUDA tensors, else
+    the reference; "triton" (also CPU tensors under TRITON_INTERPRET=1); "simple" and
+    "reference" (a loop over the tenants present; they need the CompressedMatrix list). `plan` (plan_tenants of the flattened index) may be passed instead
     of tenant_idx to reuse one plan across the layers of a forward pass."""
     n = deltas.n_tenants if isinstance(deltas, KernelDelta) else len(deltas)
     if n == 0:
@@ -1607,13 +1747,14 @@ def multi_delta_matmul(x: torch.Tensor, deltas: KernelDelta | Sequence[Compresse
     if (tenant_idx is None) == (plan is None):
         raise ValueError("give exactly one of tenant_idx and plan")
     lead = x.shape[:-1]
-    if backend == "reference":
+    if backend in ("reference", "simple"):
         if isinstance(deltas, KernelDelta):
-            raise ValueError("the reference backend needs the CompressedMatrix list, "
-                             "not a KernelDelta")
+            raise ValueError(f"the {backend} backend needs the CompressedMatrix list, "
+                             f"not a KernelDelta")
         if tenant_idx is None:
-            raise ValueError("the reference backend takes tenant_idx, not a plan")
-        y = multi_delta_matmul_reference(x, deltas, tenant_idx)
+            raise ValueError(f"the {backend} backend takes tenant_idx, not a plan")
+        y = multi_delta_matmul_reference(x, deltas, tenant_idx, delta_matmul_simple
+                                         if backend == "simple" else delta_matmul_reference)
         return y if base is None else base + y
     md = deltas if isinstance(deltas, KernelDelta) else prepare_multi_delta(deltas,
                                                                                  x.device)
@@ -1713,8 +1854,9 @@ class MultiDeltaLinear(TenantModule):
             if tuple(base.weight.shape) != tuple(cm.shape):
                 raise ValueError(f"base weight is {tuple(base.weight.shape)}, delta {t} is "
                                  f"{tuple(cm.shape)}")
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got "
+                             f"{backend!r}")
         super().__init__(len(deltas))
         self.base, self.deltas, self.backend = base, list(deltas), backend
         self.extra = TenantTerms(base.weight.shape[0], bias_deltas, row_deltas, len(deltas))
@@ -1730,11 +1872,12 @@ class MultiDeltaLinear(TenantModule):
     def forward(self, x: torch.Tensor, tenant_idx=None) -> torch.Tensor:
         lead = tuple(x.shape[:-1])
         batch = self.tenant_batch(tenant_idx)
-        if _backend_for(x, self.backend) != "triton":
+        backend = _backend_for(x, self.backend)
+        if backend != "triton":                  # the simple kernel or the reference
             if self.deltas[0].bands and self.deltas[0].bands[0].S.device != x.device:
                 self.deltas = [cm.to(x.device) for cm in self.deltas]
             y = multi_delta_matmul(x, self.deltas, batch.rows(lead).view(lead), self.base(x),
-                                   backend="reference")
+                                   backend=backend)
         else:
             plan = batch.plan(lead, x.device)
             served = tenant_idx is None and self.tenants is not None    # inside use_tenants

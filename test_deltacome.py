@@ -456,14 +456,16 @@ def test_example_delta_is_long_tailed():
 
 
 # =============================================================================================
-# kernel.py: reference vs dense, Triton (interpreted on CPU) vs reference, patched vs merged.
+# kernel.py: reference vs dense, the tuned and the simple Triton kernels (interpreted on CPU)
+# vs the float64 product and the reference, patched vs merged.
 
 # Tolerances, as ‖y − y_ref‖ / ‖y_ref‖ (norm-wise: an elementwise relative error means
 # nothing where outputs cancel to ~0):
-# * Triton vs the exact product x·Δ̂ᵀ in float64: the kernel accumulates in fp32 with exact
-#   products (codes, x and powers of two are exact in fp32/tf32) and rounds once, at the
+# * Triton vs the exact product x·Δ̂ᵀ in float64: the tuned kernels accumulate in fp32 with
+#   exact products (codes, x and powers of two are exact in fp32/tf32) and round once, at the
 #   output, to x.dtype: relative error ≈ unit roundoff u (fp16 2^-11 ≈ 4.9e-4, bf16 2^-8 ≈
-#   3.9e-3) averaged over elements; we allow 2u.
+#   3.9e-3) averaged over elements; we allow 2u. The simple kernel rounds each code·scale +
+#   zero and each product to fp32 (2^-24), sums in fp32 and rounds once at the output: 2u.
 # * Triton vs the reference in x.dtype: the reference also rounds Û, V̂, S, z and y to x.dtype,
 #   so each side carries a few u; we allow 8u (fp16 3.9e-3, bf16 3.1e-2).
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -506,8 +508,9 @@ def test_reference_empty_matrix_is_zero():
     cm = CompressedMatrix((7, 5), "float16", [])
     x = torch.randn(3, 5)
     assert torch.equal(kernel.delta_matmul_reference(x, cm), torch.zeros(3, 7))
-    assert torch.equal(kernel.delta_matmul(x.half(), cm, backend="triton"),
-                       torch.zeros(3, 7, dtype=torch.float16))
+    for backend in ("triton", "simple"):
+        assert torch.equal(kernel.delta_matmul(x.half(), cm, backend=backend),
+                           torch.zeros(3, 7, dtype=torch.float16))
 
 
 def assert_workspace_clean():
@@ -525,30 +528,46 @@ def small_config(split_v, chunks_u):
     return kernel.KernelConfig(split_v, 16 * chunks_u, block_j=16, block_o=64)
 
 
+@st.composite
+def kernel_configs(draw):
+    """Any valid KernelConfig: the tuned kernels must compute the same product whatever
+    tiling, pipelining, path (FMA or tl.dot) and dot precision choose_config's rules pick."""
+    return kernel.KernelConfig(
+        split_v=draw(st.integers(1, 4)), rows_u=16 * draw(st.integers(1, 4)),
+        block_j=draw(st.sampled_from([16, 32, 64, 128])),
+        block_o=draw(st.sampled_from([32, 64, 128, 256, 512, 1024])),
+        v_stages=draw(st.integers(1, 3)), u_stages=draw(st.integers(1, 4)),
+        u_regs=draw(st.sampled_from([0, 128])), dot_u_warps=draw(st.sampled_from([1, 2, 4, 8])),
+        u_fp16=draw(st.booleans()), early_next=draw(st.booleans()),
+        fma_rows=draw(st.integers(1, kernel.FMA_ROWS)))
+
+
 def dot_units(batch, config):
-    """The error bound vs the exact product in units of the output dtype: 2, or 3 where
-    phase U runs an fp16 dot (z·scale rounded to fp16 adds one)."""
+    """The tuned kernels' error bound vs the exact product in units of the output dtype: 2,
+    or 3 where phase U runs an fp16 dot (z·scale rounded to fp16 adds one)."""
     fp16_dot = config is not None and config.u_fp16 and config.rows(batch) > kernel.FMA_ROWS
     return 3 if fp16_dot else 2
 
 
-def check_triton(out_f, in_f, ranks, batch, dtype, splits, seed, group_size=128):
+def check_kernels(out_f, in_f, ranks, batch, dtype, config, seed, group_size=128):
+    """The tuned kernels (under `config`; None: choose_config's) and the simple kernel vs the
+    float64 product and the reference."""
     cm = random_matrix(out_f, in_f, ranks, seed, group_size)
     x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    config = None if splits is None else small_config(*splits)
-    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
-                            config=config)
-    assert y.dtype == dtype and y.shape == (batch, out_f)
     exact = x.double() @ decompress_matrix(cm).double().mT
     ref = kernel.delta_matmul_reference(x, cm)
-    if not cm.bands:
-        assert not y.any()
-        return
-    assert torch.isfinite(y).all()
-    assert rel(y, exact) < dot_units(batch, config) * UNIT[dtype], (rel(y, exact),
-                                                                     rel(ref, exact))
-    # The fp16/bf16 reference can itself be off (one output with cancellation: 6.7e-3).
-    assert rel(y, ref) < 8 * UNIT[dtype] + rel(ref, exact)
+    tuned = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton",
+                                config=config)
+    simple = kernel.delta_matmul(x, cm, backend="simple")
+    for name, y, units in (("tuned", tuned, dot_units(batch, config)), ("simple", simple, 2)):
+        assert y.dtype == dtype and y.shape == (batch, out_f), name
+        if not cm.bands:
+            assert not y.any(), name
+            continue
+        assert torch.isfinite(y).all(), name
+        assert rel(y, exact) < units * UNIT[dtype], (name, rel(y, exact), rel(ref, exact))
+        # The fp16/bf16 reference can itself be off (one output with cancellation: 6.7e-3).
+        assert rel(y, ref) < 8 * UNIT[dtype] + rel(ref, exact), name
 
 
 WIDTH_RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 40),
@@ -558,34 +577,42 @@ WIDTH_RANKS = st.dictionaries(st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 4
 @settings(max_examples=25, deadline=None)
 @given(out_f=st.integers(1, 300), in_f=st.integers(1, 300), ranks=WIDTH_RANKS,
        batch=st.integers(1, 5), bf16=st.booleans(),
-       splits=st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(1, 4))),
-       seed=st.integers(0, 2**16))
-@example(out_f=1, in_f=1, ranks={2: 1}, batch=1, bf16=False, splits=None, seed=0)
-@example(out_f=1, in_f=42, ranks={4: 25}, batch=1, bf16=False, splits=None, seed=0)
+       config=st.one_of(st.none(), kernel_configs()), seed=st.integers(0, 2**16))
+@example(out_f=1, in_f=1, ranks={2: 1}, batch=1, bf16=False, config=None, seed=0)
+@example(out_f=1, in_f=42, ranks={4: 25}, batch=1, bf16=False, config=None, seed=0)
 @example(out_f=129, in_f=127, ranks={8: 3, 3: 17, 2: 33}, batch=1, bf16=False,
-         splits=(3, 2), seed=1)
-@example(out_f=127, in_f=129, ranks={1: 40, 4: 0}, batch=5, bf16=True, splits=(2, 3), seed=2)
-@example(out_f=300, in_f=257, ranks={8: 2, 2: 40}, batch=2, bf16=False, splits=(4, 4), seed=3)
-@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=1, bf16=False, splits=(2, 2), seed=4)
-@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=3, bf16=True, splits=(1, 3), seed=5)
-@example(out_f=129, in_f=257, ranks={8: 3, 3: 17, 1: 33}, batch=2, bf16=True, splits=(3, 2),
-         seed=6)
-def test_triton_matches_reference(out_f, in_f, ranks, batch, bf16, splits, seed):
-    """Interpreted Triton kernels vs the float64 product and the reference, over awkward
-    shapes (1, 127, 129, 257: not multiples of 16, 32, 128 or the tile widths), every width,
-    ranks including 0 and 1, batch 1–5 (1, and 2 under a forced config: the FMA path; 2 at
-    these small shapes by default, and 3–5: the tl.dot path), and forced splits (the
-    partial-sum + counter path; an 8-bit band of rank 40 in items of 16 vectors beside a
-    2-bit band in items of 32 or 48)."""
-    check_triton(out_f, in_f, ranks, batch, torch.bfloat16 if bf16 else torch.float16,
-                 splits, seed)
+         config=small_config(3, 2), seed=1)
+@example(out_f=127, in_f=129, ranks={1: 40, 4: 0}, batch=5, bf16=True,
+         config=small_config(2, 3), seed=2)
+@example(out_f=300, in_f=257, ranks={8: 2, 2: 40}, batch=2, bf16=False,
+         config=small_config(4, 4), seed=3)
+@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=1, bf16=False,
+         config=small_config(2, 2), seed=4)
+@example(out_f=200, in_f=150, ranks={8: 40, 2: 30}, batch=3, bf16=True,
+         config=small_config(1, 3), seed=5)
+@example(out_f=129, in_f=257, ranks={8: 3, 3: 17, 1: 33}, batch=2, bf16=True,
+         config=small_config(3, 2), seed=6)
+@example(out_f=200, in_f=150, ranks={8: 5, 3: 20, 2: 40}, batch=5, bf16=False,
+         config=kernel.KernelConfig(2, 32, u_fp16=True), seed=24)
+@example(out_f=200, in_f=150, ranks={8: 5, 3: 20, 2: 40}, batch=5, bf16=False,
+         config=kernel.KernelConfig(2, 32, u_fp16=False), seed=24)
+def test_kernels_match_reference(out_f, in_f, ranks, batch, bf16, config, seed):
+    """The tuned kernels under any valid KernelConfig, and the simple kernel, interpreted, vs
+    the float64 product and the reference, over awkward shapes (1, 127, 129, 257: not
+    multiples of 16, 32, 128 or the tile widths), every width, ranks including 0 and 1,
+    batch 1–5 (the FMA path up to the config's fma_rows, the tl.dot path above, with phase
+    U's dot in fp16 or tf32), and items that split the reductions (the partial-sum and
+    counter path; an 8-bit band of rank 40 beside a 2-bit band)."""
+    check_kernels(out_f, in_f, ranks, batch, torch.bfloat16 if bf16 else torch.float16,
+                  config, seed)
 
 
 @pytest.mark.parametrize("group_size", [32, 96])
-def test_triton_other_group_sizes(group_size):
+def test_kernels_other_group_sizes(group_size):
     """Group sizes that do not divide a 16-row block (96) or are smaller than it (32)."""
-    check_triton(100, 300, {8: 2, 2: 20, 1: 10}, 1, torch.float16, (3, 2), 4, group_size)
-    check_triton(100, 300, {4: 5, 2: 20}, 3, torch.float16, (2, 2), 5, group_size)
+    check_kernels(100, 300, {8: 2, 2: 20, 1: 10}, 1, torch.float16, small_config(3, 2), 4,
+                  group_size)
+    check_kernels(100, 300, {4: 5, 2: 20}, 3, torch.float16, small_config(2, 2), 5, group_size)
 
 
 @pytest.mark.parametrize("dtype, x_scale, s_scale", [
@@ -598,7 +625,7 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     (_code_denormals), batch 3 an fp16 dot of z·scale lifted per row (_row_lift): still
     within rounding of the exact product for inputs far from 1, inside the documented range
     of batch 1–2 (2^-62 ≤ |x| < 2^43, 2^-41 ≤ |z·scale| < 2^64), each row of a batch
-    against its own exact product."""
+    against its own exact product; the simple kernel (plain fp32) on all three rows."""
     cm = random_matrix(130, 200, {8: 3, 4: 5, 2: 20, 1: 8}, seed=21)
     for band in cm.bands:
         band.S.mul_(s_scale)
@@ -606,12 +633,14 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     x = (torch.randn(3, 200, generator=torch.Generator().manual_seed(21)) * x_scale).to(dtype)
     x[1] *= 2                                   # batch 2 on the FMA path: rows of their own
     config = small_config(2, 2)
-    for rows in (x[:1], x[:2], x):
-        y = kernel.delta_matmul(rows, kd, backend="triton", config=config)
+    runs = [(x[:1], kd, "triton"), (x[:2], kd, "triton"), (x, kd, "triton"), (x, cm, "simple")]
+    for rows, delta, backend in runs:
+        y = kernel.delta_matmul(rows, delta, backend=backend,
+                                config=config if backend == "triton" else None)
         exact = rows.double() @ decompress_matrix(cm).double().mT
-        bound = dot_units(rows.shape[0], config) * UNIT[dtype]
+        bound = dot_units(rows.shape[0], config if backend == "triton" else None) * UNIT[dtype]
         for i in range(rows.shape[0]):
-            assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < bound, i
+            assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < bound, (backend, i)
 
 
 @pytest.mark.parametrize("block_o", [512, 1024])
@@ -629,127 +658,53 @@ def test_triton_phase_u_tiles_of_large_shapes(block_o):
     assert_workspace_clean()
 
 
-def fake_delta(out_f, in_f, rank, tenants=1):
-    """What choose_config reads of a KernelDelta: one 2-bit band of `rank` a tenant."""
-    return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
-                           bands=[[[2, rank]]] * tenants,
-                           device_bytes=(rank * (out_f + in_f) // 4,) * tenants)
-
-
-def test_choose_config_phase_u_tile():
-    """1024-output phase-U tiles, or 512 where 1024 would leave fewer than 2 programs per
-    SM (a 4096×4096 delta of rank 616 on 132 SMs); at least 16 vectors per item."""
-    small = kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132)
-    large = kernel.choose_config(fake_delta(28672, 8192, 1921), 1, 132)
-    assert (small.block_o, small.rows_u) == (512, 16)
-    assert (large.block_o, large.rows_u) == (1024, 32)
-    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132, block_o=1024).block_o \
-        == 1024
-
-
-def test_choose_config_phase_v_tile():
-    """FMA-path phase-V tiles of 64 vectors, or 32 where 64-vector tiles of one group each
-    would fill less than half the grid (16 programs per SM): 4096 inputs are 32 groups."""
-    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132).block_j == 32   # 320
-    assert kernel.choose_config(fake_delta(4096, 4096, 616), 2, 132).block_j == 32
-    assert kernel.choose_config(fake_delta(4096, 11008, 900), 1, 132).block_j == 64  # 1290
-    assert kernel.choose_config(fake_delta(28672, 8192, 1921), 1, 132).block_j == 64
-    assert kernel.choose_config(fake_delta(4096, 4096, 616), 1, 132, block_j=64).block_j == 64
-
-
-def test_choose_config_phase_u_dot_precision():
-    """The tl.dot path's phase U runs an fp16 dot from 8192 outputs up and tf32 below; both
-    match the float64 product on the same delta."""
-    assert kernel.choose_config(fake_delta(8192, 28672, 1921), 16, 132).u_fp16
-    assert not kernel.choose_config(fake_delta(4096, 11008, 900), 16, 132).u_fp16
-    assert not kernel.choose_config(fake_delta(8192, 8192, 1000), 16, 132, u_fp16=False).u_fp16
-    cm = random_matrix(200, 150, {8: 5, 3: 20, 2: 40}, seed=24)
-    kd = kernel.prepare_delta(cm, "cpu")
-    x = torch.randn(5, 150, generator=torch.Generator().manual_seed(24)).half()
-    exact = x.double() @ decompress_matrix(cm).double().mT
-    for fp16 in (True, False):
-        config = kernel.KernelConfig(2, 32, u_fp16=fp16)
-        y = kernel.delta_matmul(x, kd, backend="triton", config=config)
-        assert rel(y, exact) < dot_units(5, config) * UNIT[torch.float16], (fp16, rel(y, exact))
-
-
-def test_choose_config_stages():
-    """A single delta at batch 1 pipelines phase U 4 deep up to 16 MB and phase V 2 deep
-    above; batch 2 and tenant launches keep 1 and 3 stages."""
-    def stages(kd, block_b, **kw):
-        cfg = kernel.choose_config(kd, block_b, 132, **kw)
-        return cfg.v_stages, cfg.u_stages
-    small, large = fake_delta(4096, 4096, 616), fake_delta(28672, 8192, 1921)   # 1.3, 18 MB
-    assert stages(small, 1) == (1, 4) and stages(large, 1) == (2, 3)
-    assert stages(small, 2) == (1, 3) and stages(large, 2) == (1, 3)
-    assert stages(fake_delta(4096, 4096, 616, tenants=4), 1, n_seg=4) == (1, 3)
-    assert stages(small, 1, v_stages=3, u_stages=2) == (3, 2)
+def work_items(table, n):
+    """The first n rows of a work table as WorkItems."""
+    return [kernel.WorkItem._make(row[:len(kernel.WorkItem._fields)])
+            for row in table[:n].tolist()]
 
 
 def test_u_items_cover_each_band_once():
-    """Phase-U items: every tile covers each band's vectors once, in chunks of `rows`
-    vectors, 8-bit bands in chunks of half as many (a multiple of 16)."""
+    """Phase-U items: every output tile covers each band's vectors exactly once, in chunks of
+    at most `rows` vectors that start at a multiple of 16 and end at one or at the band's end
+    (phase U reads 16 vectors a step, past a chunk's end only into the band's zero padding),
+    and each item knows how many items its tile has (the last one writes the sum)."""
     kd = kernel.prepare_delta(random_matrix(100, 64, {8: 40, 3: 50, 2: 70}, 7), "cpu")
     rank = {8: 40, 4: 50, 2: 70}                    # by container width (3 bits in 4)
     for rows in (16, 32, 48, 64):
         table, n, tiles = kd.u_items(64, rows)
+        items = work_items(table, n)
         spans = {}
-        for c, _, _, r, tile, lo, hi, *_ in table[:n].tolist():
-            assert r == rank[c]
-            assert 0 < hi - lo <= (rows if c < 8 else max(16, rows // 32 * 16))
-            spans.setdefault((tile, c), []).append((lo, hi))
+        for it in items:
+            assert it.rank == rank[it.c] and it.first == it.tile < tiles
+            assert 0 < it.hi - it.lo <= rows and it.lo % 16 == 0
+            assert it.hi % 16 == 0 or it.hi == it.rank
+            assert it.tile_items == sum(other.tile == it.tile for other in items)
+            spans.setdefault((it.tile, it.c), []).append((it.lo, it.hi))
         assert len(spans) == 3 * tiles
         for (_, c), s in spans.items():
             s = sorted(s)
             assert s[0][0] == 0 and s[-1][1] == rank[c]
-            assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(s, s[1:]))
-
-
-def test_rows_fma_or_dot_path():
-    """A plan pads 1 and 2 rows to themselves and longer segments to 16 or 32; a 2-row
-    segment takes the FMA path from 4096 outputs up and is padded to 16 for tl.dot below."""
-    rows = (1, 2, 3, 4, 16, 17, 32)
-    assert [kernel.block_rows(n) for n in rows] == [1, 2, 16, 16, 16, 32, 32]
-    assert {bb for bb, _, _ in kernel.plan_tenants([0, 1, 1], 2, "cpu").groups} == {1, 2}
-    kd = fake_delta(4096, 4096, 616)
-    large = kernel.choose_config(kd, 2, 132)
-    small = kernel.choose_config(fake_delta(1024, 4096, 616), 2, 132)
-    assert [large.rows(b) for b in (1, 2, 16, 32)] == [1, 2, 16, 32]
-    assert [small.rows(b) for b in (1, 2, 16, 32)] == [1, 16, 16, 32]
-    assert large.block_o == kernel.choose_config(kd, 1, 132).block_o // 2
-    assert small.tiles(small.rows(2), 128) == large.tiles(16, 128)
+            assert all(a[1] == b[0] for a, b in zip(s, s[1:]))
 
 
 def test_v_items_cover_each_tile_once():
-    """Phase-V items: every tile of block_j vectors covers the groups once, in `split`
-    chunks, 8-bit bands in chunks of half as many groups (rounded up)."""
+    """Phase-V items: every tile of block_j vectors covers the groups exactly once, in
+    chunks of at most ⌈groups / split⌉ groups, and each item knows its tile's item count."""
     kd = kernel.prepare_delta(random_matrix(64, 1000, {8: 40, 3: 50, 2: 70}, 8), "cpu")
     n_groups = -(-1000 // 128)                                   # 8
     for split in (1, 2, 3, 8):
-        per = -(-n_groups // split)
         table, n, _ = kd.v_items(16, split)
         spans = {}
-        for c, _, _, r, col0, lo, hi, _, _, _, tile, count, *_ in table[:n].tolist():
-            assert 0 < hi - lo <= (per if c < 8 else -(-per // 2))
-            spans.setdefault((c, col0, tile, count), []).append((lo, hi))
+        for it in work_items(table, n):
+            assert 0 < it.hi - it.lo <= -(-n_groups // split) and it.first < it.rank
+            spans.setdefault((it.c, it.first, it.tile, it.tile_items), []).append(
+                (it.lo, it.hi))
         assert sum(-(-r // 16) for r in (40, 50, 70)) == len({t for _, _, t, _ in spans})
         for (_, _, _, count), s in spans.items():
             s = sorted(s)
             assert len(s) == count and s[0][0] == 0 and s[-1][1] == n_groups
             assert all(a[1] == b[0] for a, b in zip(s, s[1:]))
-
-
-def test_choose_config_next_kernel_start():
-    """A one-round grid lets the next kernel start after the main loop; tenant segments that
-    read more than 64 MB between them on the FMA path (64 programs per SM, several rounds)
-    let it start at once."""
-    shape = fake_delta(4096, 4096, 616, tenants=64)                 # 1.26 MB a tenant
-    assert not kernel.choose_config(shape, 1, 132).early_next
-    assert not kernel.choose_config(shape, 16, 132, n_seg=64).early_next
-    assert kernel.choose_config(shape, 1, 132, n_seg=64).waves == 64
-    assert kernel.choose_config(shape, 2, 132, n_seg=64).early_next
-    assert kernel.choose_config(shape, 1, 132, n_seg=16).waves == 16     # 20 MB
-    assert not kernel.choose_config(shape, 1, 132, n_seg=16).early_next
 
 
 def test_triton_counters_reset_and_base_fused():
@@ -765,6 +720,8 @@ def test_triton_counters_reset_and_base_fused():
         assert_workspace_clean()
     want = base.double() + x.double() @ decompress_matrix(cm).double().mT
     assert y.shape == (2, 3, 150) and rel(y, want) < 2 * UNIT[torch.float16]
+    simple = kernel.delta_matmul(x, cm, base, backend="simple")
+    assert simple.shape == (2, 3, 150) and rel(simple, want) < 2 * UNIT[torch.float16]
 
 
 def test_triton_z_buffers_across_launches():
@@ -785,31 +742,20 @@ def test_triton_z_buffers_across_launches():
         assert_workspace_clean()
 
 
-def test_triton_batch_over_max_batch():
-    """More rows than one launch takes (MAX_BATCH): the batch runs as chunks."""
+@pytest.mark.parametrize("rows, chunk", [(kernel.MAX_BATCH + 7, None), (12, 5)])
+def test_triton_batch_in_chunks(monkeypatch, rows, chunk):
+    """More rows than one launch takes (MAX_BATCH, or a chunk size rows_per_launch picks):
+    delta_matmul launches the batch in chunks, each with its rows' base output, and puts
+    the results back in order."""
+    if chunk is not None:
+        monkeypatch.setattr(kernel, "rows_per_launch", lambda shape: chunk)
     cm = random_matrix(70, 90, {4: 6, 2: 12}, seed=12)
-    x = torch.randn(kernel.MAX_BATCH + 7, 90, generator=torch.Generator().manual_seed(12))
-    y = kernel.delta_matmul(x.half(), kernel.prepare_delta(cm, "cpu"), backend="triton")
-    want = x.half().double() @ decompress_matrix(cm).double().mT
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(rows, 90, generator=gen).half()
+    base = torch.randn(rows, 70, generator=gen).half()
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), base, backend="triton")
+    want = base.double() + x.double() @ decompress_matrix(cm).double().mT
     assert y.shape == want.shape and rel(y, want) < 2 * UNIT[torch.float16]
-
-
-def test_batch_chunks_by_shape(monkeypatch):
-    """delta_matmul launches batches in chunks of 32 rows, of 16 from 14336 outputs up, and
-    puts the chunks' results back in order."""
-    launched = []
-
-    def fake_launch(xc, kd, plan, base, config):
-        launched.append(xc.shape[0])
-        return xc[:, :1].expand(-1, kd.shape[0]).clone()         # each row's first input
-    monkeypatch.setattr(kernel, "launch", fake_launch)
-    monkeypatch.setattr(kernel, "KernelDelta", SimpleNamespace)  # a stand-in delta passes
-    x = torch.arange(50 * 8, dtype=torch.float16).reshape(50, 8)
-    for out_f, want in ((14336, [16, 16, 16, 2]), (11008, [32, 18])):
-        launched.clear()
-        kd = SimpleNamespace(shape=(out_f, 8), n_tenants=1, S=torch.zeros(1), _tables={})
-        y = kernel.delta_matmul(x, kd, backend="triton")
-        assert launched == want and torch.equal(y[:, 0], x[:, 0]), out_f
 
 
 def test_wrapper_errors():
@@ -1145,15 +1091,38 @@ def awkward_delta(out_f, in_f, seed=0):
     return dc.synthetic_delta(out_f, in_f, torch.Generator().manual_seed(seed))
 
 
+def smallest_bytes(method: str, out_f: int, in_f: int) -> int:
+    """The fewest bytes `method` stores anything in, from its definition in eval.py: one
+    fp16 singular triplet (low-rank), the sign matrix (BitDelta; its 2-byte scale is let
+    in), Δ's rows at 1 bit (plain low-bit), one singular vector pair at the method's
+    narrowest width (Delta-CoMe)."""
+    if method == "low-rank fp16":
+        return 2 * (out_f + in_f) + 4
+    if method == "BitDelta":
+        return -(-out_f * in_f // 8)
+    if method == "plain low-bit":
+        return ev.plain_bytes(out_f, in_f, 1)
+    spec = ev.DELTACOME[method]["method"]
+    bits = min(dc.Config().widths) if spec == "greedy" else min(
+        b for b, _ in dc.parse_bands(dc.PAPER_BANDS if spec == "paper" else spec))
+    return dc.vector_bytes(out_f, in_f, bits)
+
+
 @pytest.mark.parametrize("shape", [(96, 160), (129, 127), (48, 300)])
 @pytest.mark.parametrize("budget", [1 / 8, 1 / 16, 1 / 32])
 @pytest.mark.parametrize("method", ev.METHODS)
 def test_methods_fit_their_byte_budget(method, budget, shape):
+    """A method fits exactly when its smallest unit fits (at 1/16 and up low-rank and every
+    Delta-CoMe variant must; BitDelta at 1/8, being 1/16 and a byte over on odd shapes),
+    and then its bytes stay within the budget."""
     delta = awkward_delta(*shape)
     rec = ev.reconstruct(method, delta, budget)
     limit = dc.budget_bytes(*shape, budget)
+    assert (rec is not None) == (smallest_bytes(method, *shape) <= limit), (method, limit)
+    if budget >= (1 / 8 if method == "BitDelta" else 1 / 16) and method != "plain low-bit":
+        assert rec is not None
     if rec is None:
-        return                                   # "cannot fit" is an honest answer
+        return                                   # "cannot fit" is an honest answer here
     assert rec.delta_hat.shape == delta.shape and torch.isfinite(rec.delta_hat).all()
     slack = 2 if method == "BitDelta" else 0     # BitDelta: 1 bit/weight + its fp16 scale
     assert rec.nbytes <= limit + slack
@@ -2946,3 +2915,86 @@ def test_corrupt_vocabulary_entries_are_refused(tmp_path, case):
     with pytest.raises(DeltaComeError, match=re.escape(message)) as e:
         read_delta_file(bad)
     assert "\n" not in str(e.value)
+
+
+# =============================================================================================
+# A teaching reference: the simple kernel's wrappers and errors, choose_config's contract,
+# and the greedy allocation against low-rank at equal bytes.
+
+def test_simple_kernel_wrappers_and_errors():
+    """backend="simple" through delta_matmul (fp32 x too), DeltaLinear, MultiDeltaLinear
+    and multi_delta_matmul; what it refuses, in one line each."""
+    cms = [random_matrix(10, 20, {8: 1, 2: 3}, seed=50), random_matrix(10, 20, {4: 2}, seed=51)]
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(52))
+    want = exact(x, cms, [0, 0, 0])
+    assert rel(kernel.delta_matmul(x, cms[0], backend="simple"), want) < 4 * 2.0**-24
+    lin = kernel.DeltaLinear(torch.nn.Linear(20, 10), cms[0], backend="simple")
+    multi = kernel.MultiDeltaLinear(torch.nn.Linear(20, 10), cms, backend="simple")
+    with torch.no_grad():
+        assert rel(lin(x) - lin.base(x), want) < 1e-5
+        assert rel(multi(x, [1, 0, 1]) - multi.base(x), exact(x, cms, [1, 0, 1])) < 1e-5
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        kernel.delta_matmul(x.double(), cms[0], backend="simple")
+    with pytest.raises(ValueError, match="simple backend needs the CompressedMatrix"):
+        kernel.delta_matmul(x.half(), kernel.prepare_delta(cms[0], "cpu"), backend="simple")
+    with pytest.raises(ValueError, match="simple backend takes tenant_idx"):
+        kernel.multi_delta_matmul(x.half(), cms, plan=kernel.plan_tenants([0, 1, 1], 2, "cpu"),
+                                  backend="simple")
+    with pytest.raises(ValueError, match="one of 'auto', 'triton', 'simple', 'reference'"):
+        kernel.MultiDeltaLinear(torch.nn.Linear(20, 10), cms, backend="fast")
+
+
+def stand_in_delta(out_f, in_f, rank, tenants=1):
+    """What choose_config reads of a KernelDelta, for deltas too large to build here: one
+    2-bit band of `rank` a tenant."""
+    return SimpleNamespace(shape=(out_f, in_f), group_size=128, max_rank=rank,
+                           bands=[[kernel.BandLayout(2, rank, *[0] * 8)]] * tenants,
+                           device_bytes=(rank * (out_f + in_f) // 4,) * tenants)
+
+
+@settings(max_examples=3, deadline=None)
+@given(out_f=st.integers(1, 32768), in_f=st.integers(1, 32768), rank=st.integers(1, 2048),
+       tenants=st.integers(1, 64), batch=st.integers(1, 32), sms=st.integers(1, 160),
+       seed=st.integers(0, 2**16))
+@example(out_f=28672, in_f=8192, rank=1921, tenants=1, batch=1, sms=132, seed=0)
+@example(out_f=4096, in_f=4096, rank=616, tenants=1, batch=2, sms=132, seed=1)
+@example(out_f=1024, in_f=4096, rank=246, tenants=1, batch=2, sms=132, seed=2)
+@example(out_f=8192, in_f=28672, rank=1921, tenants=1, batch=16, sms=132, seed=3)
+@example(out_f=4096, in_f=11008, rank=900, tenants=64, batch=1, sms=132, seed=4)
+def test_choose_config_gives_the_right_product_anywhere(out_f, in_f, rank, tenants, batch,
+                                                        sms, seed):
+    """choose_config's rules are tuning (docs/PERFORMANCE.md); its contract is that any
+    shape, rank, batch, tenant count and GPU size get a configuration under which the tuned
+    kernels compute the right product. Its pick for a delta of real size (the examples: the
+    70B, 7B, 1024-output and tenant launches at batch 1, 2 and 16), run on a delta small
+    enough to interpret, against the float64 product."""
+    config = kernel.choose_config(stand_in_delta(out_f, in_f, rank, tenants),
+                                  kernel.block_rows(batch), sms, n_seg=tenants)
+    cm = random_matrix(64, 160, {8: 3, 4: 6, 2: 20}, seed)
+    x = torch.randn(batch, 160, generator=torch.Generator().manual_seed(seed)).half()
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton", config=config)
+    want = x.double() @ decompress_matrix(cm).double().mT
+    assert rel(y, want) < dot_units(batch, config) * UNIT[torch.float16], config
+    assert_workspace_clean()
+
+
+@settings(max_examples=6, deadline=None)
+@given(out_f=st.integers(16, 160), in_f=st.integers(16, 160), seed=st.integers(0, 1000),
+       alpha=st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+       budget=st.sampled_from([1 / 64, 1 / 32, 1 / 16, 1 / 8]))
+@example(out_f=210, in_f=128, seed=9, alpha=3.0, budget=1 / 16)     # a steep spectrum: 0.83
+@example(out_f=64, in_f=200, seed=1, alpha=0.5, budget=1 / 64)
+def test_greedy_never_worse_than_low_rank_at_equal_bytes(out_f, in_f, seed, alpha, budget):
+    """An upper bound on greedy's error: at the same bytes it is never worse than keeping
+    the top-k singular triplets in fp16 (the greedy search can spend the same bytes on 8-bit
+    vectors, twice as many). It holds for deltas with a noise floor, as real and synthetic
+    ones have; an exactly rank-k delta would be kept exactly by low-rank fp16 and rounded
+    to 8 bits by greedy."""
+    delta = dc.synthetic_delta(out_f, in_f, torch.Generator().manual_seed(seed), alpha=alpha)
+    low_rank = ev.lowrank_fp16(delta, budget)
+    if low_rank is None:                          # not one fp16 triplet fits: nothing to bound
+        return
+    greedy = ev.reconstruct("greedy", delta, budget)
+    assert greedy.nbytes <= dc.budget_bytes(out_f, in_f, budget)
+    assert dc.relative_error(delta, greedy.delta_hat) <= dc.relative_error(delta,
+                                                                            low_rank.delta_hat)
