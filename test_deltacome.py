@@ -8,12 +8,19 @@ evaluation pipeline (eval.py).
 The Triton kernels run here under TRITON_INTERPRET=1 on CPU tensors. It must be set before
 triton is first imported; it only changes how @triton.jit functions run.
 
-Run: python -m pytest -q
+Run: python -m pytest -q                        # the fast tests (pytest.ini leaves out slow)
+     python -m pytest -q -m "slow or not slow"   # everything, as CI does
+Model-level tests (tiny transformers models, the evaluation pipeline, subprocesses, a
+benchmark), the longest Triton-interpreter runs and the wider parameter sweeps carry
+@pytest.mark.slow (a parameter set: slow(...)).
 """
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+# One thread for torch and numpy (set before either loads): the tests' tensors are small, and
+# waiting threads spin, which more than doubles the suite's time on a busy 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -38,6 +45,11 @@ from deltacome import (Band, CompressedMatrix, Config, DeltaComeError, apply,  #
 
 SETTINGS = settings(deadline=None, max_examples=40,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def slow(*values):
+    """A parameter set that only the slow run takes (pytest.ini): the wider sweeps."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 def long_tailed(out_f, in_f, seed=0, alpha=1.0):
@@ -204,9 +216,10 @@ def test_error_decreases_with_budget():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
 
 
-@pytest.mark.parametrize("alpha", [0.7, 1.0, 1.5])
-@pytest.mark.parametrize("budget", [1 / 32, 1 / 16, 1 / 8])
-def test_greedy_beats_paper_preset(alpha, budget):
+@pytest.mark.parametrize("budget, alpha", [            # 1/16 at alpha 0.7 in the fast tests
+    (b, a) if (b, a) == (1 / 16, 0.7) else slow(b, a)
+    for b in (1 / 32, 1 / 16, 1 / 8) for a in (0.7, 1.0, 1.5)])
+def test_greedy_beats_paper_preset(budget, alpha):
     delta = long_tailed(512, 512, seed=2, alpha=alpha)
 
     def err(method, refit=True, quantizer="mse"):
@@ -423,6 +436,7 @@ def test_zero_delta_checkpoint(pair, tmp_path):
     assert d.matrices and all(cm.bands == [] for cm in d.matrices.values()) and not d.carried
 
 
+@pytest.mark.slow
 def test_cli_subprocess_example_and_error(tmp_path):
     """The real command line: the README's example works, and a bad input has no traceback."""
     script = Path(dc.__file__)
@@ -578,7 +592,7 @@ def test_triton_matches_reference(out_f, in_f, ranks, batch, bf16, splits, seed)
                  splits, seed)
 
 
-@pytest.mark.parametrize("group_size", [32, 96])
+@pytest.mark.parametrize("group_size", [slow(32), 96])
 def test_triton_other_group_sizes(group_size):
     """Group sizes that do not divide a 16-row block (96) or are smaller than it (32)."""
     check_triton(100, 300, {8: 2, 2: 20, 1: 10}, 1, torch.float16, (3, 2), 4, group_size)
@@ -586,10 +600,10 @@ def test_triton_other_group_sizes(group_size):
 
 
 @pytest.mark.parametrize("dtype, x_scale, s_scale", [
-    (torch.float16, 2.0**-12, 1.0), (torch.float16, 2.0**6, 1.0),
-    (torch.float16, 1.0, 2.0**-12), (torch.float16, 1.0, 2.0**6),
-    (torch.bfloat16, 2.0**-50, 1.0), (torch.bfloat16, 2.0**38, 1.0),
-    (torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
+    (torch.float16, 2.0**-12, 1.0), slow(torch.float16, 2.0**6, 1.0),
+    slow(torch.float16, 1.0, 2.0**-12), slow(torch.float16, 1.0, 2.0**6),
+    slow(torch.bfloat16, 2.0**-50, 1.0), slow(torch.bfloat16, 2.0**38, 1.0),
+    slow(torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
 def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     """Batch 1 and 2 take codes as fp32 denormals times x or z·scale lifted by powers of two
     (_code_denormals), batch 3 an fp16 dot of z·scale lifted per row (_row_lift): still
@@ -611,7 +625,7 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
             assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < bound, i
 
 
-@pytest.mark.parametrize("block_o", [512, 1024])
+@pytest.mark.parametrize("block_o", [512, slow(1024)])
 def test_triton_phase_u_tiles_of_large_shapes(block_o):
     """The batch-1 phase-U tiles of real shapes (512 and 1024 outputs: slots of 16 and 32
     outputs a thread, 16 at 8 bits), over a tile and a half with every width, split into
@@ -764,6 +778,7 @@ def test_triton_counters_reset_and_base_fused():
     assert y.shape == (2, 3, 150) and rel(y, want) < 2 * UNIT[torch.float16]
 
 
+@pytest.mark.slow
 def test_triton_z_buffers_across_launches():
     """Launches of different ranks and batch sizes in turn, each against the float64
     product: phase V adds into one of two z buffers while phase U zeroes the other as far
@@ -830,6 +845,7 @@ def test_wrapper_errors():
                             backend="triton")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_patched_model_matches_merged(tmp_path, backend):
     """A Llama made from BASE and patched with DeltaLinear gives the merged model's logits.
@@ -909,6 +925,7 @@ def batches(draw):
     return [draw(RANKS) for _ in range(n)], idx
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(out_f=st.integers(1, 160), in_f=st.integers(1, 160), tenants=batches(),
        bf16=st.booleans(), with_base=st.booleans(),
@@ -1045,6 +1062,7 @@ def make_tenants(tmp_path, n: int):
     return base_dir, deltas, merged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_multi_tenant_model_matches_merged(tmp_path, backend):
     """One base model patched with 3 tenants' deltas, a batch of 4 sequences for tenants
@@ -1077,6 +1095,7 @@ def test_multi_tenant_model_matches_merged(tmp_path, backend):
         model(ids)                                        # the tenants are cleared on exit
 
 
+@pytest.mark.slow
 def test_patch_model_tenants_errors(tmp_path):
     """Tenants that changed a carried tensor differently cannot share one model."""
     transformers = pytest.importorskip("transformers")
@@ -1094,6 +1113,7 @@ def test_patch_model_tenants_errors(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_bench_tenants_runs_on_cpu(tmp_path):
     """bench.py --tenants on CPU: the reference ways at the small shape, and the memory lines."""
     import json
@@ -1197,6 +1217,7 @@ def test_kind_of():
     assert ev.kind_of("model.layers.3.mlp.down_proj.weight") == "down"
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_on_tiny_model(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("reasoning_gym")
