@@ -22,6 +22,7 @@ Public entry points: `compress_matrix` / `decompress_matrix` (one matrix), `comp
 
 Usage:
     python deltacome.py BASE FT OUT                # compress at 1/16 of the fp16 delta
+    python deltacome.py compress BASE FT OUT       # the same, the command named
     python deltacome.py apply BASE OUT.safetensors MERGED
     python deltacome.py info OUT.safetensors
     python deltacome.py example /tmp/deltacome-demo  # make a tiny pair, compress, apply
@@ -33,6 +34,7 @@ import argparse
 import collections
 import contextlib
 import heapq
+import itertools
 import json
 import math
 import os
@@ -1093,21 +1095,45 @@ def synthetic_delta(out_f: int, in_f: int, gen: torch.Generator, alpha: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: a thin layer over Config. `python deltacome.py BASE FT OUT` compresses; the words
-# apply / info / example pick the other commands.
+# CLI: a thin layer over Config. `python deltacome.py [compress] BASE FT OUT` compresses (the
+# word is optional); apply / info / verify / example pick the other commands. -q and -h may
+# come before the command word, every other option after it.
 
-COMMANDS = ("apply", "info", "verify", "example")
+COMMANDS = ("compress", "apply", "info", "verify", "example")
+LEADING_FLAGS = ("-q", "--quiet", "-h", "--help")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"deltacome: error: {message} (see {self.prog} --help)\n")
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(command, its arguments). The command is the first argument after any leading -q/-h,
+    or compress when that argument is not a command word (`deltacome.py BASE FT OUT`)."""
+    flags = list(itertools.takewhile(lambda a: a in LEADING_FLAGS, argv))
+    rest = argv[len(flags):]
+    if rest and rest[0] in COMMANDS:
+        return rest[0], flags + rest[1:]
+    misplaced = [a for a in rest if a in COMMANDS]
+    if rest and rest[0].startswith("-") and misplaced:   # `--budget 1/32 compress ...`
+        build_parser(misplaced[0]).error(f"only -q and -h may come before the command; put "
+                                         f"{rest[0]} after the word {misplaced[0]}")
+    return "compress", argv
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="deltacome.py" if command == "compress" else f"deltacome.py {command}",
+    p = Parser(
+        prog=f"deltacome.py {command}",
         description=__doc__.split("\n\n")[0] + "\n\nCommands:\n"
-        "  deltacome.py BASE FT OUT [options]     compress FT's delta against BASE into OUT\n"
-        "  deltacome.py apply BASE DELTA OUT      rebuild the fine-tune as a checkpoint\n"
-        "  deltacome.py info DELTA                summarize a delta file\n"
-        "  deltacome.py verify BASE DELTA MERGED  check a rebuilt checkpoint against BASE + Δ̂\n"
-        "  deltacome.py example DIR               make a tiny pair in DIR, compress and apply it",
+        "  deltacome.py [compress] BASE FT OUT     compress FT's delta against BASE into OUT\n"
+        "  deltacome.py apply BASE DELTA OUT       rebuild the fine-tune as a checkpoint\n"
+        "  deltacome.py info DELTA                 summarize a delta file\n"
+        "  deltacome.py verify BASE DELTA MERGED   check a rebuilt checkpoint against BASE + Δ̂\n"
+        "  deltacome.py example DIR                make a tiny pair in DIR, compress and apply it\n"
+        "\n-q (no progress bars) and -h may come before the command, other options after it.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
     if command in ("compress", "example"):
@@ -1158,8 +1184,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("merged", help="the checkpoint `apply` rebuilt")
     if command in ("compress", "example", "apply"):
         p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:N")
-    if command != "info":
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (also accepted before the command)")
     return p
 
 
@@ -1197,9 +1223,12 @@ def config_from_args(args) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else "compress"
-    args = build_parser(command).parse_args(argv[1:] if command != "compress" else argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if not argv:
+        build_parser("compress").print_help(sys.stderr)
+        return 2
+    command, rest = split_command(argv)
+    args = build_parser(command).parse_args(rest)
     try:
         if command == "compress":
             summary = compress(args.base, args.ft, args.out, config_from_args(args),

@@ -1258,3 +1258,60 @@ def test_compressed_model_equals_deltacome_file_round_trip(tmp_path):
         if b[name].ndim == 2 and "layers" in name:
             rec = ev.reconstruct("greedy", f[name] - b[name], 1 / 16)
             assert torch.allclose(merged[name], b[name] + rec.delta_hat, atol=1e-6)
+
+
+# =============================================================================================
+# A newcomer's first hour: the CLI's forms (`compress` named or not, -q before the command),
+# one-line messages that say what is wrong, progress bars closed before an error, outputs
+# with the usual permissions, BASE and FT in different float dtypes, files of format version 1,
+# eval.py's help texts.
+
+def cli(*args):
+    """deltacome.main in-process with exactly these arguments: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = dc.main([str(a) for a in args])
+        except SystemExit as e:                  # argparse's usage errors exit
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def same_tensors(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_cli_compress_named_or_not_and_flags_before_the_command(pair, tmp_path):
+    base, ft = pair["single"]
+    bare, named, quiet = (tmp_path / f"{n}.safetensors" for n in ("bare", "named", "quiet"))
+    assert cli(base, ft, bare, "-q")[0] == 0
+    assert cli("compress", base, ft, named, "-q")[0] == 0
+    assert same_tensors(bare, named)
+    code, out, err = cli("-q", "compress", base, ft, quiet)
+    assert code == 0 and err == "" and "wrote" in out and same_tensors(bare, quiet)
+    code, out, err = cli("-q", "info", named)
+    assert code == 0 and err == "" and "matrices" in out
+    merged = tmp_path / "merged.safetensors"
+    assert cli("--quiet", "apply", base, named, merged)[::2] == (0, "")
+    assert cli("-q", "verify", base, named, merged)[0] == 0
+    code, out, err = cli("-h", "info")
+    assert code == 0 and "deltacome.py info" in out and "DELTA" in out.upper()
+    code, _, err = cli("--budget", "1/32", "compress", base, ft, tmp_path / "x.safetensors")
+    assert code == 2 and "put --budget after the word compress" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget", "2", "b", "f", "o"), "budget must be in (0, 1]"),
+    (("apply", "b"), "required"),
+    (("info",), "required"),
+    (("compress", "a", "b", "c", "d"), "unrecognized arguments: d"),
+    (("example",), "required"),
+])
+def test_usage_errors_are_one_line(args, message):
+    code, out, err = cli(*args)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("deltacome: error: ") and message in err and "--help" in err
+
