@@ -819,11 +819,12 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         return name, w_base, w_ft, extract_delta(w_base, w_ft, name)
 
     writer = SafetensorsWriter(out)
+    reads = prefetched(read, base_r.names())
+    items = tqdm(reads, desc="compress", total=len(base_r.names()), unit="tensor",
+                 disable=not progress)
     try:
         t0 = time.perf_counter()
-        for name, w_base, w_ft, delta in tqdm(prefetched(read, base_r.names()), desc="compress",
-                                             total=len(base_r.names()), unit="tensor",
-                                             disable=not progress):
+        for name, w_base, w_ft, delta in items:
             t1 = time.perf_counter()
             summary.seconds["read"] += t1 - t0
             t2 = t1
@@ -854,6 +855,8 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         writer.abort()
         raise
     finally:
+        reads.close()                   # no read runs on after an error
+        items.close()                   # the bar ends its line before any error is printed
         base_r.close()
         ft_r.close()
     if device.type == "cuda":
@@ -880,9 +883,10 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     parent = out.resolve().parent
     check_writable(out, directory_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
+    shards = sorted(set(files.values()))
+    bar = tqdm(shards, desc="apply", unit="shard", disable=not progress)
     try:
-        shards = sorted(set(files.values()))
-        for shard in tqdm(shards, desc="apply", unit="shard", disable=not progress):
+        for shard in bar:
             target = scratch / (out.name if base.is_file() else shard.name)
             writer = SafetensorsWriter(target)
             with open_safetensors(shard) as f:
@@ -915,6 +919,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
         else:
             os.replace(final, out)
     finally:
+        bar.close()                     # the bar ends its line before any error is printed
         if scratch.exists():
             shutil.rmtree(scratch)
     return out
@@ -932,9 +937,9 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
             contextlib.closing(CheckpointReader(merged)) as merged_r:
         if sorted(base_r.names()) != sorted(merged_r.names()):
             raise DeltaComeError(f"{merged}: its tensor names differ from BASE {base}")
-        worst = max((verify_tensor(name, base_r.get(name), merged_r.get(name), delta, merged)
-                     for name in tqdm(base_r.names(), desc="verify", unit="tensor",
-                                      disable=not progress)), default=0.0)
+        with tqdm(base_r.names(), desc="verify", unit="tensor", disable=not progress) as names:
+            worst = max((verify_tensor(name, base_r.get(name), merged_r.get(name), delta, merged)
+                         for name in names), default=0.0)
         count = len(base_r.names())
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
             f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.carried)} carried and the rest equal")
@@ -1059,15 +1064,16 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
         (d / "config.json").write_text(json.dumps(config, indent=2))
     shards = [f"model-{j + 1:05d}-of-{layers + 1:05d}.safetensors" for j in range(layers + 1)]
     weight_map, size, whole = {}, 0, ({}, {})
-    for i in tqdm(range(layers + 1), desc="example", unit="shard", disable=not progress):
-        for d, tensors, everything in zip(dirs, layer(i), whole):
-            tensors = {k: v.to(dtype).cpu().contiguous() for k, v in tensors.items()}
-            if sharded:
-                save_file(tensors, str(d / shards[i]), {"format": "pt"})
-            else:
-                everything.update(tensors)
-        weight_map.update(dict.fromkeys(tensors, shards[i]))
-        size += sum(t.numel() * t.element_size() for t in tensors.values())
+    with tqdm(range(layers + 1), desc="example", unit="shard", disable=not progress) as bar:
+        for i in bar:
+            for d, tensors, everything in zip(dirs, layer(i), whole):
+                tensors = {k: v.to(dtype).cpu().contiguous() for k, v in tensors.items()}
+                if sharded:
+                    save_file(tensors, str(d / shards[i]), {"format": "pt"})
+                else:
+                    everything.update(tensors)
+            weight_map.update(dict.fromkeys(tensors, shards[i]))
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
     for d, everything in zip(dirs, whole):
         if sharded:
             (d / "model.safetensors.index.json").write_text(json.dumps(

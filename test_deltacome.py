@@ -1284,6 +1284,21 @@ def same_tensors(a, b):
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def empty_matrix(delta, cfg, dtype):
+    """compress_matrix's stand-in where the files, not their contents, are under test."""
+    return CompressedMatrix(tuple(delta.shape), dtype)
+
+
+@pytest.fixture(scope="module")
+def applied(pair, tmp_path_factory):
+    """The sharded pair compressed and applied once: (base, ft, delta file, merged dir)."""
+    base, ft = pair["sharded"]
+    root = tmp_path_factory.mktemp("applied")
+    dc.compress(base, ft, root / "d.safetensors", Config(device="cpu"), progress=False)
+    dc.apply(base, root / "d.safetensors", root / "merged", "cpu", progress=False)
+    return base, ft, root / "d.safetensors", root / "merged"
+
+
 def test_cli_compress_named_or_not_and_flags_before_the_command(pair, tmp_path):
     base, ft = pair["single"]
     bare, named, quiet = (tmp_path / f"{n}.safetensors" for n in ("bare", "named", "quiet"))
@@ -1314,4 +1329,23 @@ def test_usage_errors_are_one_line(args, message):
     code, out, err = cli(*args)
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith("deltacome: error: ") and message in err and "--help" in err
+
+
+@pytest.mark.parametrize("command", ["compress", "apply", "verify"])
+def test_progress_bar_is_closed_before_the_error(applied, tmp_path, monkeypatch, command):
+    base, ft, delta, merged = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    calls, original = [], dc.decompress_matrix
+
+    def failing(cm):                             # each command decompresses every matrix
+        calls.append(1)
+        if len(calls) == 3:
+            raise DeltaComeError("simulated failure")
+        return original(cm)
+    monkeypatch.setattr(dc, "decompress_matrix", failing)
+    args = {"compress": (base, ft, tmp_path / "d.safetensors"),
+            "apply": (base, delta, tmp_path / "m"), "verify": (base, delta, merged)}[command]
+    code, _, err = cli(command, *args)           # progress bars on
+    assert code == 2 and f"{command}:" in err and "%|" in err        # a bar was drawn ...
+    assert err.endswith("\ndeltacome: error: simulated failure\n"), repr(err[-200:])  # closed
 
