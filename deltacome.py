@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import heapq
 import itertools
 import json
@@ -94,8 +95,10 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
             return {name: path / shard for name, shard in weight_map.items()}
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
+            pickles = ", ".join(p.name for p in sorted(path.glob("*.bin")))
+            hint = f" (it holds {pickles}: {PICKLE_HINT})" if pickles and not files else ""
             raise DeltaComeError(f"{path}: expected model.safetensors.index.json or exactly one "
-                                 f".safetensors file, found {len(files)}")
+                                 f".safetensors file, found {len(files)}{hint}")
     names = {}
     for file in files:
         with open_safetensors(file) as f:
@@ -103,17 +106,35 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     return names
 
 
+PICKLE_HINT = ("PyTorch pickles are not read, as unpickling can run code; save the model "
+               "with save_pretrained(..., safe_serialization=True) or safetensors first")
+
+
 @contextlib.contextmanager
 def open_safetensors(file: Path):
     """safe_open with its errors (missing, truncated, corrupt header) turned into one line."""
+    if Path(file).is_dir():
+        raise DeltaComeError(f"{file}: is a directory, not a .safetensors file")
     if not Path(file).is_file():
         raise DeltaComeError(f"{file}: no such file")
     try:
         handle = safe_open(str(file), framework="pt")
     except Exception as e:  # safetensors raises its own error types for bad headers
+        if is_pickle(file):
+            raise DeltaComeError(f"{file}: not a safetensors file; it looks like a PyTorch "
+                                 f"pickle (torch.save, pytorch_model.bin): {PICKLE_HINT}") from None
         raise DeltaComeError(f"{file}: not a readable safetensors file ({e})") from None
     with handle as f:
         yield f
+
+
+def is_pickle(file: Path) -> bool:
+    """Whether a file starts like torch.save's output: a zip archive (PyTorch ≥ 1.6) or a
+    pickle stream (protocol 2 and up open with the PROTO opcode 0x80)."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and 2 <= head[1] <= 5)
 
 
 class CheckpointReader:
@@ -531,6 +552,9 @@ def choose_widths(delta: torch.Tensor, cfg: Config):
         return none
     if cfg.method == "greedy":
         candidates = sorted({0, *cfg.widths})
+        if candidates == [0]:
+            raise DeltaComeError(f"widths {tuple(cfg.widths)}: no width of 1..8 bits to store a "
+                                 f"vector at (0, dropping it, is always a candidate)")
         costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
         cheapest = min(costs[1:], default=budget + 1)
         max_rank = min(budget // cheapest, out_f, in_f)
@@ -660,7 +684,24 @@ class SafetensorsWriter:
                 os.unlink(tmp)
 
     def abort(self):
-        self._data.close()
+        """Drop the scratch data; closing may fail again as its last write did (disk full)."""
+        with contextlib.suppress(OSError):
+            self._data.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            self.abort()
+
+
+def output_error(out: Path, e: OSError) -> Exception:
+    """An OSError as the error to report: one that names no file (a full disk's) becomes a
+    DeltaComeError about the output being written, `out`."""
+    if e.filename is not None:
+        return e
+    return DeltaComeError(f"{out}: cannot write it: {e.strerror or e}")
 
 
 def add_compressed(writer: SafetensorsWriter, name: str, cm: CompressedMatrix):
@@ -687,9 +728,10 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
         if raw is None:
             raise DeltaComeError(f"{path}: not a deltacome file (no '{FORMAT_NAME}' metadata)")
         meta = json.loads(raw)
-        if meta.get("version") != FORMAT_VERSION:
-            raise DeltaComeError(f"{path}: format version {meta.get('version')} is not "
-                                 f"supported (this reader knows {FORMAT_VERSION})")
+        version = meta.get("version")
+        if type(version) is not int or version != FORMAT_VERSION:  # not "1", not true
+            raise DeltaComeError(f"{path}: format version {version!r} is not supported (this "
+                                 f"reader knows the integer {FORMAT_VERSION})")
         g = meta["group_size"]
 
         def get(key):
@@ -729,8 +771,9 @@ def check_writable(out: Path, directory_ok: bool = False):
     if not parent.is_dir():
         raise DeltaComeError(f"{out}: directory {parent} does not exist")
     try:                            # probe for real: permission bits say nothing to root
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(13, "permission denied")
+        if not os.access(parent, os.W_OK):          # False on a read-only file system too
+            code = errno.EROFS if os.statvfs(parent).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise DeltaComeError(f"{out}: directory {parent} is not writable ({e.strerror})") from None
@@ -851,6 +894,9 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         t3 = time.perf_counter()
         writer.finish({FORMAT_NAME: json.dumps(meta)})
         summary.seconds["write"] += time.perf_counter() - t3
+    except OSError as e:
+        writer.abort()
+        raise output_error(out, e) from None
     except BaseException:
         writer.abort()
         raise
@@ -888,8 +934,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     try:
         for shard in bar:
             target = scratch / (out.name if base.is_file() else shard.name)
-            writer = SafetensorsWriter(target)
-            with open_safetensors(shard) as f:
+            with SafetensorsWriter(target) as writer, open_safetensors(shard) as f:
                 meta = f.metadata() or {}
                 for name in f.keys():
                     w = f.get_tensor(name)
@@ -903,7 +948,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                     elif name in delta.carried:
                         w = delta.carried[name]
                     writer.add(name, w)
-            writer.finish(meta)
+                writer.finish(meta)
         if base.is_dir():
             for extra in base.iterdir():
                 if extra.is_file() and extra.suffix != ".safetensors":
@@ -918,6 +963,8 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
             shutil.rmtree(old)
         else:
             os.replace(final, out)
+    except OSError as e:
+        raise output_error(out, e) from None
     finally:
         bar.close()                     # the bar ends its line before any error is printed
         if scratch.exists():
@@ -1213,6 +1260,9 @@ def config_from_args(args) -> Config:
         raise DeltaComeError(f"--widths: expected comma-separated integers, got {args.widths!r}")
     if not all(0 <= w <= 8 for w in widths):
         raise DeltaComeError(f"--widths: every width must be in 0..8, got {args.widths}")
+    if not any(widths):
+        raise DeltaComeError(f"--widths {args.widths}: give at least one width of 1..8 bits "
+                             f"(0, dropping a vector, is always a candidate)")
     if args.group_size <= 0 or args.group_size % 32:
         raise DeltaComeError(f"--group-size must be a positive multiple of 32, got "
                              f"{args.group_size}")
@@ -1272,7 +1322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltacome: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"deltacome: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"deltacome: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

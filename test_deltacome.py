@@ -1349,3 +1349,63 @@ def test_progress_bar_is_closed_before_the_error(applied, tmp_path, monkeypatch,
     assert code == 2 and f"{command}:" in err and "%|" in err        # a bar was drawn ...
     assert err.endswith("\ndeltacome: error: simulated failure\n"), repr(err[-200:])  # closed
 
+
+def test_messages_say_what_is_wrong(pair, tmp_path):
+    base, ft = pair["single"]
+    out = tmp_path / "d.safetensors"
+    assert cli(base, ft, out, "-q")[0] == 0
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    torch.save({"w": torch.ones(2)}, pickles / "pytorch_model.bin")          # zip archive
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    meta = {**dc.read_delta_file(out).meta, "version": "1"}         # a string, not 1
+    string_version = tmp_path / "string-version.safetensors"
+    save_file(load_file(str(out)), str(string_version), {"deltacome": json.dumps(meta)})
+    cases = [((base, ft, out, "--widths", "0"), "give at least one width of 1..8 bits"),
+             (("info", tmp_path), "is a directory, not a .safetensors file"),
+             (("info", string_version), "format version '1' is not supported (this reader "
+                                        "knows the integer 1)"),
+             ((pickles / "pytorch_model.bin", ft, out), "it looks like a PyTorch pickle"),
+             ((tmp_path / "legacy.pt", ft, out), "pickles are not read"),
+             ((pickles, ft, out), "it holds pytorch_model.bin: PyTorch pickles are not read")]
+    for args, message in cases:
+        code, _, err = cli(*args, *(["-q"] if args[0] != "info" else []))
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    with pytest.raises(DeltaComeError, match="no width of 1..8 bits"):
+        dc.compress_matrix(long_tailed(64, 64), Config(widths=(0,)))
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_unwritable_directory_says_why(applied, tmp_path, monkeypatch, read_only):
+    # Root ignores permission bits, and mounting a read-only file system needs privileges:
+    # both cases are simulated (`os.access` and `os.statvfs` answer as they would).
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc.os, "access", lambda path, mode: False)
+    flag = os.ST_RDONLY if read_only else 0
+    monkeypatch.setattr(dc.os, "statvfs", lambda path: SimpleNamespace(f_flag=flag))
+    for args in ((base, ft, tmp_path / "d.safetensors"), ("apply", base, delta, tmp_path / "m")):
+        code, _, err = cli(*args, "-q")
+        assert code == 2 and err.count("\n") == 1
+        assert ("Read-only file system" if read_only else "Permission denied") in err, err
+
+
+@pytest.mark.parametrize("command", ["compress", "apply"])
+def test_full_disk_names_the_output_and_leaves_nothing(applied, tmp_path, monkeypatch, command):
+    import errno
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    out = tmp_path / ("d.safetensors" if command == "compress" else "merged")
+    calls, original = [], dc.SafetensorsWriter.add
+
+    def full(self, name, tensor):                # what a write to a full disk raises: no file name
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, name, tensor)
+    monkeypatch.setattr(dc.SafetensorsWriter, "add", full)
+    args = (base, ft, out) if command == "compress" else ("apply", base, delta, out)
+    code, _, err = cli(*args, "-q")
+    assert code == 2 and err == f"deltacome: error: {out}: cannot write it: No space left on " \
+                                "device\n", err
+    assert list(tmp_path.iterdir()) == []
+
