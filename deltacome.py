@@ -41,6 +41,7 @@ import math
 import os
 import re
 import resource
+import secrets
 import shutil
 import struct
 import sys
@@ -669,9 +670,9 @@ class SafetensorsWriter:
         header = dict(self.header, __metadata__=metadata)
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)                    # data starts 8-byte aligned
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        tmp = new_scratch(self.path.parent, f".{self.path.name}.")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(struct.pack("<Q", len(blob)) + blob)
                 self._data.seek(0)
                 shutil.copyfileobj(self._data, f, 1 << 24)
@@ -694,6 +695,22 @@ class SafetensorsWriter:
     def __exit__(self, kind, value, traceback):
         if kind is not None:
             self.abort()
+
+
+def new_scratch(parent: Path, prefix: str, directory: bool = False) -> Path:
+    """A new empty file (or directory) in `parent`, named prefix + random hex, created with
+    the permissions the umask gives any new file: mkstemp and mkdtemp make theirs private
+    (0600, 0700), and the output renamed from it would keep them."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if directory:
+                path.mkdir()
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 def output_error(out: Path, e: OSError) -> Exception:
@@ -915,7 +932,8 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
           progress: bool = True) -> Path:
     """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and dtype:
     a single file if BASE is a file, else a directory with BASE's shards, index, config and
-    tokenizer files. Built under a scratch name and renamed into place when complete."""
+    tokenizer files. Built under a scratch name with the usual permissions and renamed into
+    place when complete."""
     from tqdm import tqdm
 
     base, out = Path(base), Path(out)
@@ -928,7 +946,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                              f"(a delta made against another base?)")
     parent = out.resolve().parent
     check_writable(out, directory_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
+    scratch = new_scratch(parent, f".{out.name}.", directory=True)
     shards = sorted(set(files.values()))
     bar = tqdm(shards, desc="apply", unit="shard", disable=not progress)
     try:

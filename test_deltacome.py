@@ -1409,3 +1409,18 @@ def test_full_disk_names_the_output_and_leaves_nothing(applied, tmp_path, monkey
                                 "device\n", err
     assert list(tmp_path.iterdir()) == []
 
+
+def test_outputs_get_the_usual_permissions(applied, tmp_path, monkeypatch):
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    old = os.umask(0o027)
+    try:
+        assert cli(base, ft, tmp_path / "d.safetensors", "-q")[0] == 0
+        assert cli("apply", base, delta, tmp_path / "merged", "-q")[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o750
+    for shard in (tmp_path / "merged").glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o640
+
