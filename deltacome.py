@@ -54,7 +54,8 @@ import torch
 from safetensors import safe_open
 
 FORMAT_NAME = "deltacome"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)              # version 1 files predate the `dtypes` entry (format, below)
 
 
 class DeltaComeError(Exception):
@@ -174,11 +175,13 @@ def check_finite(name: str, t: torch.Tensor, where: str):
 
 
 def extract_delta(w_base: torch.Tensor, w_ft: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """Δ = W_ft − W_base in fp32, whatever the checkpoint dtype."""
+    """Δ = W_ft − W_base in fp32, whatever the checkpoint dtypes: BASE and FT may hold
+    different float dtypes (an fp16 base, a bf16 fine-tune), as fp32 holds both exactly."""
     if w_base.shape != w_ft.shape:
         raise DeltaComeError(f"tensor {name}: shape {tuple(w_base.shape)} in BASE but "
                              f"{tuple(w_ft.shape)} in FT (different architectures?)")
-    if w_base.dtype != w_ft.dtype:
+    if w_base.dtype != w_ft.dtype and not (w_base.is_floating_point()
+                                           and w_ft.is_floating_point()):
         raise DeltaComeError(f"tensor {name}: dtype {w_base.dtype} in BASE but {w_ft.dtype} in FT")
     return w_ft.float() - w_base.float()
 
@@ -637,7 +640,9 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
 # Tensors that are not compressed and differ from BASE are stored as `carry.NAME`, copied
 # bit-exact from FT; the ones equal to BASE are not stored (apply takes BASE's). The metadata
 # "deltacome" entry is JSON: format, version, group_size, config, and per matrix its shape,
-# dtype, bands [[bits, rank], ...] and relative error; plus the list of carried tensors.
+# FT's dtype, bands [[bits, rank], ...] and relative error; the list of carried tensors; and
+# `dtypes`, FT's dtype of every tensor whose dtype differs from BASE's (version 2; a version 1
+# file has none: its fine-tune had BASE's dtypes throughout).
 # Everything is vector-major and contiguous, so a kernel reads a band in coalesced rows.
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -746,9 +751,9 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
             raise DeltaComeError(f"{path}: not a deltacome file (no '{FORMAT_NAME}' metadata)")
         meta = json.loads(raw)
         version = meta.get("version")
-        if type(version) is not int or version != FORMAT_VERSION:  # not "1", not true
+        if type(version) is not int or version not in READ_VERSIONS:  # not "1", not true
             raise DeltaComeError(f"{path}: format version {version!r} is not supported (this "
-                                 f"reader knows the integer {FORMAT_VERSION})")
+                                 f"reader knows the integers {', '.join(map(str, READ_VERSIONS))})")
         g = meta["group_size"]
 
         def get(key):
@@ -769,6 +774,21 @@ def read_delta_file(path: str | Path, device: str = "cpu") -> DeltaFile:
             matrices[name] = CompressedMatrix((out_f, in_f), m["dtype"], bands)
         carried = {name: get(f"carry.{name}") for name in meta["carried"]}
     return DeltaFile(matrices, carried, meta)
+
+
+def fine_tune_dtype(delta: DeltaFile, name: str, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor `name` has in the fine-tune: a carried tensor's own, else the one the
+    file records for it (a compressed matrix's, or `dtypes`), else BASE's."""
+    if name in delta.carried:
+        return delta.carried[name].dtype
+    text = (delta.matrices[name].dtype if name in delta.matrices
+            else delta.meta.get("dtypes", {}).get(name))
+    if text is None:
+        return base_dtype
+    dtype = getattr(torch, str(text), None)
+    if not isinstance(dtype, torch.dtype):
+        raise DeltaComeError(f"tensor {name}: unknown dtype {text!r} in the delta file")
+    return dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +873,9 @@ class Summary:
 
 def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Config(),
              progress: bool = True) -> Summary:
-    """Compress FT's delta against BASE into the delta file OUT; returns a Summary."""
+    """Compress FT's delta against BASE into the delta file OUT; returns a Summary.
+    FT may hold other float dtypes than BASE (bf16 against fp16): Δ is taken in fp32 and the
+    file records FT's dtypes, which `apply` writes."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -870,7 +892,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     include = re.compile(cfg.include)
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
-            "config": asdict(cfg), "matrices": {}, "carried": []}
+            "config": asdict(cfg), "matrices": {}, "carried": [], "dtypes": {}}
 
     def read(name):                 # runs one tensor ahead in a thread: I/O overlaps the GPU
         w_base, w_ft = base_r.get(name), ft_r.get(name)
@@ -888,9 +910,11 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
             t1 = time.perf_counter()
             summary.seconds["read"] += t1 - t0
             t2 = t1
+            if w_ft.dtype != w_base.dtype:
+                meta["dtypes"][name] = str(w_ft.dtype).removeprefix("torch.")
             if w_base.ndim == 2 and include.search(name):
                 delta = delta.to(device)
-                cm = compress_matrix(delta, cfg, str(w_base.dtype).removeprefix("torch."))
+                cm = compress_matrix(delta, cfg, str(w_ft.dtype).removeprefix("torch."))
                 err = relative_error(delta, decompress_matrix(cm))
                 t2 = time.perf_counter()
                 summary.seconds["svd+quantize"] += t2 - t1
@@ -902,7 +926,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                 summary.delta_fp16_bytes += 2 * delta.numel()
                 summary.compressed_bytes += cm.nbytes()
                 summary.errors.append(err)
-            elif not torch.equal(w_base, w_ft):
+            elif not torch.equal(w_base.to(w_ft.dtype), w_ft):     # BASE's, cast, is not FT's
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
@@ -930,10 +954,11 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
 
 def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str = "auto",
           progress: bool = True) -> Path:
-    """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and dtype:
-    a single file if BASE is a file, else a directory with BASE's shards, index, config and
-    tokenizer files. Built under a scratch name with the usual permissions and renamed into
-    place when complete."""
+    """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and FT's
+    dtypes (as the file records them; BASE's where FT had the same): a single file if BASE is
+    a file, else a directory with BASE's shards, index, config and tokenizer files, the
+    config's dtype set to FT's where FT's differed. Built under a scratch name with the
+    usual permissions and renamed into place when complete."""
     from tqdm import tqdm
 
     base, out = Path(base), Path(out)
@@ -949,6 +974,7 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     scratch = new_scratch(parent, f".{out.name}.", directory=True)
     shards = sorted(set(files.values()))
     bar = tqdm(shards, desc="apply", unit="shard", disable=not progress)
+    elements = collections.Counter()             # float elements written, by dtype
     try:
         for shard in bar:
             target = scratch / (out.name if base.is_file() else shard.name)
@@ -956,21 +982,28 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
                 meta = f.metadata() or {}
                 for name in f.keys():
                     w = f.get_tensor(name)
+                    dtype = fine_tune_dtype(delta, name, w.dtype)
                     if name in delta.matrices:
                         cm = delta.matrices[name]
                         if tuple(w.shape) != cm.shape:
                             raise DeltaComeError(f"tensor {name}: shape {tuple(w.shape)} in BASE "
                                                  f"but {cm.shape} in the delta file")
                         dhat = decompress_matrix(cm.to(dev))
-                        w = (w.to(dev).float() + dhat).to(w.dtype)
+                        w = (w.to(dev).float() + dhat).to(dtype)
                     elif name in delta.carried:
                         w = delta.carried[name]
+                    else:
+                        w = w.to(dtype)
+                    if w.is_floating_point():
+                        elements[w.dtype] += w.numel()
                     writer.add(name, w)
                 writer.finish(meta)
         if base.is_dir():
             for extra in base.iterdir():
                 if extra.is_file() and extra.suffix != ".safetensors":
                     shutil.copy2(extra, scratch / extra.name)
+            if delta.meta.get("dtypes") and elements and (scratch / "config.json").is_file():
+                set_config_dtype(scratch / "config.json", elements.most_common(1)[0][0])
             final = scratch
         else:
             final = scratch / out.name
@@ -988,6 +1021,21 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
         if scratch.exists():
             shutil.rmtree(scratch)
     return out
+
+
+def set_config_dtype(config: Path, dtype: torch.dtype):
+    """Set a copied HF config.json's dtype entry (`torch_dtype`, or `dtype` in newer
+    transformers) to the merged weights' main dtype, so that from_pretrained(dtype="auto")
+    loads the fine-tune in FT's dtype rather than BASE's. A config that is not JSON stays."""
+    try:
+        entries = json.loads(config.read_text())
+    except ValueError:
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(entries, dict)
+            and isinstance(entries.get(k), str)]
+    if keys:
+        entries.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+        config.write_text(json.dumps(entries, indent=2) + "\n")
 
 
 def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
@@ -1013,12 +1061,14 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
 def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: DeltaFile,
                   merged: str | Path) -> float:
     """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
-    (at most 1, else an error); every other tensor must be exact (0)."""
-    if w.dtype != w_base.dtype or w.shape != w_base.shape:
+    (at most 1, else an error); every other tensor must be exact (0). Each must have FT's
+    dtype as the delta file records it."""
+    dtype = fine_tune_dtype(delta, name, w_base.dtype)
+    if w.dtype != dtype or w.shape != w_base.shape:
         raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
-                             f"{w_base.dtype} {tuple(w_base.shape)} in BASE")
+                             f"{dtype} {tuple(w_base.shape)} expected")
     if name not in delta.matrices:
-        if not torch.equal(w, delta.carried.get(name, w_base)):
+        if not torch.equal(w, delta.carried.get(name, w_base.to(dtype))):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
         return 0.0

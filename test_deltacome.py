@@ -360,7 +360,8 @@ BAD_FT = {
     "extra": (lambda t: t.__setitem__("model.extra.weight", torch.ones(2)), "not in BASE"),
     "shape": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)][:-1].clone()),
               "shape"),
-    "dtype": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)].float()), "dtype"),
+    "dtype": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)].to(torch.int16)),
+              "dtype"),
 }
 
 
@@ -1364,7 +1365,7 @@ def test_messages_say_what_is_wrong(pair, tmp_path):
     cases = [((base, ft, out, "--widths", "0"), "give at least one width of 1..8 bits"),
              (("info", tmp_path), "is a directory, not a .safetensors file"),
              (("info", string_version), "format version '1' is not supported (this reader "
-                                        "knows the integer 1)"),
+                                        "knows the integers 1, 2)"),
              ((pickles / "pytorch_model.bin", ft, out), "it looks like a PyTorch pickle"),
              ((tmp_path / "legacy.pt", ft, out), "pickles are not read"),
              ((pickles, ft, out), "it holds pytorch_model.bin: PyTorch pickles are not read")]
@@ -1423,4 +1424,83 @@ def test_outputs_get_the_usual_permissions(applied, tmp_path, monkeypatch):
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o750
     for shard in (tmp_path / "merged").glob("*.safetensors"):
         assert shard.stat().st_mode & 0o777 == 0o640
+
+
+def checkpoint_in_dtype(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of a sharded checkpoint directory with every float tensor cast to `dtype`."""
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file({k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in load_file(str(shard)).items()}, str(shard))
+    return dst
+
+
+def test_base_and_fine_tune_in_different_float_dtypes(pair, tmp_path):
+    base, ft16 = pair["sharded"]                                  # fp16, sharded, config.json
+    ft = checkpoint_in_dtype(ft16, tmp_path / "ft-bf16", torch.bfloat16)
+    out, merged = tmp_path / "d.safetensors", tmp_path / "merged"
+    assert cli(base, ft, out, "-q", "--method", "4:8")[0] == 0       # a quick band spec
+    d = dc.read_delta_file(out)
+    base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
+    assert d.meta["dtypes"] == dict.fromkeys(base_r.names(), "bfloat16")
+    assert {cm.dtype for cm in d.matrices.values()} == {"bfloat16"}
+    # FT's embedding is BASE's cast to bf16: nothing to store, apply casts BASE's
+    assert "model.embed_tokens.weight" not in d.carried
+    assert cli("apply", base, out, merged, "-q")[0] == 0
+    merged_r = dc.CheckpointReader(merged)
+    for name in base_r.names():
+        w = merged_r.get(name)
+        assert w.dtype == torch.bfloat16, name
+        if name in d.matrices:        # Δ in fp32, W_base + Δ̂ rounded once to FT's dtype
+            expected = base_r.get(name).float() + dc.decompress_matrix(d.matrices[name])
+            assert torch.equal(w, expected.to(torch.bfloat16)), name
+        else:
+            assert torch.equal(w, ft_r.get(name)), name
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert cli("verify", base, out, merged, "-q")[0] == 0
+
+
+def test_config_dtype_set_under_either_key(tmp_path):
+    config = tmp_path / "config.json"
+    for key in ("torch_dtype", "dtype"):            # transformers 4 / 5 write these
+        config.write_text(json.dumps({key: "float16", "hidden_size": 8}))
+        dc.set_config_dtype(config, torch.bfloat16)
+        assert json.loads(config.read_text()) == {key: "bfloat16", "hidden_size": 8}
+    config.write_text("not json")
+    dc.set_config_dtype(config, torch.bfloat16)
+    assert config.read_text() == "not json"
+
+
+def test_format_version_1_files_apply_as_before(applied, tmp_path):
+    """A file written before format version 2 has no `dtypes` and BASE's dtypes throughout;
+    rewritten as such, today's file must apply to the same checkpoint."""
+    from safetensors import safe_open
+    base, _, new, _ = applied
+    old = tmp_path / "v1.safetensors"
+    with safe_open(str(new), "pt") as f:
+        meta = json.loads(f.metadata()["deltacome"])
+    assert meta["version"] == 2 and meta["dtypes"] == {}
+    del meta["dtypes"]
+    save_file(load_file(str(new)), str(old), {"deltacome": json.dumps({**meta, "version": 1})})
+    for delta in (new, old):
+        assert cli("apply", base, delta, tmp_path / delta.stem, "-q")[0] == 0
+        assert cli("verify", base, delta, tmp_path / delta.stem, "-q")[0] == 0
+    for shard in (tmp_path / "v1").glob("*.safetensors"):
+        assert same_tensors(shard, tmp_path / "d" / shard.name)
+    assert (tmp_path / "v1" / "config.json").read_text() == (base / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_mixed_dtype_fine_tune_loads_in_its_dtype(pair, tmp_path):
+    """compress → apply → from_pretrained: an fp16 base and a bf16 fine-tune give a model that
+    transformers loads as bf16 (dtype "auto" reads the merged config) with FT's weights."""
+    transformers = pytest.importorskip("transformers")
+    base, ft16 = pair["sharded"]
+    ft = checkpoint_in_dtype(ft16, tmp_path / "ft-bf16", torch.bfloat16)
+    assert cli(base, ft, tmp_path / "d.safetensors", "-q")[0] == 0
+    assert cli("apply", base, tmp_path / "d.safetensors", tmp_path / "merged", "-q")[0] == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert model.dtype == torch.bfloat16
+    norm = model.state_dict()["model.norm.weight"]
+    assert torch.equal(norm, dc.CheckpointReader(ft).get("model.norm.weight"))
 
