@@ -1504,3 +1504,55 @@ def test_mixed_dtype_fine_tune_loads_in_its_dtype(pair, tmp_path):
     norm = model.state_dict()["model.norm.weight"]
     assert torch.equal(norm, dc.CheckpointReader(ft).get("model.norm.weight"))
 
+
+def eval_parsers(monkeypatch) -> dict:
+    """{command: its argparse parser} of eval.py, caught as main parses."""
+    import argparse
+    caught = {}
+
+    def catch(self, args=None, namespace=None):
+        caught["top"] = self
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        ev.main(["smoke", "x"])
+    sub = next(a for a in caught["top"]._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_eval_commands_and_options_are_described(monkeypatch):
+    for name, parser in eval_parsers(monkeypatch).items():
+        assert parser.description, f"eval.py {name} has no description"
+        for action in parser._actions:
+            assert action.help, f"eval.py {name} {action.option_strings or action.dest}: no help"
+
+
+def test_eval_workers_default_overlaps_compression_on_two_cores(monkeypatch):
+    monkeypatch.setattr(ev.os, "cpu_count", lambda: 2)
+    assert ev.default_workers() == 1
+    monkeypatch.setattr(ev.os, "cpu_count", lambda: 64)
+    assert ev.default_workers() == 14
+
+
+def test_eval_kept_is_a_dash_when_undefined():
+    assert ev.kept_text(float("nan"), 8) == "       —"
+    assert ev.kept_text(0.995, 7) == "  99.5%"
+
+
+def test_eval_matrices_shows_progress(capsys):
+    mats = {"q": (long_tailed(64, 64), None), "k": (long_tailed(32, 64), None)}
+    ev.matrix_rows(mats, methods=("BitDelta",), progress=True)
+    err = capsys.readouterr().err
+    assert "matrices" in err and "2/2" in err
+
+
+@pytest.mark.slow
+def test_smoke_estimate_is_measured(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("reasoning_gym")
+    cfg = ev.RunConfig(tasks=("chain_sum",), train=ev.TrainConfig(steps=10, batch=4),
+                       n_test=8, text_windows=2, tiny=True, methods=("greedy",),
+                       budgets=(1 / 16,))
+    seconds, how = ev.smoke_estimate(tmp_path, cfg)
+    assert 0 < seconds < 600 and "timed on 3 steps and 8 problems" in how
+    assert (tmp_path / "base" / "config.json").exists()          # the pipeline's base, reused
