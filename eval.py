@@ -806,34 +806,37 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
 
 def smoke_estimate(work: Path, cfg: RunConfig) -> tuple[float, str]:
     """(seconds, how they were measured): what a smoke run of `cfg` will take on this machine,
-    timed up front on the tiny base (built now if missing): one load, 3 fine-tuning steps and
-    one evaluation of a few held-out problems (after an untimed one that pays the set-up),
-    scaled to the run's loads, steps, problems and evaluations. Compressing a tiny model
-    takes moments and is left out; stages already done in WORK are counted as if not."""
+    timed up front on the tiny base (built now if missing): one load, then per task (their
+    sequences differ in length) 3 fine-tuning steps and one evaluation of a few held-out
+    problems (after an untimed one that pays the set-up), scaled to the run's loads, steps,
+    problems and evaluations. Compressing a tiny model takes moments and is left out; stages
+    already done in WORK are counted as if not."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (work / "base" / "config.json").exists():
         build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_vocab)
     t = time.perf_counter()
     model, tok = load(work / "base", device)
     load_seconds = time.perf_counter() - t
-    task, steps, n = cfg.tasks[0], 3, min(cfg.n_test, 64)
-    train, _ = make_problems(task, steps * cfg.train.batch, TRAIN_SEED)
-    t = time.perf_counter()
-    finetune(model, tok, encode(tok, train),
-             TrainConfig(steps=steps, batch=cfg.train.batch, warmup=1), log=lambda msg: None)
-    step_seconds = (time.perf_counter() - t) / steps
-    test, ds = make_problems(task, n, TEST_SEED)
-    pairs = encode(tok, test)
+    steps, n = 3, min(cfg.n_test, 64)
     windows = text_windows(tok, cfg.text_windows, 64, tiny=True)
-    max_new = max(len(a) for _, a in pairs) + 4
-    evaluate_model(model, tok, test[:2], ds, pairs[:2], windows, max_new, cfg)  # first-call setup
-    t = time.perf_counter()
-    evaluate_model(model, tok, test, ds, pairs, windows, max_new, cfg)
-    eval_seconds = (time.perf_counter() - t) * cfg.n_test / n
-    seconds = len(cfg.tasks) * (cfg.train.steps * step_seconds + 3 * load_seconds  # 3 loads
-                                + (2 + len(plan(cfg))) * eval_seconds)         # per task
-    return seconds, (f"{step_seconds:.2f} s a step and {eval_seconds:.1f} s an evaluation, "
-                     f"timed on {steps} steps and {n} problems")
+    seconds, rates = 0.0, []
+    for task in cfg.tasks:
+        train, _ = make_problems(task, steps * cfg.train.batch, TRAIN_SEED)
+        t = time.perf_counter()
+        finetune(model, tok, encode(tok, train),
+                 TrainConfig(steps=steps, batch=cfg.train.batch, warmup=1), log=lambda msg: None)
+        step_seconds = (time.perf_counter() - t) / steps
+        test, ds = make_problems(task, n, TEST_SEED)
+        pairs = encode(tok, test)
+        max_new = max(len(a) for _, a in pairs) + 4
+        evaluate_model(model, tok, test[:2], ds, pairs[:2], windows, max_new, cfg)  # set-up
+        t = time.perf_counter()
+        evaluate_model(model, tok, test, ds, pairs, windows, max_new, cfg)
+        eval_seconds = (time.perf_counter() - t) * cfg.n_test / n
+        seconds += (cfg.train.steps * step_seconds + 3 * load_seconds     # 3 loads per task
+                    + (2 + len(plan(cfg))) * eval_seconds)
+        rates.append(f"{task} {step_seconds:.2f} s a step, {eval_seconds:.1f} s an evaluation")
+    return seconds, "; ".join(rates) + f"; timed on {steps} steps and {n} problems"
 
 
 def environment() -> dict:
