@@ -114,11 +114,18 @@ def unique_shapes(m: dict) -> list[tuple[int, int]]:
     return list(dict.fromkeys(projections(m).values()))
 
 
+def progress(message: str):
+    """A line on stderr saying what runs now: the tables on stdout stay clean, and a long
+    set-up (compression, operand copies, bandwidth) does not look like a hang."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def make_delta(shape, device, seed=0, method="greedy", on_device=False):
     """A compressed synthetic long-tailed delta; SVD on `device` (randomized: only the kept
     vectors are needed, and the full SVD of 28672×8192 would dominate the run). on_device:
     draw the delta there too (its QR on a CPU takes seconds at 70B shapes; other random
     values than the CPU generator's, the same spectrum)."""
+    progress(f"compressing a synthetic {shape[0]}x{shape[1]} delta ({method}, 1/16, {device})")
     gen = torch.Generator(device if on_device else "cpu").manual_seed(seed)
     delta = synthetic_delta(*shape, gen).to(device)
     return compress_matrix(delta, Config(method=method, device=str(device), svd="lowrank"))
@@ -176,6 +183,7 @@ def time_us(calls, graph: bool, min_calls: int = 16) -> float:
 def copy_bandwidth() -> float:
     """Device-to-device copy of 1 GiB, bytes read + written per second (GB/s)."""
     import triton.testing
+    progress("measuring the copy bandwidth")
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200,
@@ -278,6 +286,8 @@ def bench(models, batches, dtype, device, l2_bytes: int, copy_gbs: float | None,
             nbytes = cm.nbytes()
             bands = ",".join(f"{b.bits}:{b.rank}" for b in cm.bands)
             n = max(1, math.ceil(2 * l2_bytes / nbytes)) if cuda else 1
+            if cuda:
+                progress(f"preparing {n} copies of the {shape[0]}x{shape[1]} delta (twice the L2)")
             cms = copies_of(cm, n)
             kds = [prepare_delta(c, device) for c in cms] if cuda else []
             n_dense = max(1, math.ceil(2 * l2_bytes / (2 * shape[0] * shape[1]))) if cuda else 1

@@ -27,6 +27,7 @@ Public entry points: `compress_matrix` / `decompress_matrix` (one matrix), `comp
 
 Usage:
     python deltacome.py BASE FT OUT                # compress at 1/16 of the fp16 delta
+    python deltacome.py compress BASE FT OUT       # the same, the command named
     python deltacome.py BASE FT OUT --calib texts.jsonl   # fit to FT's inputs on these texts
     python deltacome.py apply BASE OUT.safetensors MERGED
     python deltacome.py info OUT.safetensors
@@ -38,12 +39,15 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import heapq
+import itertools
 import json
 import math
 import os
 import re
 import resource
+import secrets
 import shutil
 import struct
 import sys
@@ -57,7 +61,7 @@ import torch
 from safetensors import safe_open
 
 FORMAT_NAME = "deltacome"
-FORMAT_VERSION = 2              # 2: vocabulary tensors, changed rows, side files, whole-file size
+FORMAT_VERSION = 2              # 2: vocabulary tensors, changed rows, side files, FT's dtypes
 READ_VERSIONS = (1, 2)          # files written before version 2 still load
 VOCAB_CHOICES = ("auto", "compress", "rows", "carry")   # Config.vocab: see "Vocabulary tensors"
 MAX_GROUP_SIZE = 4096      # a group of more elements than this is longer than any vector we see
@@ -117,8 +121,10 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
             return {name: path / shard for name, shard in weight_map.items()}
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
+            pickles = ", ".join(p.name for p in sorted(path.glob("*.bin")))
+            hint = f" (it holds {pickles}: {PICKLE_HINT})" if pickles and not files else ""
             raise DeltaComeError(f"{path}: expected model.safetensors.index.json or exactly one "
-                                 f".safetensors file, found {len(files)}")
+                                 f".safetensors file, found {len(files)}{hint}")
     names = {}
     for file in files:
         with open_safetensors(file) as f:
@@ -126,17 +132,35 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     return names
 
 
+PICKLE_HINT = ("PyTorch pickles are not read, as unpickling can run code; save the model "
+               "with save_pretrained(..., safe_serialization=True) or safetensors first")
+
+
 @contextlib.contextmanager
 def open_safetensors(file: Path):
     """safe_open with its errors (missing, truncated, corrupt header) turned into one line."""
+    if Path(file).is_dir():
+        raise DeltaComeError(f"{file}: is a directory, not a .safetensors file")
     if not Path(file).is_file():
         raise DeltaComeError(f"{file}: no such file")
     try:
         handle = safe_open(str(file), framework="pt")
     except Exception as e:  # safetensors raises its own error types for bad headers
+        if is_pickle(file):
+            raise DeltaComeError(f"{file}: not a safetensors file; it looks like a PyTorch "
+                                 f"pickle (torch.save, pytorch_model.bin): {PICKLE_HINT}") from None
         raise DeltaComeError(f"{file}: not a readable safetensors file ({e})") from None
     with handle as f:
         yield f
+
+
+def is_pickle(file: Path) -> bool:
+    """Whether a file starts like torch.save's output: a zip archive (PyTorch ≥ 1.6) or a
+    pickle stream (protocol 2 and up open with the PROTO opcode 0x80)."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80
+                                               and 2 <= head[1] <= 5)
 
 
 class CheckpointReader:
@@ -183,11 +207,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def extract_delta(w_base: torch.Tensor, w_ft: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """Δ = W_ft − W_base in fp32, whatever the checkpoint dtype."""
+    """Δ = W_ft − W_base in fp32, whatever the checkpoint dtypes: BASE and FT may hold
+    different float dtypes (an fp16 base, a bf16 fine-tune), as fp32 holds both exactly."""
     if w_base.shape != w_ft.shape:
         raise DeltaComeError(f"tensor {name}: shape {tuple(w_base.shape)} in BASE but "
                              f"{tuple(w_ft.shape)} in FT (different architectures?)")
-    if w_base.dtype != w_ft.dtype:
+    if w_base.dtype != w_ft.dtype and not (w_base.is_floating_point()
+                                           and w_ft.is_floating_point()):
         raise DeltaComeError(f"tensor {name}: dtype {w_base.dtype} in BASE but {w_ft.dtype} in FT")
     return w_ft.float() - w_base.float()
 
@@ -651,6 +677,9 @@ def choose_widths(delta: torch.Tensor, cfg: Config, H: torch.Tensor | None = Non
             svd_weighted(delta, H, rank, cfg.svd)
     if cfg.method == "greedy":
         candidates = sorted({0, *cfg.widths})
+        if candidates == [0]:
+            raise DeltaComeError(f"widths {tuple(cfg.widths)}: no width of 1..8 bits to store a "
+                                 f"vector at (0, dropping it, is always a candidate)")
         costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
         cheapest = min(costs[1:], default=budget + 1)
         max_rank = min(budget // cheapest, out_f, in_f)
@@ -854,13 +883,14 @@ def changed_side_files(base: Path, ft: Path) -> dict[str, bytes]:
 #   file.NAME                  (bytes,)              uint8   a config or tokenizer file of FT
 # Tensors that are not compressed and differ from BASE are stored as `carry.NAME`, copied
 # bit-exact from FT; the ones equal to BASE are not stored (apply takes BASE's). The metadata
-# "deltacome" entry is JSON: format, version, group_size, config, per matrix its shape, dtype,
-# bands [[bits, rank], ...], relative error and role ("projection" or "vocab"); the list of
-# carried tensors; and since version 2: per rows entry FT's shape, BASE's row count and the
-# dtype; the list of files; whole_fp16_bytes (2 bytes per element of every FT tensor: the fp16
-# delta of the whole fine-tune, the denominator of the whole-file ratio); and base_probes, four
-# values of every BASE tensor (`probe`), which tell files of different bases apart. Version-1
-# files (no rows, files, sizes or probes) still load.
+# "deltacome" entry is JSON: format, version, group_size, config, per matrix its shape, FT's
+# dtype, bands [[bits, rank], ...], relative error and role ("projection" or "vocab"); the list
+# of carried tensors; and since version 2: per rows entry FT's shape, BASE's row count, the
+# row count stored and the dtype; the list of files; `dtypes`, FT's dtype of every tensor
+# whose dtype differs from BASE's; whole_fp16_bytes (2 bytes per element of every FT tensor:
+# the fp16 delta of the whole fine-tune, the denominator of the whole-file ratio); and
+# base_probes, four values of every BASE tensor (`probe`), which tell files of different bases
+# apart. Version-1 files (none of these; their fine-tunes had BASE's dtypes) still load.
 # Everything is vector-major and contiguous, so a kernel reads a band in coalesced rows.
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -923,9 +953,9 @@ class SafetensorsWriter:
         header = dict(self.header, __metadata__=metadata)
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)                    # data starts 8-byte aligned
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        tmp = new_scratch(self.path.parent, f".{self.path.name}.")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(struct.pack("<Q", len(blob)) + blob)
                 self._data.seek(0)
                 shutil.copyfileobj(self._data, f, 1 << 24)
@@ -938,7 +968,40 @@ class SafetensorsWriter:
                 os.unlink(tmp)
 
     def abort(self):
-        self._data.close()
+        """Drop the scratch data; closing may fail again as its last write did (disk full)."""
+        with contextlib.suppress(OSError):
+            self._data.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            self.abort()
+
+
+def new_scratch(parent: Path, prefix: str, directory: bool = False) -> Path:
+    """A new empty file (or directory) in `parent`, named prefix + random hex, created with
+    the permissions the umask gives any new file: mkstemp and mkdtemp make theirs private
+    (0600, 0700), and the output renamed from it would keep them."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if directory:
+                path.mkdir()
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
+def output_error(out: Path, e: OSError) -> Exception:
+    """An OSError as the error to report: one that names no file (a full disk's) becomes a
+    DeltaComeError about the output being written, `out`."""
+    if e.filename is not None:
+        return e
+    return DeltaComeError(f"{out}: cannot write it: {e.strerror or e}")
 
 
 def add_compressed(writer: SafetensorsWriter, name: str, cm: CompressedMatrix):
@@ -1027,6 +1090,10 @@ def check_meta(meta, where) -> dict:
          and len(set(files)) == len(files),
          f"'files' is not a list of distinct config or tokenizer file names "
          f"({', '.join(SIDE_FILES)})")
+    dtypes = meta.get("dtypes", {})
+    need(isinstance(dtypes, dict) and all(v in FLOAT_DTYPES.values() for v in dtypes.values()),
+         f"'dtypes' is not a JSON object of float dtype names "
+         f"({', '.join(FLOAT_DTYPES.values())})")
     for key in ("whole_fp16_bytes", "unchanged"):
         need(is_int(meta.get(key, 0)) and meta.get(key, 0) >= 0,
              f"'{key}' is {short(meta.get(key))}, not a count")
@@ -1198,19 +1265,6 @@ def check_rows(name: str, rows: RowDelta, source) -> None:
         raise DeltaComeError(f"{where}: rows {rows.base_rows}..{n - 1} (added) are not all stored")
 
 
-def side_file(name: str, data: bytes, base: Path) -> bytes:
-    """What `apply` writes for FT's side file NAME: FT's bytes, but for config.json, whose
-    dtype entries stay BASE's (the rebuilt tensors are in BASE's dtype)."""
-    if name != "config.json" or not (base / name).is_file():
-        return data
-    mine, theirs = json.loads(data), json.loads((base / name).read_text())
-    for key in ("torch_dtype", "dtype"):
-        mine.pop(key, None)
-        if key in theirs:
-            mine[key] = theirs[key]
-    return json.dumps(mine, indent=2).encode()
-
-
 
 
 def checkpoint_layout(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -1256,8 +1310,10 @@ def check_against_base(delta: DeltaFile, layout: dict, delta_path, base):
         shape, dtype = layout[name]
         grown = (vocab.search(name) is not None and t.ndim == len(shape) >= 1
                  and tuple(t.shape[1:]) == shape[1:] and t.shape[0] > shape[0])  # added tokens
-        if (tuple(t.shape), dtype_name(t.dtype, name)) != layout[name] and not \
-                (grown and dtype_name(t.dtype, name) == dtype):
+        recorded = delta.meta.get("dtypes", {}).get(name)              # FT's, where not BASE's
+        dtype_ok = dtype_name(t.dtype, name) == dtype or \
+            str(t.dtype).removeprefix("torch.") == recorded
+        if not (dtype_ok and (tuple(t.shape) == shape or grown)):
             raise DeltaComeError(f"carried tensor {name}: {dtype_name(t.dtype, name)} "
                                  f"{tuple(t.shape)} in {delta_path}, {layout[name][1]} "
                                  f"{layout[name][0]} in BASE")
@@ -1531,6 +1587,21 @@ class GramHooks:
         return {name: H[key] for name, key in self.owner.items()}
 
 
+def fine_tune_dtype(delta: DeltaFile, name: str, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor `name` has in the fine-tune: a carried tensor's own, else the one the
+    file records for it (a compressed matrix's, or `dtypes`), else BASE's."""
+    if name in delta.carried:
+        return delta.carried[name].dtype
+    text = (delta.matrices[name].dtype if name in delta.matrices
+            else delta.meta.get("dtypes", {}).get(name))
+    if text is None:
+        return base_dtype
+    dtype = getattr(torch, str(text), None)
+    if not isinstance(dtype, torch.dtype):
+        raise DeltaComeError(f"tensor {name}: unknown dtype {text!r} in the delta file")
+    return dtype
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole checkpoints: compress, apply, info.
 
@@ -1556,8 +1627,9 @@ def check_writable(out: Path, directory_ok: bool = False):
     if not parent.is_dir():
         raise DeltaComeError(f"{out}: directory {parent} does not exist")
     try:                            # probe for real: permission bits say nothing to root
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(13, "permission denied")
+        if not os.access(parent, os.W_OK):          # False on a read-only file system too
+            code = errno.EROFS if os.statvfs(parent).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise DeltaComeError(f"{out}: directory {parent} is not writable ({e.strerror})") from None
@@ -1816,7 +1888,9 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     compressed, stored as changed rows, or carried, by cfg.vocab; every other tensor that
     differs from BASE is carried whole, and so are selected matrices that are not floating
     point (integer, bool, float8: Δ̂ rounded back would not be exact); FT's config and
-    tokenizer files that differ from BASE's are stored (SIDE_FILES)."""
+    tokenizer files that differ from BASE's are stored (SIDE_FILES). FT may hold other float
+    dtypes than BASE (bf16 against fp16): Δ is taken in fp32 and the file records FT's
+    dtypes, which `apply` writes."""
     from tqdm import tqdm
 
     base, ft, out = Path(base), Path(ft), Path(out)
@@ -1838,7 +1912,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
     summary = Summary()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "group_size": cfg.group_size,
             "config": asdict(cfg), "matrices": {}, "carried": [], "rows": {}, "files": [],
-            "whole_fp16_bytes": 0, "unchanged": 0, "base_probes": {}}
+            "dtypes": {}, "whole_fp16_bytes": 0, "unchanged": 0, "base_probes": {}}
     runner = BlockRunner(base if cfg.calib_model == "base" else ft, cfg.calib, cfg.calib_tokens,
                          device) if cfg.calib else None
     order = calibrated_order(runner, base_r.names(), summary) if runner else \
@@ -1873,23 +1947,26 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         return cm, err
 
     writer = SafetensorsWriter(out, checksums=True)
+    reads = prefetched(read, order)
+    items = tqdm(reads, desc="compress", total=len(base_r.names()), unit="tensor",
+                 disable=not progress)
     try:
         for name, data in changed_side_files(base, ft).items():
             writer.add(f"file.{name}", torch.frombuffer(bytearray(data), dtype=torch.uint8))
             meta["files"].append(name)
         t0, calibrated = time.perf_counter(), 0.0
-        for name, H, kind, w_base, w_ft, delta in tqdm(
-                prefetched(read, order), desc="compress", total=len(base_r.names()),
-                unit="tensor", disable=not progress):
+        for name, H, kind, w_base, w_ft, delta in items:
             t1 = time.perf_counter()
             calibrating = summary.seconds.get("calibrate", 0.0) - calibrated   # since t0
             summary.seconds["read"] += t1 - t0 - calibrating
             busy = summary.seconds["svd+quantize"]
             meta["whole_fp16_bytes"] += 2 * w_ft.numel()
             meta["base_probes"][name] = probe(w_base)
+            if w_ft.dtype != w_base.dtype:
+                meta["dtypes"][name] = str(w_ft.dtype).removeprefix("torch.")
             resized = w_base.shape != w_ft.shape
             if kind == "matrix":
-                cm, err = add_matrix(name, delta, w_base.dtype, "projection", H)
+                cm, err = add_matrix(name, delta, w_ft.dtype, "projection", H)
                 summary.matrices += 1
                 summary.delta_fp16_bytes += 2 * delta.numel()
                 summary.compressed_bytes += cm.nbytes()
@@ -1899,7 +1976,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                 index = torch.arange(w_base.shape[0], w_ft.shape[0])            # added rows
                 shared = w_ft[: w_base.shape[0]]                                # BASE's rows
                 if len(changed) and vocab_storage(shared, len(changed), cfg) == "compress":
-                    summary.vocab_errors.append(add_matrix(name, delta, w_base.dtype, "vocab")[1])
+                    summary.vocab_errors.append(add_matrix(name, delta, w_ft.dtype, "vocab")[1])
                 else:
                     index = torch.cat([changed, index])
                 if len(index):
@@ -1910,7 +1987,7 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
                                           "dtype": str(w_ft.dtype).removeprefix("torch.")}
                 if not (len(changed) or len(index)):
                     meta["unchanged"] += 1
-            elif resized or not same_bits(w_base, w_ft):
+            elif resized or not same_bits(w_base.to(w_ft.dtype), w_ft):  # BASE's, cast, is not FT's
                 writer.add(f"carry.{name}", w_ft)
                 meta["carried"].append(name)
                 summary.carried_bytes += w_ft.numel() * w_ft.element_size()
@@ -1923,10 +2000,15 @@ def compress(base: str | Path, ft: str | Path, out: str | Path, cfg: Config = Co
         text = json.dumps(meta)
         writer.finish({FORMAT_NAME: text, META_CHECKSUM: text_checksum(text)})
         summary.seconds["write"] += time.perf_counter() - t3
+    except OSError as e:
+        writer.abort()
+        raise output_error(out, e) from None
     except BaseException:
         writer.abort()
         raise
     finally:
+        reads.close()                   # no read runs on after an error
+        items.close()                   # the bar ends its line before any error is printed
         base_r.close()
         ft_r.close()
         if runner is not None:
@@ -1955,12 +2037,14 @@ def calibrated_order(runner: BlockRunner, names: list[str], summary: Summary):
 
 def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str = "auto",
           progress: bool = True, overwrite: bool = False) -> Path:
-    """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and dtype:
-    a single file if BASE is a file, else a directory with BASE's shards, index, config and
-    tokenizer files. Built under a scratch name and renamed into place when complete. OUT
-    must lie apart from BASE and the delta file; an existing OUT is replaced only if `apply`
-    wrote it (is_merged) and `overwrite` is set. BASE must be finite and fit the delta
-    (check_against_base), and W_base + Δ̂ finite in BASE's dtype."""
+    """Rebuild the fine-tune W_base + Δ̂ from BASE and a delta file, in BASE's layout and FT's
+    dtypes (as the file records them; BASE's where FT had the same): a single file if BASE is
+    a file, else a directory with BASE's shards, index, config and tokenizer files (FT's where
+    the file stores them; else BASE's config with its dtype set to FT's where FT's differed).
+    Built under a scratch name with the usual permissions and renamed into place when
+    complete. OUT must lie apart from BASE and the delta file; an existing OUT is replaced
+    only if `apply` wrote it (is_merged) and `overwrite` is set. BASE must be finite and fit
+    the delta (check_against_base), and W_base + Δ̂ finite in FT's dtype."""
     from tqdm import tqdm
 
     base, delta_path, out = Path(base), Path(delta_path), Path(os.path.abspath(out))
@@ -1972,57 +2056,81 @@ def apply(base: str | Path, delta_path: str | Path, out: str | Path, device: str
     dev = pick_device(device)
     delta = read_delta_file(delta_path)
     check_against_base(delta, checkpoint_layout(files), delta_path, base)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    scratch = new_scratch(out.parent, f".{out.name}.", directory=True)
+    elements = collections.Counter()             # float elements written, by dtype
+    bar = tqdm(sorted(set(files.values())), desc="apply", unit="shard", disable=not progress)
     try:
-        with tqdm(sorted(set(files.values())), desc="apply", unit="shard",
-                  disable=not progress) as shards:
-            for shard in shards:
-                target = scratch / (out.name if base.is_file() else shard.name)
-                merge_shard(shard, delta, dev, target, delta_path.name)
+        for shard in bar:
+            target = scratch / (out.name if base.is_file() else shard.name)
+            elements += merge_shard(shard, delta, dev, target, delta_path.name)
         if base.is_dir():
             for extra in base.iterdir():
                 if extra.is_file() and extra.suffix != ".safetensors" and extra.name != MARKER:
                     shutil.copy2(extra, scratch / extra.name)
             for name, data in delta.files.items():          # FT's config, tokenizer
-                (scratch / name).write_bytes(side_file(name, data, base))
+                (scratch / name).write_bytes(data)
+            if delta.meta.get("dtypes") and elements and "config.json" not in delta.files \
+                    and (scratch / "config.json").is_file():
+                set_config_dtype(scratch / "config.json", elements.most_common(1)[0][0])
             write_marker(scratch, "apply")
             final = scratch
         else:
             final = scratch / out.name
         move_into_place(final, out)
+    except OSError as e:
+        raise output_error(out, e) from None
     finally:
+        bar.close()                     # the bar ends its line before any error is printed
         if scratch.exists():
             shutil.rmtree(scratch)
     return out
 
 
-def merge_shard(shard: Path, delta: DeltaFile, device, target: Path, delta_name: str):
-    """One file of BASE -> the same file of the fine-tune at `target`: compressed matrices
-    rebuilt as W_base + Δ̂ on `device` and rounded to BASE's dtype, stored rows put in place
-    (a resized vocabulary grows to FT's rows), carried tensors taken from the delta file,
-    every other tensor copied."""
-    writer = SafetensorsWriter(target)
+def merge_shard(shard: Path, delta: DeltaFile, device, target: Path,
+                delta_name: str) -> collections.Counter:
+    """One file of BASE -> the same file of the fine-tune at `target`, in FT's dtypes:
+    compressed matrices rebuilt as W_base + Δ̂ on `device`, stored rows put in place (a
+    resized vocabulary grows to FT's rows), carried tensors taken from the delta file, every
+    other tensor copied. Returns the float elements written, by dtype."""
+    elements = collections.Counter()
+    with SafetensorsWriter(target) as writer, open_safetensors(shard) as f:
+        for name in f.keys():
+            w = f.get_tensor(name)
+            check_finite(name, w, f"BASE {shard}")
+            dtype = fine_tune_dtype(delta, name, w.dtype)
+            if name in delta.matrices:
+                dhat = decompress_matrix(delta.matrices[name].to(device))
+                w = (w.to(device).float() + dhat).to(dtype)
+                if not torch.isfinite(w).all():
+                    raise DeltaComeError(f"tensor {name}: W_base + Δ̂ is not finite in "
+                                         f"{w.dtype} (the delta file is corrupt, or made "
+                                         f"for another base)")
+            if name in delta.rows:
+                w = place_rows(w.to(dtype), delta.rows[name])
+            elif name in delta.carried:
+                w = delta.carried[name]
+            else:
+                w = w.to(dtype)
+            if w.is_floating_point():
+                elements[w.dtype] += w.numel()
+            writer.add(name, w)
+        writer.finish({**(f.metadata() or {}), MERGED_KEY: delta_name})
+    return elements
+
+
+def set_config_dtype(config: Path, dtype: torch.dtype):
+    """Set a copied HF config.json's dtype entry (`torch_dtype`, or `dtype` in newer
+    transformers) to the merged weights' main dtype, so that from_pretrained(dtype="auto")
+    loads the fine-tune in FT's dtype rather than BASE's. A config that is not JSON stays."""
     try:
-        with open_safetensors(shard) as f:
-            for name in f.keys():
-                w = f.get_tensor(name)
-                check_finite(name, w, f"BASE {shard}")
-                if name in delta.matrices:
-                    dhat = decompress_matrix(delta.matrices[name].to(device))
-                    w = (w.to(device).float() + dhat).to(w.dtype)
-                    if not torch.isfinite(w).all():
-                        raise DeltaComeError(f"tensor {name}: W_base + Δ̂ is not finite in "
-                                             f"{w.dtype} (the delta file is corrupt, or made "
-                                             f"for another base)")
-                if name in delta.rows:
-                    w = place_rows(w, delta.rows[name])
-                elif name in delta.carried:
-                    w = delta.carried[name]
-                writer.add(name, w)
-            writer.finish({**(f.metadata() or {}), MERGED_KEY: delta_name})
-    except BaseException:
-        writer.abort()
-        raise
+        entries = json.loads(config.read_text())
+    except ValueError:
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(entries, dict)
+            and isinstance(entries.get(k), str)]
+    if keys:
+        entries.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+        config.write_text(json.dumps(entries, indent=2) + "\n")
 
 
 def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
@@ -2047,7 +2155,7 @@ def verify(base: str | Path, delta_path: str | Path, merged: str | Path,
         count = len(base_r.names())
     for name, data in delta.files.items():
         if Path(merged).is_dir() and Path(base).is_dir() and \
-                (Path(merged) / name).read_bytes() != side_file(name, data, Path(base)):
+                (Path(merged) / name).read_bytes() != data:
             raise DeltaComeError(f"{merged}: {name} differs from FT's, stored in the delta file")
     return (f"verified {count} tensors: {len(delta.matrices)} rebuilt within "
             f"{worst:.2f} ulp of BASE + Δ̂, {len(delta.rows)} with FT's rows, "
@@ -2058,15 +2166,16 @@ def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: Delta
                   merged: str | Path) -> float:
     """One tensor of `verify`: how many ulps of its dtype a rebuilt matrix is off BASE + Δ̂
     (at most 1, else an error); stored rows, carried and other tensors must be bit-exact
-    (0)."""
+    (0). Each must have FT's dtype as the delta file records it."""
     rows = delta.rows.get(name)
+    dtype = fine_tune_dtype(delta, name, w_base.dtype)
     shape = rows.shape if rows else tuple((delta.carried.get(name, w_base)).shape)
-    if w.dtype != w_base.dtype or tuple(w.shape) != tuple(shape):
+    if w.dtype != dtype or tuple(w.shape) != tuple(shape):
         raise DeltaComeError(f"tensor {name}: {w.dtype} {tuple(w.shape)} in {merged}, "
-                             f"expected {w_base.dtype} {tuple(shape)}")
+                             f"expected {dtype} {tuple(shape)}")
     check_finite(name, w_base, "BASE")
     if name not in delta.matrices and rows is None:
-        if not same_bits(w, delta.carried.get(name, w_base)):
+        if not same_bits(w, delta.carried.get(name, w_base.to(dtype))):
             raise DeltaComeError(f"tensor {name}: differs from the "
                                  f"{'carried' if name in delta.carried else 'BASE'} tensor")
         return 0.0
@@ -2078,7 +2187,7 @@ def verify_tensor(name: str, w_base: torch.Tensor, w: torch.Tensor, delta: Delta
         keep[rows.index[rows.index < rows.base_rows]] = False
     w, w_base = w[: w_base.shape[0]][keep], w_base[keep]
     if name not in delta.matrices:
-        if not same_bits(w, w_base):
+        if not same_bits(w, w_base.to(dtype)):
             raise DeltaComeError(f"tensor {name}: rows not stored differ from BASE")
         return 0.0
     expected = w_base.float() + decompress_matrix(delta.matrices[name])[keep]
@@ -2200,15 +2309,16 @@ def make_example(directory: str | Path, model: str = "tiny", layers: int | None 
         (d / "config.json").write_text(json.dumps(config, indent=2))
     shards = [f"model-{j + 1:05d}-of-{layers + 1:05d}.safetensors" for j in range(layers + 1)]
     weight_map, size, whole = {}, 0, ({}, {})
-    for i in tqdm(range(layers + 1), desc="example", unit="shard", disable=not progress):
-        for d, tensors, everything in zip(dirs, layer(i), whole):
-            tensors = {k: v.to(dtype).cpu().contiguous() for k, v in tensors.items()}
-            if sharded:
-                save_file(tensors, str(d / shards[i]), {"format": "pt"})
-            else:
-                everything.update(tensors)
-        weight_map.update(dict.fromkeys(tensors, shards[i]))
-        size += sum(t.numel() * t.element_size() for t in tensors.values())
+    with tqdm(range(layers + 1), desc="example", unit="shard", disable=not progress) as bar:
+        for i in bar:
+            for d, tensors, everything in zip(dirs, layer(i), whole):
+                tensors = {k: v.to(dtype).cpu().contiguous() for k, v in tensors.items()}
+                if sharded:
+                    save_file(tensors, str(d / shards[i]), {"format": "pt"})
+                else:
+                    everything.update(tensors)
+            weight_map.update(dict.fromkeys(tensors, shards[i]))
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
     for d, everything in zip(dirs, whole):
         if sharded:
             (d / "model.safetensors.index.json").write_text(json.dumps(
@@ -2237,30 +2347,51 @@ def synthetic_delta(out_f: int, in_f: int, gen: torch.Generator, alpha: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: a thin layer over Config. `python deltacome.py BASE FT OUT` compresses; the words
-# apply / info / example pick the other commands.
+# CLI: a thin layer over Config. `python deltacome.py [compress] BASE FT OUT` compresses (the
+# word is optional); apply / info / verify / example pick the other commands. -q and -h may
+# come before the command word, every other option after it.
 
-COMMANDS = ("apply", "info", "verify", "example")
+COMMANDS = ("compress", "apply", "info", "verify", "example")
+LEADING_FLAGS = ("-q", "--quiet", "-h", "--help")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a value starting with '-' and a digit (--budget -1/16) is read as
-    the option's value, as Python 3.13 reads it, not taken for an unknown option."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error, exit status 2, and
+    which reads a value starting with '-' and a digit (--budget -1/16) as the option's value,
+    as Python 3.13 does, not as an unknown option."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
 
+    def error(self, message):
+        self.exit(2, f"deltacome: error: {message} (see {self.prog} --help)\n")
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(command, its arguments). The command is the first argument after any leading -q/-h,
+    or compress when that argument is not a command word (`deltacome.py BASE FT OUT`)."""
+    flags = list(itertools.takewhile(lambda a: a in LEADING_FLAGS, argv))
+    rest = argv[len(flags):]
+    if rest and rest[0] in COMMANDS:
+        return rest[0], flags + rest[1:]
+    misplaced = [a for a in rest if a in COMMANDS]
+    if rest and rest[0].startswith("-") and misplaced:   # `--budget 1/32 compress ...`
+        build_parser(misplaced[0]).error(f"only -q and -h may come before the command; put "
+                                         f"{rest[0]} after the word {misplaced[0]}")
+    return "compress", argv
+
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="deltacome.py" if command == "compress" else f"deltacome.py {command}",
+    p = Parser(
+        prog=f"deltacome.py {command}",
         description=__doc__.split("\n\n")[0] + "\n\nCommands:\n"
-        "  deltacome.py BASE FT OUT [options]     compress FT's delta against BASE into OUT\n"
-        "  deltacome.py apply BASE DELTA OUT      rebuild the fine-tune as a checkpoint\n"
-        "  deltacome.py info DELTA                summarize a delta file\n"
-        "  deltacome.py verify BASE DELTA MERGED  check a rebuilt checkpoint against BASE + Δ̂\n"
-        "  deltacome.py example DIR               make a tiny pair in DIR, compress and apply it",
+        "  deltacome.py [compress] BASE FT OUT     compress FT's delta against BASE into OUT\n"
+        "  deltacome.py apply BASE DELTA OUT       rebuild the fine-tune as a checkpoint\n"
+        "  deltacome.py info DELTA                 summarize a delta file\n"
+        "  deltacome.py verify BASE DELTA MERGED   check a rebuilt checkpoint against BASE + Δ̂\n"
+        "  deltacome.py example DIR                make a tiny pair in DIR, compress and apply it\n"
+        "\n-q (no progress bars) and -h may come before the command, other options after it.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
     if command in ("compress", "example"):
@@ -2338,8 +2469,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing OUT, if deltacome wrote it (never anything "
                             "else, never an input)")
-    if command != "info":
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (also accepted before the command)")
     return p
 
 
@@ -2396,6 +2527,9 @@ def check_widths(widths) -> tuple[int, ...]:
     if not (isinstance(widths, (tuple, list)) and widths
             and all(is_int(w) and 0 <= w <= 8 for w in widths)):
         raise DeltaComeError(f"widths must be integers in 0..8, got {short(widths)}")
+    if not any(widths):
+        raise DeltaComeError(f"widths {','.join(map(str, widths))}: give at least one width of "
+                             f"1..8 bits (0, dropping a vector, is always a candidate)")
     return tuple(widths)
 
 
@@ -2464,9 +2598,12 @@ def config_from_args(args) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else "compress"
-    args = build_parser(command).parse_args(argv[1:] if command != "compress" else argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if not argv:
+        build_parser("compress").print_help(sys.stderr)
+        return 2
+    command, rest = split_command(argv)
+    args = build_parser(command).parse_args(rest)
     try:
         if command == "compress":
             summary = compress(args.base, args.ft, args.out, config_from_args(args),
@@ -2510,7 +2647,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltacome: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"deltacome: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"deltacome: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -198,11 +198,14 @@ def synthetic_matrices(seed: int = 0, tokens: int = 2048, shrink: int = 1):
     return mats
 
 
-def matrix_rows(mats: dict, methods=METHODS, budget: float = 1 / 16) -> list[dict]:
+def matrix_rows(mats: dict, methods=METHODS, budget: float = 1 / 16,
+                progress: bool = False) -> list[dict]:
     """One row per (matrix, method): bytes, ratio, rel. Frobenius and output error.
-    `mats` maps a name to (Δ, Gram or None)."""
+    `mats` maps a name to (Δ, Gram or None). progress: a bar on stderr, a step per matrix."""
+    from tqdm import tqdm
     rows = []
-    for name, (delta, gram) in mats.items():
+    for name, (delta, gram) in tqdm(mats.items(), desc="matrices", unit="matrix",
+                                    disable=not progress):
         fp16 = 2 * delta.numel()
         for method in methods:
             rec = reconstruct(method, delta, budget)
@@ -800,7 +803,7 @@ def evaluate_pair(work: Path, task: str, cfg: RunConfig, results: dict, save, lo
                wait_seconds=compress_s, matrices=per_matrix, **ev)
         r = results[key]
         log(f"{task:<24}{method:<18}{budget:>8.4f}  acc {r['acc']:.3f}  kept "
-            f"{r['gain_retained']:6.1%}  ppl {r['ppl_answer']:.3f}/{r['ppl_text']:.2f}  "
+            f"{kept_text(r['gain_retained'], 6)}  ppl {r['ppl_answer']:.3f}/{r['ppl_text']:.2f}  "
             f"err {r['mean_fro']:.3f}/{r['mean_out']:.3f}  ratio {r['ratio']:.4f}  "
             f"({compress_s:.1f}s wait, {ev['eval_seconds']:.1f}s eval)")
     model.load_state_dict(ft_sd)
@@ -897,6 +900,11 @@ def calibration_gains(rows: list[dict], base: dict, ft: dict) -> list[str]:
     return lines
 
 
+def kept_text(kept: float, width: int) -> str:
+    """Gain kept as a percentage, or — where it is undefined: base and fine-tune score alike."""
+    return f"{kept:>{width}.1%}" if math.isfinite(kept) else f"{'—':>{width}}"
+
+
 def report_tables(results: dict, cfg: RunConfig) -> str:
     """The model-level table at the main budget, the budget sweep, the calibrated methods
     against greedy, and the matrix tables; ± one standard error."""
@@ -927,10 +935,11 @@ def report_tables(results: dict, cfg: RunConfig) -> str:
                 out.append(f"{r['method']:<20}{fraction_label(r['budget']):>7}  cannot fit")
                 continue
             se = row_errors(r, base, ft)
-            kept = with_se(100 * r["gain_retained"], se["kept"] and 100 * se["kept"], ".1f")
+            kept = with_se(100 * r["gain_retained"], se["kept"] and 100 * se["kept"], ".1f") + \
+                "%" if math.isfinite(r["gain_retained"]) else "—"
             out.append(f"{r['method']:<20}{fraction_label(r['budget']):>7}{r['ratio']:>8.4f}"
                        f"{with_se(r['acc'], se['acc'], '.3f'):>14}{r['exact']:>7.3f}"
-                       f"{kept + '%':>15}{with_se(r['ppl_answer'], se['ppl'], '.3f'):>15}"
+                       f"{kept:>15}{with_se(r['ppl_answer'], se['ppl'], '.3f'):>15}"
                        f"{r['ppl_text']:>10.2f}{r['mean_fro']:>9.3f}{r['mean_out']:>9.3f}"
                        f"{r['bytes'] / 1e6:>8.2f}")
         if rows and rows[0].get("carried_bytes") is not None:
@@ -980,6 +989,41 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
             pool.shutdown(cancel_futures=True)
     save()
     return results
+
+
+def smoke_estimate(work: Path, cfg: RunConfig) -> tuple[float, str]:
+    """(seconds, how they were measured): what a smoke run of `cfg` will take on this machine,
+    timed up front on the tiny base (built now if missing): one load, then per task (their
+    sequences differ in length) 3 fine-tuning steps and one evaluation of a few held-out
+    problems (after an untimed one that pays the set-up), scaled to the run's loads, steps,
+    problems and evaluations. Compressing a tiny model takes moments and is left out; stages
+    already done in WORK are counted as if not."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (work / "base" / "config.json").exists():
+        build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_vocab)
+    t = time.perf_counter()
+    model, tok = load(work / "base", device)
+    load_seconds = time.perf_counter() - t
+    steps, n = 3, min(cfg.n_test, 64)
+    windows = text_windows(tok, cfg.text_windows, 64, tiny=True)
+    seconds, rates = 0.0, []
+    for task in cfg.tasks:
+        train, _ = make_problems(task, steps * cfg.train.batch, TRAIN_SEED)
+        t = time.perf_counter()
+        finetune(model, tok, encode(tok, train),
+                 TrainConfig(steps=steps, batch=cfg.train.batch, warmup=1), log=lambda msg: None)
+        step_seconds = (time.perf_counter() - t) / steps
+        test, ds = make_problems(task, n, TEST_SEED)
+        pairs = encode(tok, test)
+        max_new = max(len(a) for _, a in pairs) + 4
+        evaluate_model(model, tok, test[:2], ds, pairs[:2], windows, max_new, cfg)  # set-up
+        t = time.perf_counter()
+        evaluate_model(model, tok, test, ds, pairs, windows, max_new, cfg)
+        eval_seconds = (time.perf_counter() - t) * cfg.n_test / n
+        seconds += (cfg.train.steps * step_seconds + 3 * load_seconds     # 3 loads per task
+                    + (2 + len(plan(cfg))) * eval_seconds)
+        rates.append(f"{task} {step_seconds:.2f} s a step, {eval_seconds:.1f} s an evaluation")
+    return seconds, "; ".join(rates) + f"; timed on {steps} steps and {n} problems"
 
 
 def environment() -> dict:
@@ -1143,17 +1187,49 @@ def serve_table(results: dict) -> str:
 # CLI.
 
 
+# (one-line help, description) of the commands that run models.
+COMMAND_HELP = {
+    "make-pair": ("build the base and the fine-tunes (GPU)",
+                  "Build WORK/base (SmolLM2-135M-Instruct from --gguf, dequantized to fp32) and "
+                  "one full fine-tune per task in WORK/ft-TASK, each only if missing. Meant for "
+                  "a GPU."),
+    "model": ("make-pair if needed, then evaluate every method (GPU)",
+              "make-pair if needed; then, per task, compress the fine-tune's deltas with every "
+              "method and budget, and measure accuracy on held-out problems, perplexities and "
+              "matrix errors. Results and tables go to OUT after every evaluation; a rerun "
+              "skips what is done."),
+    "smoke": ("the model pipeline on a tiny random model (CPU, minutes)",
+              "The whole model pipeline on a tiny random Llama with a character tokenizer: no "
+              "downloads, a CPU is enough. It first times a few fine-tuning steps and an "
+              "evaluation, and prints how long the run will take on this machine."),
+}
+# smoke's defaults: enough to run every stage, small enough for a few minutes on 2 cores.
+SMOKE = dict(steps=100, n_test=100, workers=0)
+
+
+def default_workers() -> int:
+    """Compression processes for `model`: the cores less two, left to the evaluation, but at
+    least one, so that compression overlaps the evaluation even on 2 cores; at most 14."""
+    return min(14, max(1, (os.cpu_count() or 2) - 2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("matrices", help="matrix-level table (synthetic, or a real pair)")
+    m = sub.add_parser("matrices", help="matrix-level table (synthetic, or a real pair)",
+                       description="Relative and output error of every method at one budget, "
+                       "per matrix kind: on synthetic long-tailed deltas of SmolLM2-135M's shapes "
+                       "(a CPU is enough), or on a real pair's layers.")
     m.add_argument("--base", help="base checkpoint (HF dir or .safetensors)")
     m.add_argument("--ft", help="fine-tuned checkpoint")
     m.add_argument("--layers", default="0,15,29", help="layers of a real pair (default %(default)s)")
-    m.add_argument("--budget", type=dc.fraction, default=1 / 16)
-    m.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("tables", help="print the tables of a results JSON written by `model`")
+    m.add_argument("--budget", type=dc.fraction, default=1 / 16,
+                   help="bytes per matrix as a fraction of its fp16 delta (default 1/16)")
+    m.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic deltas and inputs (default %(default)s)")
+    t = sub.add_parser("tables", help="print the tables of a results JSON written by `model`",
+                       description="Print the tables of a finished (or partial) run.")
     t.add_argument("results", type=Path, help="results.json or eval_results.json")
     v = sub.add_parser("serve", help="two fine-tunes of WORK (made by make-pair or model) "
                        "served as tenants of one base in one batch, against each merged and "
@@ -1168,28 +1244,43 @@ def main(argv=None) -> int:
     v.add_argument("--n-test", type=int, default=ServeConfig.n_test)
     v.add_argument("--gen-batch", type=int, default=ServeConfig.gen_batch)
     for name in ("make-pair", "model", "smoke"):
-        s = sub.add_parser(name)
+        smoke = name == "smoke"
+        s = sub.add_parser(name, help=COMMAND_HELP[name][0], description=COMMAND_HELP[name][1])
         s.add_argument("work", type=Path, help="working folder: base/, ft-TASK/, results.json")
-        s.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+        s.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf, needed until "
+                       "WORK/base exists (not by smoke)")
         s.add_argument("--out", type=Path, help="where tables and JSON go (default WORK)")
         s.add_argument("--tasks", default=",".join(RunConfig.tasks),
-                       help=f"comma-separated, of: {', '.join(TASKS)}")
-        s.add_argument("--steps", type=int, default=TrainConfig.steps)
-        s.add_argument("--batch", type=int, default=TrainConfig.batch)
-        s.add_argument("--lr", type=float, default=TrainConfig.lr)
+                       help=f"comma-separated, of: {', '.join(TASKS)} (default %(default)s)")
+        s.add_argument("--steps", type=int, default=SMOKE["steps"] if smoke else TrainConfig.steps,
+                       help="fine-tuning steps per task (default %(default)s)")
+        s.add_argument("--batch", type=int, default=TrainConfig.batch,
+                       help="problems per fine-tuning step (default %(default)s)")
+        s.add_argument("--lr", type=float, default=TrainConfig.lr,
+                       help="AdamW peak learning rate (default %(default)s)")
         s.add_argument("--train-seconds", type=float, default=0,
                        help="fit each fine-tune's steps (at most --steps) to this many seconds")
-        s.add_argument("--n-test", type=int, default=RunConfig.n_test)
-        s.add_argument("--workers", type=int, default=min(14, max((os.cpu_count() or 2) - 2, 0)))
+        s.add_argument("--n-test", type=int, default=SMOKE["n_test"] if smoke else RunConfig.n_test,
+                       help="held-out problems per task (default %(default)s)")
+        s.add_argument("--workers", type=int, default=SMOKE["workers"] if smoke
+                       else default_workers(),
+                       help="processes compressing ahead of the evaluation; 0 = compress in "
+                            "this process (default %(default)s: " + ("the tiny model compresses "
+                            "in moments" if smoke else "the CPU cores less 2, at least 1, at "
+                            "most 14") + ")")
         s.add_argument("--deadline", type=float, default=1e9,
                        help="seconds: start no stage past this (device calls last ≤ 600 s)")
         s.add_argument("--methods", default=",".join(RunConfig.methods),
-                       help=f"comma-separated, of: {', '.join(ALL_METHODS)}")
+                       help=f"comma-separated, of: {', '.join(ALL_METHODS)} (default "
+                            f"%(default)s)")
         s.add_argument("--calib-tokens", type=int, default=RunConfig.calib_tokens,
                        help="calibration tokens of the calibrated methods (default %(default)s)")
-        s.add_argument("--tiny-hidden", type=int, default=64)
-        s.add_argument("--tiny-layers", type=int, default=2)
-        s.add_argument("--tiny-vocab", type=int, default=0)
+        s.add_argument("--tiny-hidden", type=int, default=64,
+                       help="smoke: hidden size of the tiny model (default %(default)s)")
+        s.add_argument("--tiny-layers", type=int, default=2,
+                       help="smoke: layers of the tiny model (default %(default)s)")
+        s.add_argument("--tiny-vocab", type=int, default=0,
+                       help="smoke: vocabulary size, 0 = the character tokenizer's own")
         s.add_argument("--budgets", default="1/16,1/32,1/64",
                        help="the first is the main budget (every method), the rest the sweep")
     args = p.parse_args(argv)
@@ -1198,6 +1289,7 @@ def main(argv=None) -> int:
         if args.base or args.ft:
             if not (args.base and args.ft):
                 p.error("--base and --ft go together")
+            quiet_transformers()
             layers = [int(x) for x in args.layers.split(",")]
             deltas = checkpoint_matrices(args.base, args.ft, layers=layers)
             grams = real_grams(args.ft, deltas) if Path(args.ft).is_dir() else {}
@@ -1206,7 +1298,7 @@ def main(argv=None) -> int:
         else:
             mats = synthetic_matrices(args.seed)
             title = "synthetic long-tailed deltas, SmolLM2-135M shapes, seed " + str(args.seed)
-        print(matrix_table(matrix_rows(mats, budget=args.budget),
+        print(matrix_table(matrix_rows(mats, budget=args.budget, progress=True),
                            f"{title}, budget {fraction_label(args.budget)}"))
         return 0
 
@@ -1254,15 +1346,31 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         log_file.write(msg + "\n")
         log_file.flush()
+    quiet_transformers()
     if args.command == "make-pair":
         make_pair(args.work, cfg, args.gguf, log)
-    else:
-        run_pipeline(args.work, out, cfg, args.gguf, log)
-        print(report_tables(json.loads((args.work / "results.json").read_text())["results"], cfg))
-        if tiny and len(cfg.tasks) >= 2:         # the serving stage on the first two tasks
-            print(serve_table(serve_tenants(args.work, out, ServeConfig(
-                cfg.tasks[:2], vocab=("auto", "carry"), n_test=cfg.n_test), log)))
+        return 0
+    t_start = time.perf_counter()
+    if tiny:
+        seconds, probe = smoke_estimate(args.work, cfg)
+        log(f"smoke: {len(cfg.tasks)} × ({cfg.train.steps} fine-tuning steps of {cfg.train.batch} "
+            f"+ {2 + len(plan(cfg))} evaluations of {cfg.n_test} problems): about "
+            f"{seconds / 60:.1f} min on this machine ({probe})")
+    run_pipeline(args.work, out, cfg, args.gguf, log)
+    print(report_tables(json.loads((args.work / "results.json").read_text())["results"], cfg))
+    if tiny and len(cfg.tasks) >= 2:             # the serving stage on the first two tasks
+        print(serve_table(serve_tenants(args.work, out, ServeConfig(
+            cfg.tasks[:2], vocab=("auto", "carry"), n_test=cfg.n_test), log)))
+    if tiny:
+        log(f"smoke took {(time.perf_counter() - t_start) / 60:.1f} min, its timing included")
     return 0
+
+
+def quiet_transformers():
+    """Turn off transformers' own progress bars (loading and writing weights): they would
+    interleave with this script's log lines."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
 
 
 def real_grams(ft: str, deltas: dict) -> dict:

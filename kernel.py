@@ -1365,7 +1365,9 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
         return x.new_zeros(*lead, out_f)
     b2 = None if base is None else base.reshape(-1, out_f).contiguous()
     chunks = []
-    step = rows_per_launch(kd.shape)
+    # A prefill-sized batch runs as one launch over the plan's MAX_BATCH-row segments:
+    # thousands of few-row launches per matrix would cost more than the kernels themselves.
+    step = rows_per_launch(kd.shape) if x2.shape[0] <= 2 * MAX_BATCH else x2.shape[0]
     for i in range(0, x2.shape[0], step):
         xc = x2[i:i + step]
         chunks.append(launch(xc, kd, single_plan(kd, xc.shape[0], x.device),

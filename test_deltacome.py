@@ -8,12 +8,19 @@ evaluation pipeline (eval.py).
 The Triton kernels run here under TRITON_INTERPRET=1 on CPU tensors. It must be set before
 triton is first imported; it only changes how @triton.jit functions run.
 
-Run: python -m pytest -q
+Run: python -m pytest -q                        # the fast tests (pytest.ini leaves out slow)
+     python -m pytest -q -m "slow or not slow"   # everything, as CI does
+Model-level tests (tiny transformers models, the evaluation pipeline, subprocesses, a
+benchmark), the longest Triton-interpreter runs and the wider parameter sweeps carry
+@pytest.mark.slow (a parameter set: slow(...)).
 """
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+# One thread for torch and numpy (set before either loads): the tests' tensors are small, and
+# waiting threads spin, which more than doubles the suite's time on a busy 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -39,6 +46,11 @@ from deltacome import (Band, CompressedMatrix, Config, DeltaComeError, apply,  #
 
 SETTINGS = settings(deadline=None, max_examples=40,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def slow(*values):
+    """A parameter set that only the slow run takes (pytest.ini): the wider sweeps."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 def long_tailed(out_f, in_f, seed=0, alpha=1.0):
@@ -205,9 +217,10 @@ def test_error_decreases_with_budget():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
 
 
-@pytest.mark.parametrize("alpha", [0.7, 1.0, 1.5])
-@pytest.mark.parametrize("budget", [1 / 32, 1 / 16, 1 / 8])
-def test_greedy_beats_paper_preset(alpha, budget):
+@pytest.mark.parametrize("budget, alpha", [            # 1/16 at alpha 0.7 in the fast tests
+    (b, a) if (b, a) == (1 / 16, 0.7) else slow(b, a)
+    for b in (1 / 32, 1 / 16, 1 / 8) for a in (0.7, 1.0, 1.5)])
+def test_greedy_beats_paper_preset(budget, alpha):
     delta = long_tailed(512, 512, seed=2, alpha=alpha)
 
     def err(method, refit=True, quantizer="mse"):
@@ -350,7 +363,8 @@ BAD_FT = {
     "extra": (lambda t: t.__setitem__("model.extra.weight", torch.ones(2)), "not in BASE"),
     "shape": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)][:-1].clone()),
               "shape"),
-    "dtype": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)].float()), "dtype"),
+    "dtype": (lambda t: t.__setitem__(first_matrix(t), t[first_matrix(t)].to(torch.int16)),
+              "dtype"),
 }
 
 
@@ -426,6 +440,7 @@ def test_zero_delta_checkpoint(pair, tmp_path):
     assert d.matrices and all(cm.bands == [] for cm in d.matrices.values()) and not d.carried
 
 
+@pytest.mark.slow
 def test_cli_subprocess_example_and_error(tmp_path):
     """The real command line: the README's example works, and a bad input has no traceback."""
     script = Path(dc.__file__)
@@ -607,7 +622,7 @@ def test_kernels_match_reference(out_f, in_f, ranks, batch, bf16, config, seed):
                   config, seed)
 
 
-@pytest.mark.parametrize("group_size", [32, 96])
+@pytest.mark.parametrize("group_size", [slow(32), 96])
 def test_kernels_other_group_sizes(group_size):
     """Group sizes that do not divide a 16-row block (96) or are smaller than it (32)."""
     check_kernels(100, 300, {8: 2, 2: 20, 1: 10}, 1, torch.float16, small_config(3, 2), 4,
@@ -616,10 +631,10 @@ def test_kernels_other_group_sizes(group_size):
 
 
 @pytest.mark.parametrize("dtype, x_scale, s_scale", [
-    (torch.float16, 2.0**-12, 1.0), (torch.float16, 2.0**6, 1.0),
-    (torch.float16, 1.0, 2.0**-12), (torch.float16, 1.0, 2.0**6),
-    (torch.bfloat16, 2.0**-50, 1.0), (torch.bfloat16, 2.0**38, 1.0),
-    (torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
+    (torch.float16, 2.0**-12, 1.0), slow(torch.float16, 2.0**6, 1.0),
+    slow(torch.float16, 1.0, 2.0**-12), slow(torch.float16, 1.0, 2.0**6),
+    slow(torch.bfloat16, 2.0**-50, 1.0), slow(torch.bfloat16, 2.0**38, 1.0),
+    slow(torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
 def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     """Batch 1 and 2 take codes as fp32 denormals times x or z·scale lifted by powers of two
     (_code_denormals), batch 3 an fp16 dot of z·scale lifted per row (_row_lift): still
@@ -643,7 +658,7 @@ def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
             assert torch.isfinite(y[i]).all() and rel(y[i], exact[i]) < bound, (backend, i)
 
 
-@pytest.mark.parametrize("block_o", [512, 1024])
+@pytest.mark.parametrize("block_o", [512, slow(1024)])
 def test_triton_phase_u_tiles_of_large_shapes(block_o):
     """The batch-1 phase-U tiles of real shapes (512 and 1024 outputs: slots of 16 and 32
     outputs a thread, 16 at 8 bits), over a tile and a half with every width, split into
@@ -724,6 +739,7 @@ def test_triton_counters_reset_and_base_fused():
     assert simple.shape == (2, 3, 150) and rel(simple, want) < 2 * UNIT[torch.float16]
 
 
+@pytest.mark.slow
 def test_triton_z_buffers_across_launches():
     """Launches of different ranks and batch sizes in turn, each against the float64
     product: phase V adds into one of two z buffers while phase U zeroes the other as far
@@ -758,6 +774,20 @@ def test_triton_batch_in_chunks(monkeypatch, rows, chunk):
     assert y.shape == want.shape and rel(y, want) < 2 * UNIT[torch.float16]
 
 
+def test_prefill_batch_is_one_launch(monkeypatch):
+    """A batch past 2 × MAX_BATCH rows (a prompt's prefill) runs as one launch over the plan's
+    segments, not one launch per chunk, and gives the same product."""
+    launches = []
+    real = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda x, *a: launches.append(len(x)) or real(x, *a))
+    cm = random_matrix(70, 90, {4: 6, 2: 12}, seed=13)
+    rows = 2 * kernel.MAX_BATCH + 9
+    x = torch.randn(rows, 90, generator=torch.Generator().manual_seed(13)).half()
+    y = kernel.delta_matmul(x, kernel.prepare_delta(cm, "cpu"), backend="triton")
+    want = x.double() @ decompress_matrix(cm).double().mT
+    assert launches == [rows] and rel(y, want) < 2 * UNIT[torch.float16]
+
+
 def test_wrapper_errors():
     cm = random_matrix(10, 20, {2: 3}, seed=7)
     with pytest.raises(ValueError, match="expects"):
@@ -779,6 +809,7 @@ def test_wrapper_errors():
                             backend="triton")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_patched_model_matches_merged(tmp_path, backend):
     """A Llama made from BASE and patched with DeltaLinear gives the merged model's logits.
@@ -858,6 +889,7 @@ def batches(draw):
     return [draw(RANKS) for _ in range(n)], idx
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(out_f=st.integers(1, 160), in_f=st.integers(1, 160), tenants=batches(),
        bf16=st.booleans(), with_base=st.booleans(),
@@ -994,6 +1026,7 @@ def make_tenants(tmp_path, n: int):
     return base_dir, deltas, merged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_multi_tenant_model_matches_merged(tmp_path, backend):
     """One base model patched with 3 tenants' deltas, a batch of 4 sequences for tenants
@@ -1026,6 +1059,7 @@ def test_multi_tenant_model_matches_merged(tmp_path, backend):
         model(ids)                                        # the tenants are cleared on exit
 
 
+@pytest.mark.slow
 def test_patch_model_tenants_errors(tmp_path):
     """Tenants that changed tensors outside the projections differently share one model
     (per-tenant norms, embedding, lm_head); a model without the files' tensors is an error."""
@@ -1045,6 +1079,7 @@ def test_patch_model_tenants_errors(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_bench_tenants_runs_on_cpu(tmp_path):
     """bench.py --tenants on CPU: the reference ways at the small shape (block, vocabulary
     ends, the model composed of them), and the memory lines."""
@@ -1181,6 +1216,7 @@ def test_kind_of():
     assert ev.kind_of("model.layers.3.mlp.down_proj.weight") == "down"
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_on_tiny_model(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("reasoning_gym")
@@ -1473,7 +1509,8 @@ def flip_positions(data: bytes) -> dict[str, int]:
            "metadata key": 8 + text.index('"deltacome"') + 1,
            "metadata checksum key": 8 + text.index(dc.META_CHECKSUM) + 10,
            "metadata checksum": 8 + text.index(meta[dc.META_CHECKSUM]),
-           "version": 8 + text.index('\\"version\\": 1') + len('\\"version\\": '),
+           "version": 8 + text.index(f'\\"version\\": {dc.FORMAT_VERSION}')
+           + len('\\"version\\": '),
            "a tensor checksum": 8 + text.index(first_sum) + 3,
            "carried dtype": 8 + text.index('"F16"', carried) + 1,
            "carried shape": 8 + text.index('"shape":[', carried) + len('"shape":[')}
@@ -2998,3 +3035,301 @@ def test_greedy_never_worse_than_low_rank_at_equal_bytes(out_f, in_f, seed, alph
     assert greedy.nbytes <= dc.budget_bytes(out_f, in_f, budget)
     assert dc.relative_error(delta, greedy.delta_hat) <= dc.relative_error(delta,
                                                                             low_rank.delta_hat)
+
+
+# =============================================================================================
+# A newcomer's first hour: the CLI's forms (`compress` named or not, -q before the command),
+# one-line messages that say what is wrong, progress bars closed before an error, outputs
+# with the usual permissions, BASE and FT in different float dtypes, files of format version 1,
+# eval.py's help texts.
+
+def cli(*args):
+    """deltacome.main in-process with exactly these arguments: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = dc.main([str(a) for a in args])
+        except SystemExit as e:                  # argparse's usage errors exit
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def same_tensors(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def empty_matrix(delta, cfg, dtype):
+    """compress_matrix's stand-in where the files, not their contents, are under test."""
+    return CompressedMatrix(tuple(delta.shape), dtype)
+
+
+@pytest.fixture(scope="module")
+def applied(pair, tmp_path_factory):
+    """The sharded pair compressed and applied once: (base, ft, delta file, merged dir)."""
+    base, ft = pair["sharded"]
+    root = tmp_path_factory.mktemp("applied")
+    dc.compress(base, ft, root / "d.safetensors", Config(device="cpu"), progress=False)
+    dc.apply(base, root / "d.safetensors", root / "merged", "cpu", progress=False)
+    return base, ft, root / "d.safetensors", root / "merged"
+
+
+def test_cli_compress_named_or_not_and_flags_before_the_command(pair, tmp_path):
+    base, ft = pair["single"]
+    bare, named, quiet = (tmp_path / f"{n}.safetensors" for n in ("bare", "named", "quiet"))
+    assert cli(base, ft, bare, "-q")[0] == 0
+    assert cli("compress", base, ft, named, "-q")[0] == 0
+    assert same_tensors(bare, named)
+    code, out, err = cli("-q", "compress", base, ft, quiet)
+    assert code == 0 and err == "" and "wrote" in out and same_tensors(bare, quiet)
+    code, out, err = cli("-q", "info", named)
+    assert code == 0 and err == "" and "matrices" in out
+    merged = tmp_path / "merged.safetensors"
+    assert cli("--quiet", "apply", base, named, merged)[::2] == (0, "")
+    assert cli("-q", "verify", base, named, merged)[0] == 0
+    code, out, err = cli("-h", "info")
+    assert code == 0 and "deltacome.py info" in out and "DELTA" in out.upper()
+    code, _, err = cli("--budget", "1/32", "compress", base, ft, tmp_path / "x.safetensors")
+    assert code == 2 and "put --budget after the word compress" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget", "2", "b", "f", "o"), "budget must be in (0, 1]"),
+    (("apply", "b"), "required"),
+    (("info",), "required"),
+    (("compress", "a", "b", "c", "d"), "unrecognized arguments: d"),
+    (("example",), "required"),
+])
+def test_usage_errors_are_one_line(args, message):
+    code, out, err = cli(*args)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("deltacome: error: ") and message in err and "--help" in err
+
+
+@pytest.mark.parametrize("command", ["compress", "apply", "verify"])
+def test_progress_bar_is_closed_before_the_error(applied, tmp_path, monkeypatch, command):
+    base, ft, delta, merged = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    calls, original = [], dc.decompress_matrix
+
+    def failing(cm):                             # each command decompresses every matrix
+        calls.append(1)
+        if len(calls) == 3:
+            raise DeltaComeError("simulated failure")
+        return original(cm)
+    monkeypatch.setattr(dc, "decompress_matrix", failing)
+    args = {"compress": (base, ft, tmp_path / "d.safetensors"),
+            "apply": (base, delta, tmp_path / "m"), "verify": (base, delta, merged)}[command]
+    code, _, err = cli(command, *args)           # progress bars on
+    assert code == 2 and f"{command}:" in err and "%|" in err        # a bar was drawn ...
+    assert err.endswith("\ndeltacome: error: simulated failure\n"), repr(err[-200:])  # closed
+
+
+def test_messages_say_what_is_wrong(pair, tmp_path):
+    base, ft = pair["single"]
+    out = tmp_path / "d.safetensors"
+    assert cli(base, ft, out, "-q")[0] == 0
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    torch.save({"w": torch.ones(2)}, pickles / "pytorch_model.bin")          # zip archive
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    meta = {**dc.read_delta_file(out).meta, "version": "1"}         # a string, not 1
+    string_version = tmp_path / "string-version.safetensors"
+    save_file(load_file(str(out)), str(string_version), {"deltacome": json.dumps(meta)})
+    cases = [((base, ft, out, "--widths", "0"), "give at least one width of 1..8 bits"),
+             (("info", tmp_path), "is a directory, not a .safetensors file"),
+             (("info", string_version), "format version '1' is not supported (this reader "
+                                        "knows the integers 1, 2)"),
+             ((pickles / "pytorch_model.bin", ft, out), "it looks like a PyTorch pickle"),
+             ((tmp_path / "legacy.pt", ft, out), "pickles are not read"),
+             ((pickles, ft, out), "it holds pytorch_model.bin: PyTorch pickles are not read")]
+    for args, message in cases:
+        code, _, err = cli(*args, *(["-q"] if args[0] != "info" else []))
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    with pytest.raises(DeltaComeError, match="no width of 1..8 bits"):
+        dc.compress_matrix(long_tailed(64, 64), Config(widths=(0,)))
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_unwritable_directory_says_why(applied, tmp_path, monkeypatch, read_only):
+    # Root ignores permission bits, and mounting a read-only file system needs privileges:
+    # both cases are simulated (`os.access` and `os.statvfs` answer as they would).
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc.os, "access", lambda path, mode: False)
+    flag = os.ST_RDONLY if read_only else 0
+    monkeypatch.setattr(dc.os, "statvfs", lambda path: SimpleNamespace(f_flag=flag))
+    for args in ((base, ft, tmp_path / "d.safetensors"), ("apply", base, delta, tmp_path / "m")):
+        code, _, err = cli(*args, "-q")
+        assert code == 2 and err.count("\n") == 1
+        assert ("Read-only file system" if read_only else "Permission denied") in err, err
+
+
+@pytest.mark.parametrize("command", ["compress", "apply"])
+def test_full_disk_names_the_output_and_leaves_nothing(applied, tmp_path, monkeypatch, command):
+    import errno
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    out = tmp_path / ("d.safetensors" if command == "compress" else "merged")
+    calls, original = [], dc.SafetensorsWriter.add
+
+    def full(self, name, tensor):                # what a write to a full disk raises: no file name
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, name, tensor)
+    monkeypatch.setattr(dc.SafetensorsWriter, "add", full)
+    args = (base, ft, out) if command == "compress" else ("apply", base, delta, out)
+    code, _, err = cli(*args, "-q")
+    assert code == 2 and err == f"deltacome: error: {out}: cannot write it: No space left on " \
+                                "device\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_the_usual_permissions(applied, tmp_path, monkeypatch):
+    base, ft, delta, _ = applied
+    monkeypatch.setattr(dc, "compress_matrix", empty_matrix)
+    old = os.umask(0o027)
+    try:
+        assert cli(base, ft, tmp_path / "d.safetensors", "-q")[0] == 0
+        assert cli("apply", base, delta, tmp_path / "merged", "-q")[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o750
+    for shard in (tmp_path / "merged").glob("*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o640
+
+
+def checkpoint_in_dtype(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of a sharded checkpoint directory with every float tensor cast to `dtype`."""
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file({k: v.to(dtype) if v.is_floating_point() else v
+                   for k, v in load_file(str(shard)).items()}, str(shard))
+    return dst
+
+
+def test_base_and_fine_tune_in_different_float_dtypes(pair, tmp_path):
+    base, ft16 = pair["sharded"]                                  # fp16, sharded, config.json
+    ft = checkpoint_in_dtype(ft16, tmp_path / "ft-bf16", torch.bfloat16)
+    out, merged = tmp_path / "d.safetensors", tmp_path / "merged"
+    assert cli(base, ft, out, "-q", "--method", "4:8")[0] == 0       # a quick band spec
+    d = dc.read_delta_file(out)
+    base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
+    assert d.meta["dtypes"] == dict.fromkeys(base_r.names(), "bfloat16")
+    assert {cm.dtype for cm in d.matrices.values()} == {"bfloat16"}
+    # FT's embedding is BASE's cast to bf16: nothing to store, apply casts BASE's
+    assert "model.embed_tokens.weight" not in d.carried
+    assert cli("apply", base, out, merged, "-q")[0] == 0
+    merged_r = dc.CheckpointReader(merged)
+    for name in base_r.names():
+        w = merged_r.get(name)
+        assert w.dtype == torch.bfloat16, name
+        if name in d.matrices:        # Δ in fp32, W_base + Δ̂ rounded once to FT's dtype
+            expected = base_r.get(name).float() + dc.decompress_matrix(d.matrices[name])
+            assert torch.equal(w, expected.to(torch.bfloat16)), name
+        else:
+            assert torch.equal(w, ft_r.get(name)), name
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert cli("verify", base, out, merged, "-q")[0] == 0
+
+
+def test_config_dtype_set_under_either_key(tmp_path):
+    config = tmp_path / "config.json"
+    for key in ("torch_dtype", "dtype"):            # transformers 4 / 5 write these
+        config.write_text(json.dumps({key: "float16", "hidden_size": 8}))
+        dc.set_config_dtype(config, torch.bfloat16)
+        assert json.loads(config.read_text()) == {key: "bfloat16", "hidden_size": 8}
+    config.write_text("not json")
+    dc.set_config_dtype(config, torch.bfloat16)
+    assert config.read_text() == "not json"
+
+
+def test_format_version_1_files_apply_as_before(applied, tmp_path):
+    """A file written before format version 2 has no `dtypes` and BASE's dtypes throughout;
+    rewritten as such, today's file must apply to the same checkpoint."""
+    from safetensors import safe_open
+    base, _, new, _ = applied
+    old = tmp_path / "v1.safetensors"
+    with safe_open(str(new), "pt") as f:
+        meta = json.loads(f.metadata()["deltacome"])
+    assert meta["version"] == 2 and meta["dtypes"] == {}
+    del meta["dtypes"]
+    save_file(load_file(str(new)), str(old), {"deltacome": json.dumps({**meta, "version": 1})})
+    for delta in (new, old):
+        assert cli("apply", base, delta, tmp_path / delta.stem, "-q")[0] == 0
+        assert cli("verify", base, delta, tmp_path / delta.stem, "-q")[0] == 0
+    for shard in (tmp_path / "v1").glob("*.safetensors"):
+        assert same_tensors(shard, tmp_path / "d" / shard.name)
+    assert (tmp_path / "v1" / "config.json").read_text() == (base / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_mixed_dtype_fine_tune_loads_in_its_dtype(pair, tmp_path):
+    """compress → apply → from_pretrained: an fp16 base and a bf16 fine-tune give a model that
+    transformers loads as bf16 (dtype "auto" reads the merged config) with FT's weights."""
+    transformers = pytest.importorskip("transformers")
+    base, ft16 = pair["sharded"]
+    ft = checkpoint_in_dtype(ft16, tmp_path / "ft-bf16", torch.bfloat16)
+    assert cli(base, ft, tmp_path / "d.safetensors", "-q")[0] == 0
+    assert cli("apply", base, tmp_path / "d.safetensors", tmp_path / "merged", "-q")[0] == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert model.dtype == torch.bfloat16
+    norm = model.state_dict()["model.norm.weight"]
+    assert torch.equal(norm, dc.CheckpointReader(ft).get("model.norm.weight"))
+
+
+def eval_parsers(monkeypatch) -> dict:
+    """{command: its argparse parser} of eval.py, caught as main parses."""
+    import argparse
+    caught = {}
+
+    def catch(self, args=None, namespace=None):
+        caught["top"] = self
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        ev.main(["smoke", "x"])
+    sub = next(a for a in caught["top"]._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_eval_commands_and_options_are_described(monkeypatch):
+    for name, parser in eval_parsers(monkeypatch).items():
+        assert parser.description, f"eval.py {name} has no description"
+        for action in parser._actions:
+            assert action.help, f"eval.py {name} {action.option_strings or action.dest}: no help"
+
+
+def test_eval_workers_default_overlaps_compression_on_two_cores(monkeypatch):
+    monkeypatch.setattr(ev.os, "cpu_count", lambda: 2)
+    assert ev.default_workers() == 1
+    monkeypatch.setattr(ev.os, "cpu_count", lambda: 64)
+    assert ev.default_workers() == 14
+
+
+def test_eval_kept_is_a_dash_when_undefined():
+    assert ev.kept_text(float("nan"), 8) == "       —"
+    assert ev.kept_text(0.995, 7) == "  99.5%"
+
+
+def test_eval_matrices_shows_progress(capsys):
+    mats = {"q": (long_tailed(64, 64), None), "k": (long_tailed(32, 64), None)}
+    ev.matrix_rows(mats, methods=("BitDelta",), progress=True)
+    err = capsys.readouterr().err
+    assert "matrices" in err and "2/2" in err
+
+
+@pytest.mark.slow
+def test_smoke_estimate_is_measured(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("reasoning_gym")
+    cfg = ev.RunConfig(tasks=("chain_sum",), train=ev.TrainConfig(steps=10, batch=4),
+                       n_test=8, text_windows=2, tiny=True, methods=("greedy",),
+                       budgets=(1 / 16,))
+    seconds, how = ev.smoke_estimate(tmp_path, cfg)
+    assert 0 < seconds < 600 and how.endswith("timed on 3 steps and 8 problems")
+    assert "chain_sum " in how and "s a step" in how
+    assert (tmp_path / "base" / "config.json").exists()          # the pipeline's base, reused
