@@ -2451,7 +2451,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                            help="fit every matrix to its inputs on these calibration tokens: a "
                                 ".safetensors with integer input_ids (N, T), or texts (.txt, "
                                 ".jsonl) read with FT's tokenizer; needs transformers and FT "
-                                "as a HF directory (default: calibration-free)")
+                                "as a HF directory (default: calibration-free; on real "
+                                "fine-tunes it lowered each layer's output error but not the "
+                                "task accuracy: see the README)")
             p.add_argument("--calib-tokens", type=option(check_positive, integer),
                            default=d.calib_tokens, metavar="N",
                            help="calibration tokens used at most (default %(default)s)")

@@ -1233,16 +1233,26 @@ def main(argv=None) -> int:
     t.add_argument("results", type=Path, help="results.json or eval_results.json")
     v = sub.add_parser("serve", help="two fine-tunes of WORK (made by make-pair or model) "
                        "served as tenants of one base in one batch, against each merged and "
-                       "patched alone")
+                       "patched alone",
+                       description="Compress two fine-tunes of WORK at one budget (each --vocab "
+                       "choice), then serve each task's held-out problems four ways: the "
+                       "fine-tune, its merged delta (apply), its delta patched alone "
+                       "(patch_model), and both tasks' prompts mixed row by row in one batch "
+                       "(patch_model_tenants). Prints each task's accuracy and the share of "
+                       "completions equal to patch_model's. Needs a GPU for useful speed.")
     v.add_argument("work", type=Path, help="working folder with base/ and ft-TASK/")
     v.add_argument("--out", type=Path, help="where serve_table.txt and serve_results.json go "
                                             "(default WORK)")
-    v.add_argument("--tasks", default=",".join(ServeConfig.tasks), help="two tasks")
-    v.add_argument("--budget", type=dc.fraction, default=ServeConfig.budget)
+    v.add_argument("--tasks", default=",".join(ServeConfig.tasks),
+                   help="two tasks of WORK, comma-separated (default %(default)s)")
+    v.add_argument("--budget", type=dc.fraction, default=ServeConfig.budget,
+                   help="bytes per matrix as a fraction of its fp16 delta (default 1/32)")
     v.add_argument("--vocab", default=",".join(ServeConfig.vocab),
                    help="deltacome --vocab choices to compare, e.g. auto,carry (default auto)")
-    v.add_argument("--n-test", type=int, default=ServeConfig.n_test)
-    v.add_argument("--gen-batch", type=int, default=ServeConfig.gen_batch)
+    v.add_argument("--n-test", type=int, default=ServeConfig.n_test,
+                   help="held-out problems per task (default %(default)s)")
+    v.add_argument("--gen-batch", type=int, default=ServeConfig.gen_batch,
+                   help="prompts per generation batch (default %(default)s)")
     for name in ("make-pair", "model", "smoke"):
         smoke = name == "smoke"
         s = sub.add_parser(name, help=COMMAND_HELP[name][0], description=COMMAND_HELP[name][1])

@@ -42,7 +42,7 @@ file holds, in the order to read them:
     patch_model_tenants     loads N delta files onto one base model; `use_tenants` sets the
                             tenant of each sequence for one forward pass
 
-  Serving options of a patched model (serving_options; both off by default):
+  Serving options of a patched model (serving_options; patch_model fuses by default):
     prepare_fused_delta     the deltas of layers that read one input (q/k/v, gate/up) in one
                             runtime layout, their outputs side by side: one launch pair
     DeltaGroup              such layers served together (fuse)
@@ -1433,7 +1433,7 @@ class DeltaLinear(torch.nn.Module):
         return f"bands={bands}, backend={self.backend}"
 
 
-def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse: bool = False,
+def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse: bool = True,
                 overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into the fine-tune in place: every compressed
     projection NAME.weight swaps the nn.Linear at NAME for a DeltaLinear, and every carried
@@ -2176,7 +2176,7 @@ def check_affine_norm(module: torch.nn.Module, path: str) -> None:
 
 
 def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
-                        backend: str = "auto", fuse: bool = False,
+                        backend: str = "auto", fuse: bool = True,
                         overlap: bool = False) -> list[str]:
     """Turn `model` (holding the BASE weights) into N fine-tunes at once, in place (tenant t
     = delta_paths[t]); call it inside `use_tenants(model, tenant_idx)`. Every compressed
@@ -2342,7 +2342,9 @@ def use_tenants(model: torch.nn.Module, tenant_idx):
 
 # ----------------------------------------------------------------------------------------------
 # Serving options of a patched model (serving_options): two changes to how a forward pass
-# launches the kernels, each switchable, both off by default.
+# launches the kernels, each switchable. patch_model and patch_model_tenants turn fuse on and
+# leave overlap off: on the H200, fuse was faster in every decode measurement and overlap
+# slower at batch 1 (docs/PERFORMANCE.md, 2026-12-03).
 #
 # * fuse: layers that read the same input (a block's q/k/v, and gate/up) share one fused
 #   KernelDelta (prepare_fused_delta) and one launch pair. The first of them to be called
