@@ -991,13 +991,18 @@ def run_pipeline(work: Path, out: Path, cfg: RunConfig, gguf: Path | None = None
     return results
 
 
+SMOKE_SERVE_VOCAB = ("auto", "carry")      # smoke's serving stage: these --vocab choices
+
+
 def smoke_estimate(work: Path, cfg: RunConfig) -> tuple[float, str]:
     """(seconds, how they were measured): what a smoke run of `cfg` will take on this machine,
     timed up front on the tiny base (built now if missing): one load, then per task (their
     sequences differ in length) 3 fine-tuning steps and one evaluation of a few held-out
     problems (after an untimed one that pays the set-up), scaled to the run's loads, steps,
-    problems and evaluations. Compressing a tiny model takes moments and is left out; stages
-    already done in WORK are counted as if not."""
+    problems and evaluations, the serving stage's included (serve_tenants on the first two
+    tasks: per task and --vocab choice a merged and a patched model and its half of the mixed
+    batch, plus the fine-tune once). Compressing a tiny model takes moments and is left out;
+    stages already done in WORK are counted as if not."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (work / "base" / "config.json").exists():
         build_tiny_base(work / "base", cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_vocab)
@@ -1022,6 +1027,9 @@ def smoke_estimate(work: Path, cfg: RunConfig) -> tuple[float, str]:
         eval_seconds = (time.perf_counter() - t) * cfg.n_test / n
         seconds += (cfg.train.steps * step_seconds + 3 * load_seconds     # 3 loads per task
                     + (2 + len(plan(cfg))) * eval_seconds)
+        if len(cfg.tasks) >= 2 and task in cfg.tasks[:2]:                 # serving stage
+            vocabs = len(SMOKE_SERVE_VOCAB)
+            seconds += (1 + 3 * vocabs) * eval_seconds + (1 + 2 * vocabs) * load_seconds
         rates.append(f"{task} {step_seconds:.2f} s a step, {eval_seconds:.1f} s an evaluation")
     return seconds, "; ".join(rates) + f"; timed on {steps} steps and {n} problems"
 
@@ -1370,7 +1378,7 @@ def main(argv=None) -> int:
     print(report_tables(json.loads((args.work / "results.json").read_text())["results"], cfg))
     if tiny and len(cfg.tasks) >= 2:             # the serving stage on the first two tasks
         print(serve_table(serve_tenants(args.work, out, ServeConfig(
-            cfg.tasks[:2], vocab=("auto", "carry"), n_test=cfg.n_test), log)))
+            cfg.tasks[:2], vocab=SMOKE_SERVE_VOCAB, n_test=cfg.n_test), log)))
     if tiny:
         log(f"smoke took {(time.perf_counter() - t_start) / 60:.1f} min, its timing included")
     return 0

@@ -843,6 +843,8 @@ def test_patched_model_matches_merged(tmp_path, backend):
     names = kernel.patch_model(patched, tmp_path / "delta.safetensors", backend=backend)
     assert len(names) == 7 and all(isinstance(patched.get_submodule(n[:-7]), kernel.DeltaLinear)
                                    for n in names)
+    groups = {id(patched.get_submodule(n[:-7]).group) for n in names} - {id(None)}
+    assert len(groups) == 2                 # fused by default: q/k/v and gate/up
     ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = merged(ids).logits.double()
