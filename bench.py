@@ -504,9 +504,9 @@ def lookup_bytes(cm) -> int:
                for b in cm.bands)
 
 
-def vocab_ways(m: dict, N: int, heads: list, embeds: list, W_head, E, dtype, device) -> tuple:
+def vocab_ways(N: int, heads: list, embeds: list, W_head, E, dtype, device) -> tuple:
     """One token for each of N tenants through the vocabulary ends of the model: the embedding
-    lookup and lm_head (untied, m["vocab"] × hidden), in one CUDA graph per way:
+    lookup and lm_head (untied, vocabulary × hidden), in one CUDA graph per way:
 
         (a) separate  N fp16 models: N lookups (a row each, from one table: a row costs
                       the same from any table), N GEMVs on N distinct lm_heads
@@ -599,7 +599,7 @@ def tenant_rows(model: str, m: dict, tenant_counts, dtype, device, copy_gbs) -> 
         parts = {"block": block_ways(m, N, cms, kds, Ws, dtype, device)}
         if cuda:
             torch.cuda.empty_cache()                  # N × the block's weights: freed now
-        parts["vocab"] = vocab_ways(m, N, heads, embeds, W_head, E, dtype, device)
+        parts["vocab"] = vocab_ways(N, heads, embeds, W_head, E, dtype, device)
         if cuda:
             torch.cuda.empty_cache()
         (tb, mb, fb), (tv, mv, fv) = parts["block"], parts["vocab"]

@@ -31,6 +31,7 @@ Usage:
     python deltacome.py BASE FT OUT --calib texts.jsonl   # fit to FT's inputs on these texts
     python deltacome.py apply BASE OUT.safetensors MERGED
     python deltacome.py info OUT.safetensors
+    python deltacome.py verify BASE OUT.safetensors MERGED   # recheck MERGED against BASE + Δ̂
     python deltacome.py example /tmp/deltacome-demo  # make a tiny pair, compress, apply
 """
 
@@ -683,6 +684,7 @@ def choose_widths(delta: torch.Tensor, cfg: Config, H: torch.Tensor | None = Non
         costs = [vector_bytes(out_f, in_f, b, g) for b in candidates]
         cheapest = min(costs[1:], default=budget + 1)
         max_rank = min(budget // cheapest, out_f, in_f)
+        widths = []
         if max_rank > 0:
             U, S, V = svd(max_rank)
             eps = vector_errors(U, V, candidates, g, cfg.quantizer == "mse", H)
@@ -848,6 +850,16 @@ def probe(w: torch.Tensor) -> list[float]:
     flat = w.reshape(-1)
     n = flat.numel()
     return [float(flat[i * (n - 1) // 3]) for i in range(4)] if n else []
+
+
+def probes_match(a: list[float], b: list[float], dtype: torch.dtype) -> bool:
+    """Two probes of one tensor (deltacome.probe) agree up to a rounding to `dtype` or bf16,
+    whichever is coarser: what loading one checkpoint in another dtype changes."""
+    if not (dtype.is_floating_point and torch.finfo(dtype).bits <= 32):
+        return a == b
+    tol = max(torch.finfo(dtype).eps, 2.0**-7)
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(x), abs(y)) + 1e-30
+                                    for x, y in zip(a, b))
 
 
 # Config and tokenizer files of a fine-tune, stored where they differ from BASE's (a resized
@@ -2097,6 +2109,10 @@ def merge_shard(shard: Path, delta: DeltaFile, device, target: Path,
         for name in f.keys():
             w = f.get_tensor(name)
             check_finite(name, w, f"BASE {shard}")
+            expected = delta.meta.get("base_probes", {}).get(name)
+            if expected is not None and not probes_match(expected, probe(w), w.dtype):
+                raise DeltaComeError(f"tensor {name}: BASE {shard} is not the base "
+                                     f"{delta_name} was made against (its values differ)")
             dtype = fine_tune_dtype(delta, name, w.dtype)
             if name in delta.matrices:
                 dhat = decompress_matrix(delta.matrices[name].to(device))

@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -63,10 +64,10 @@ import deltacome as dc
 #                   1/16 + 2 bytes; it cannot shrink below 1/16 nor use a larger budget. No scale
 #                   distillation (the paper's BitDelta trains the scales; this one does not).
 #   plain low-bit   the rows of Δ itself group-quantized (g = 128, fp16 scale+zero) at the widest
-#                   width whose bytes fit, with deltacome's default grid (MSE-searched unless
-#                   Config.quantizer says "minmax"); at 1/16 none fits: 1 bit per weight is the
-#                   whole budget and the scales come on top. (1-bit min-max rounds every weight
-#                   to its group's min or max: rel. error ~1.9 on synthetic Δ, vs ~0.6 searched.)
+#                   width whose bytes fit, with deltacome's default (MSE-searched) grid, which
+#                   min-max would only make worse (1-bit min-max rounds every weight to its
+#                   group's min or max); at 1/16 none fits: 1 bit per weight is the whole
+#                   budget and the scales come on top.
 #   Delta-CoMe      deltacome.compress_matrix with a band spec, the paper preset, or greedy.
 
 # Delta-CoMe variants: label -> Config fields. "single/double/triple" are the paper's Table 2
@@ -132,8 +133,7 @@ def plain_lowbit(delta: torch.Tensor, budget: float, group_size: int = 128) -> R
     if not fits:
         return None
     bits = max(fits)
-    search = dc.Config().quantizer == "mse"
-    codes, scale, zero = dc.quantize_groups(delta, bits, group_size, search)
+    codes, scale, zero = dc.quantize_groups(delta, bits, group_size, search=True)
     return Reconstruction(dc.dequantize_groups(codes, scale, zero, group_size),
                           plain_bytes(out_f, in_f, bits, group_size), f"{bits}-bit")
 
@@ -245,7 +245,6 @@ def matrix_table(rows: list[dict], title: str = "") -> str:
 def checkpoint_matrices(base: str, ft: str, include: str = dc.Config.include,
                         layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """{name: Δ fp32} for the matrices deltacome would compress (optionally some layers only)."""
-    import re
     base_r, ft_r = dc.CheckpointReader(base), dc.CheckpointReader(ft)
     pattern = re.compile(include)
     deltas = {}
@@ -497,12 +496,6 @@ def answer_nlls(model, tok, pairs, batch: int = 256) -> tuple[list[float], list[
     return nll, count
 
 
-def answer_perplexity(model, tok, pairs, batch: int = 256) -> float:
-    """exp(mean NLL of the answer tokens, EOS included), teacher-forced after the prompt."""
-    nll, count = answer_nlls(model, tok, pairs, batch)
-    return math.exp(sum(nll) / max(sum(count), 1))
-
-
 @torch.no_grad()
 def text_perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
     """exp(mean next-token NLL) over windows (n, T) of general text."""
@@ -722,7 +715,6 @@ def evaluate_pair(work: Path, task: str, cfg: RunConfig, results: dict, save, lo
     max_new = max(len(a) for _, a in pairs) + 4
     windows = text_windows(tok, cfg.text_windows, 512 if not cfg.tiny else 64, cfg.tiny)
 
-    import re
     include = re.compile(dc.Config.include)
     names = [n for n, w in base_sd.items() if w.ndim == 2 and include.search(n)]
     delta_file = work / f"delta-{task}.safetensors"
@@ -1308,7 +1300,10 @@ def main(argv=None) -> int:
             if not (args.base and args.ft):
                 p.error("--base and --ft go together")
             quiet_transformers()
-            layers = [int(x) for x in args.layers.split(",")]
+            try:
+                layers = [int(x) for x in args.layers.split(",")]
+            except ValueError:
+                p.error(f"--layers takes comma-separated layer numbers, not {args.layers!r}")
             deltas = checkpoint_matrices(args.base, args.ft, layers=layers)
             grams = real_grams(args.ft, deltas) if Path(args.ft).is_dir() else {}
             mats = {n: (d, grams.get(n)) for n, d in deltas.items()}
@@ -1336,6 +1331,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.command == "tables":
+        if not args.results.is_file():
+            p.error(f"{args.results}: no such results file (eval.py model writes results.json)")
         saved = json.loads(args.results.read_text())
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()
                   if k != "train"}
@@ -1343,7 +1340,10 @@ def main(argv=None) -> int:
         print(report_tables(saved["results"], RunConfig(**{**fields, "tasks": tasks})))
         return 0
     tiny = args.command == "smoke"
-    budgets = tuple(dc.fraction(b) for b in args.budgets.split(","))
+    try:
+        budgets = tuple(dc.fraction(b) for b in args.budgets.split(","))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--budgets: {e}")
     cfg = RunConfig(tasks=tuple(args.tasks.split(",")),
                     train=TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr,
                                       seconds=args.train_seconds),
@@ -1358,12 +1358,10 @@ def main(argv=None) -> int:
         p.error(f"unknown task or method {unknown[0]!r}")
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "eval_log.txt", "a")
-
     def log(msg):
         print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
+        with open(out / "eval_log.txt", "a") as log_file:
+            log_file.write(msg + "\n")
     quiet_transformers()
     if args.command == "make-pair":
         make_pair(args.work, cfg, args.gguf, log)

@@ -113,7 +113,8 @@ import triton
 import triton.language as tl
 
 from deltacome import (CompressedMatrix, DeltaComeError, DeltaFile, container_bits,
-                       decompress_matrix, dequantize_vectors, probe, read_delta_file, same_bits)
+                       decompress_matrix, dequantize_vectors, probe, probes_match,
+                       read_delta_file, same_bits)
 
 # The tuned kernels' constants (see THE TUNED KERNELS below).
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
@@ -1458,9 +1459,10 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse:
         if name not in vocab:
             replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
     patch.commit()
-    if fuse or overlap:
+    names = [n for n in delta.matrices if n not in vocab]
+    if names and (fuse or overlap):
         serving_options(model, fuse, overlap)
-    return [n for n in delta.matrices if n not in vocab]
+    return names
 
 
 def check_model(model: torch.nn.Module, delta: DeltaFile, source, grow: bool) -> None:
@@ -1490,16 +1492,6 @@ def check_model(model: torch.nn.Module, delta: DeltaFile, source, grow: bool) ->
                                               state[name].dtype):
             raise DeltaComeError(f"tensor {name}: the model's values are not those of the base "
                                  f"{source} was made against")
-
-
-def probes_match(a: list[float], b: list[float], dtype: torch.dtype) -> bool:
-    """Two probes of one tensor (deltacome.probe) agree up to a rounding to `dtype` or bf16,
-    whichever is coarser: what loading one checkpoint in another dtype changes."""
-    if not (dtype.is_floating_point and torch.finfo(dtype).bits <= 32):
-        return a == b
-    tol = max(torch.finfo(dtype).eps, 2.0**-7)
-    return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(x), abs(y)) + 1e-30
-                                    for x, y in zip(a, b))
 
 
 def plan_vocabulary(patch: "ModelPatch", delta: DeltaFile) -> set[str]:
@@ -2204,7 +2196,8 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     copy_carried(patch, shared)
     patch.swaps.update(modules)
     patch.commit()
-    if fuse or overlap:
+    served = any(isinstance(m, MultiDeltaLinear) for m in model.modules())
+    if served and (fuse or overlap):
         serving_options(model, fuse, overlap)
     return [f"{path}.weight" for path in modules]
 
@@ -2343,8 +2336,7 @@ def use_tenants(model: torch.nn.Module, tenant_idx):
 # ----------------------------------------------------------------------------------------------
 # Serving options of a patched model (serving_options): two changes to how a forward pass
 # launches the kernels, each switchable. patch_model and patch_model_tenants turn fuse on and
-# leave overlap off: on the H200, fuse was faster in every decode measurement and overlap
-# slower at batch 1 (docs/PERFORMANCE.md, 2026-12-03).
+# leave overlap off, as measured best (docs/PERFORMANCE.md).
 #
 # * fuse: layers that read the same input (a block's q/k/v, and gate/up) share one fused
 #   KernelDelta (prepare_fused_delta) and one launch pair. The first of them to be called
@@ -2490,8 +2482,9 @@ def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = 
     named in SHARED_INPUTS (q/k/v, gate/up of one module) that read the same input share one
     launch pair; overlap: each launch pair runs on a side stream, its phase V beside the
     base GEMM (see the notes above). A call replaces the last one's setting (groups that
-    stay keep their prepared layout); both False is the plain path. The reference backend
-    ignores both."""
+    stay keep their prepared layout), so serving_options(model, overlap=True) also turns off
+    the fusion patch_model set up; both False is the plain path. Backends other than
+    "triton" ignore both."""
     layers = [m for m in model.modules() if isinstance(m, (DeltaLinear, MultiDeltaLinear))]
     if not layers:
         raise ValueError("the model has no patched layers: patch_model or "

@@ -854,6 +854,24 @@ def test_patched_model_matches_merged(tmp_path, backend):
     assert rel(got, want) < 0.1 * rel(unpatched, want)       # the delta path does matter
 
 
+def test_patch_model_without_projections(tmp_path):
+    """A delta file that compresses no projection (only vocabulary and carried tensors)
+    patches a model as one with projections does, under the default fuse, which then has
+    nothing to fuse; one of tenants too."""
+    transformers = pytest.importorskip("transformers")
+    base_dir, ft_dir = make_example(tmp_path / "pair", layers=1, width=64)
+    delta = tmp_path / "d.safetensors"
+    compress(base_dir, ft_dir, delta, Config(device="cpu", include="^$"), progress=False)
+    assert not [n for n in dc.read_delta_file(delta).matrices if ".layers." in n]
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model, ft = load(base_dir), load(ft_dir)
+    assert kernel.patch_model(model, delta, backend="reference") == []
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(model.state_dict()[norm], ft.state_dict()[norm])
+    tenants = load(base_dir)
+    kernel.patch_model_tenants(tenants, [delta, delta], backend="reference")
+
+
 def test_patch_model_errors(tmp_path):
     base_dir, ft_dir = make_example(tmp_path / "pair", layers=1, width=64)
     compress(base_dir, ft_dir, tmp_path / "delta.safetensors", Config(device="cpu"),
@@ -1726,6 +1744,17 @@ def test_apply_output_onto_an_input_is_refused(small, tmp_path, monkeypatch):
         assert code == 2 and message in err and err.count("\n") == 1, (out, err)
     assert {p: tree(p) for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_apply_refuses_another_base(small, tmp_path, kind):
+    """`apply` onto a checkpoint of the same names and shapes that is not the base the delta
+    was made against (here the fine-tune itself) is refused by the base's recorded probes,
+    in one line, and writes nothing."""
+    pair = getattr(small, kind)
+    code, _, err = cli("apply", pair.ft, pair.delta, tmp_path / "out", "-q")
+    assert code == 2 and "is not the base" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_apply_never_replaces_what_it_did_not_write(small, tmp_path):
@@ -3296,6 +3325,19 @@ def test_mixed_dtype_fine_tune_loads_in_its_dtype(pair, tmp_path):
     assert model.dtype == torch.bfloat16
     norm = model.state_dict()["model.norm.weight"]
     assert torch.equal(norm, dc.CheckpointReader(ft).get("model.norm.weight"))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["smoke", "W", "--budgets", "1/0"], "--budgets"),
+    (["matrices", "--base", "b", "--ft", "f", "--layers", "a"], "--layers takes"),
+    (["tables", "missing.json"], "no such results file")])
+def test_eval_bad_options_are_one_line_errors(argv, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err.splitlines()[-1] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def eval_parsers(monkeypatch) -> dict:
