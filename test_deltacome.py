@@ -648,7 +648,7 @@ def test_kernels_other_group_sizes(group_size):
     slow(torch.float16, 2.0**-12, 1.0), slow(torch.float16, 2.0**6, 1.0),
     slow(torch.float16, 1.0, 2.0**-12), slow(torch.float16, 1.0, 2.0**6),
     slow(torch.bfloat16, 2.0**-50, 1.0), slow(torch.bfloat16, 2.0**38, 1.0),
-    slow(torch.bfloat16, 1.0, 2.0**-30), (torch.bfloat16, 1.0, 2.0**30)])
+    slow(torch.bfloat16, 1.0, 2.0**-30), slow(torch.bfloat16, 1.0, 2.0**30)])
 def test_triton_exact_across_magnitudes(dtype, x_scale, s_scale):
     """Batch 1 and 2 take codes as fp32 denormals times x or z·scale lifted by powers of two
     (_code_denormals), batch 3 an fp16 dot of z·scale lifted per row (_row_lift): still
