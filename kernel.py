@@ -1459,10 +1459,8 @@ def patch_model(model: torch.nn.Module, delta_path, backend: str = "auto", fuse:
         if name not in vocab:
             replace_linear(patch, name, lambda layer: DeltaLinear(layer, cm, backend))
     patch.commit()
-    names = [n for n in delta.matrices if n not in vocab]
-    if names and (fuse or overlap):
-        serving_options(model, fuse, overlap)
-    return names
+    set_serving_options(model, fuse, overlap)
+    return [n for n in delta.matrices if n not in vocab]
 
 
 def check_model(model: torch.nn.Module, delta: DeltaFile, source, grow: bool) -> None:
@@ -2196,9 +2194,7 @@ def patch_model_tenants(model: torch.nn.Module, delta_paths: Sequence,
     copy_carried(patch, shared)
     patch.swaps.update(modules)
     patch.commit()
-    served = any(isinstance(m, MultiDeltaLinear) for m in model.modules())
-    if served and (fuse or overlap):
-        serving_options(model, fuse, overlap)
+    set_serving_options(model, fuse, overlap)
     return [f"{path}.weight" for path in modules]
 
 
@@ -2474,6 +2470,14 @@ def _fusable(layers: Sequence[torch.nn.Module]) -> bool:
             and len({(m.base.weight.dtype, m.base.weight.device) for m in layers}) == 1
             and len({len(d) for d in deltas}) == 1
             and len({b.V.group_size for d in deltas for cm in d for b in cm.bands}) <= 1)
+
+
+def set_serving_options(model: torch.nn.Module, fuse: bool, overlap: bool) -> None:
+    """serving_options at the end of patch_model and patch_model_tenants, where they patched
+    a layer (a file of vocabulary and carried tensors alone leaves nothing to serve)."""
+    if (fuse or overlap) and any(isinstance(m, (DeltaLinear, MultiDeltaLinear))
+                                 for m in model.modules()):
+        serving_options(model, fuse, overlap)
 
 
 def serving_options(model: torch.nn.Module, fuse: bool = False, overlap: bool = False) -> int:
