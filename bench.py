@@ -1063,11 +1063,40 @@ def decode_model_rows(name: str, m: dict, batches, levers, prompt_len: int, new_
         print(f"  {r['way']:<8}{r['lever'] or '':<14}B={r['batch']:<4}×merged "
               f"{r['x_merged']:.3f}  tokens equal {r['tokens_vs_merged']:.3f}")
     save(rows)
+    print_profiles(rows)
     return rows
 
 
+PROFILE_KINDS = ("GEMM (cuBLAS)", "delta phase V", "delta phase U", "attention", "other")
+
+
+def print_profiles(rows: list) -> None:
+    """The profiles of decode_model_rows as one table: GPU µs per decode step by kernel kind,
+    the delta kernels' launches per step, mean µs per launch, and the rate at which they read
+    the stored deltas (GB/s)."""
+    profiled = [r for r in rows if "error" not in r.get("profile", {"error": 1})]
+    if not profiled:
+        return
+    print(f"\nGPU µs per decode step by kernel kind (torch.profiler, "
+          f"{profiled[0]['profile']['steps']} graph replays):")
+    print(f"  {'way':<28}" + "".join(f"{k:>15}" for k in PROFILE_KINDS)
+          + f"{'total':>9}{'Δ launches':>12}{'µs/launch':>11}{'Δ GB/s':>8}")
+    for r in profiled:
+        p = r["profile"]
+        delta = [k for k in p["top"] if k["kind"].startswith("delta")]
+        launches = sum(k["calls_per_step"] for k in delta)
+        us = sum(k["us_per_step"] for k in delta)
+        per = us / launches if launches else float("nan")
+        rate = r["deltas_gb"] * 1e6 / us if us else float("nan")
+        what = r["way"] + (f" {r['lever']}" if r.get("lever") else "") + f" B={r['batch']}"
+        print(f"  {what:<28}" + "".join(f"{p['kinds'].get(k, 0.0):>15.0f}"
+                                       for k in PROFILE_KINDS)
+              + f"{p['us_per_step']:>9.0f}{launches:>12.0f}{per:>11.1f}{rate:>8.0f}")
+
+
 def decode_tenant_rows(name: str, m: dict, counts, levers, prompt_len: int, new_tokens: int,
-                       copies: int, device, dtype, backend: str, cache: dict, save) -> dict:
+                       copies: int, device, dtype, backend: str, cache: dict, save,
+                       profile: bool) -> dict:
     """N tenants, one sequence each, through one patched model (MultiDeltaLinear; each
     serving option), against N separate fp16 models of the same shape (timing does not
     depend on the weights' values): `copies` of them decoded in turn, each at batch 1, as
@@ -1086,8 +1115,11 @@ def decode_tenant_rows(name: str, m: dict, counts, levers, prompt_len: int, new_
         with use_tenants(model, torch.arange(N)) as batch:
             dec = Decoder(model, prompts[:N], torch.zeros(N, dtype=torch.long), new_tokens)
             dec.tenants = batch              # the graph reads its plans: keep them alive
-            return decode_row(dec, graph, N, model=name, way="tenants", lever=lever,
-                              tenants=N)
+            row = decode_row(dec, graph, N, model=name, way="tenants", lever=lever,
+                             tenants=N)
+            if graph and profile:
+                row["profile"] = guarded("profile", profile_decode, dec)
+            return row
     for N in counts:
         patch_synthetic(model, deltas, backend, tenants=N)
         for lever in levers:
@@ -1100,6 +1132,7 @@ def decode_tenant_rows(name: str, m: dict, counts, levers, prompt_len: int, new_
         unpatch(model)
         if graph:
             torch.cuda.empty_cache()
+    print_profiles(out["rows"])
     out["separate"] = separate = guarded("separate models", separate_models, model, prompts,
                                          counts, copies, prompt_len, new_tokens)
     save(out)
@@ -1294,7 +1327,8 @@ def decode_main(args, out: dict, save, device) -> int:
             backend, cache, put, not args.no_profile and cuda),
         "tenants": lambda put: decode_tenant_rows(
             main_model, m, counts, levers if cuda else levers[:1], args.prompt_len,
-            args.tenant_new_tokens, args.merged_copies, device, dtype, backend, cache, put),
+            args.tenant_new_tokens, args.merged_copies, device, dtype, backend, cache, put,
+            not args.no_profile and cuda),
         "blocks": lambda put: put(layer_rows(
             blocks, (1, 16), dtype, device,
             {s: cm for b in blocks.values() for s, cm in prototypes(b, device, cache).items()},
@@ -1500,7 +1534,8 @@ def main(argv=None) -> int:
     d.add_argument("--pair-new-tokens", type=int, default=64,
                    help="tokens generated per prompt for --pair (default 64)")
     d.add_argument("--no-profile", action="store_true",
-                   help="skip the per-kernel profile of the first batch's decode steps")
+                   help="skip the per-kernel profiles of the decode steps (model section: "
+                        "the first batch; tenants section: every N)")
     p.add_argument("--json", help="also write every number to this JSON file (with --decode: "
                    "rewritten as each result comes)")
     args = p.parse_args(argv)

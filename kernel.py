@@ -395,6 +395,12 @@ class KernelDelta:
         return max(1, max(self.ranks))
 
     @property
+    def aligned_outputs(self) -> bool:
+        """Whether every member's columns start and end at multiples of 16 (all LLM shapes):
+        then phase U's stores and their masks take 16-byte vectors (_item_columns)."""
+        return all(out0 % 16 == 0 and n % 16 == 0 for out0, n in self.outputs)
+
+    @property
     def u_groups(self) -> int:
         """Length of a phase-U scale row: the quantization groups of the widest member."""
         return max(-(-n // self.group_size) for _, n in self.outputs)
@@ -891,10 +897,15 @@ def _item_span(meta):
 
 
 @triton.jit
-def _item_columns(meta):
+def _item_columns(meta, ALIGNED: tl.constexpr):
     """A phase-U item's member's first output column in y and its outputs. Read after the
-    main loop, so they hold no register during it."""
-    return tl.load(meta + _OUT0), tl.load(meta + _N_OUT)
+    main loop, so they hold no register during it. ALIGNED: both are multiples of 16
+    (KernelDelta.aligned_outputs), which the compiler must be told for the output tile's
+    loads, stores and mask to take 16-byte vectors instead of one element each."""
+    out0, n_out = tl.load(meta + _OUT0), tl.load(meta + _N_OUT)
+    if ALIGNED:
+        out0, n_out = tl.multiple_of(out0, 16), tl.multiple_of(n_out, 16)
+    return out0, n_out
 
 
 @triton.jit
@@ -960,11 +971,11 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
 @triton.jit
 def _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock_ptr,
               y_ptr, stride_y, base_ptr, stride_base, order_ptr, HAS_BASE: tl.constexpr,
-              BLOCK_B: tl.constexpr):
+              BLOCK_B: tl.constexpr, ALIGNED: tl.constexpr):
     """Sum an output tile's items (_reduce); the last program adds the base output and
     writes each row back to its place in the caller's batch (order). o are outputs of the
     item's member, which lie at columns out0.. of y's n_out (_item_columns)."""
-    out0, n_member = _item_columns(meta)
+    out0, n_member = _item_columns(meta, ALIGNED)
     if BLOCK_B <= _FMA_ROWS:
         b = tl.arange(0, BLOCK_B)[:, None, None, None]           # val (BLOCK_B, ., ., .)
     else:
@@ -1007,7 +1018,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr,
-              EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr):
+              EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr, ALIGNED: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
     _v_kernel. n_out: the columns of y (all members'); n_gout: the length of a scale row.
@@ -1033,7 +1044,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                             _launch_next(PDL)
                         _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items,
                                   lock, y_ptr, stride_y, base_ptr, stride_base, order_ptr,
-                                  HAS_BASE, BLOCK_B)
+                                  HAS_BASE, BLOCK_B, ALIGNED)
         else:
             acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
             for i in tl.static_range(4):
@@ -1046,7 +1057,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                 _launch_next(PDL)
             o = (u_tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
             _u_finish(acc, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock, y_ptr,
-                      stride_y, base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B)
+                      stride_y, base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B, ALIGNED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1277,7 +1288,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
                 STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 # (only the tl.dot path reads U_FP16: one FMA-path compile for both values)
-                U_FP16=cfg.u_fp16 and block_b > FMA_ROWS, num_warps=u_warps,
+                U_FP16=cfg.u_fp16 and block_b > FMA_ROWS, ALIGNED=kd.aligned_outputs,
+                num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b <= FMA_ROWS else None,
                 **launch_opts)
         except BaseException:

@@ -882,6 +882,48 @@ def test_patch_model_errors(tmp_path):
     assert read_delta_file(tmp_path / "delta.safetensors").matrices
 
 
+PHASE_U_PTX = """
+import collections, re, sys
+import kernel, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+fn = kernel._u_kernel
+consts = dict(HAS_BASE=True, GROUP=128, BLOCK_B=1, BLOCK_O=512, STAGES=3, WIDTHS=4, PDL=False,
+              EARLY_NEXT=False, U_FP16=False, ALIGNED=sys.argv[1] == "1")
+floats, halves = ("z_ptr", "acc_ptr"), ("y_ptr", "base_ptr")
+sig = {a: "constexpr" if a in consts else "*fp32" if a in floats else "*fp16" if a in halves
+       else "*i32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
+ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                     target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ptx"]
+print(dict(collections.Counter(re.findall(r"(?:st|ld|red)\\.global[.\\w]*", ptx))))
+"""
+
+
+@pytest.mark.slow
+def test_phase_u_output_tile_takes_vectors():
+    """Phase U's output tile (the partial sums' atomics, the base output, y) takes 16-byte
+    vectors where every member's columns are aligned (KernelDelta.aligned_outputs), and one
+    element an access without the hint: the sm_90 PTX, compiled offline, of both. The hint
+    lost cost the tuned kernels up to 1.6 µs a launch pair, which no numeric test sees."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    counts = {}
+    for aligned in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", PHASE_U_PTX, aligned], env=env,
+                             cwd=Path(__file__).parent, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts[aligned] = eval(out.stdout.strip().splitlines()[-1])
+    scalar = ("st.global.b16", "ld.global.b16", "red.global.gpu.relaxed.add.f32")
+    assert not any(counts["1"].get(op) for op in scalar), counts["1"]
+    assert counts["1"].get("red.global.gpu.relaxed.add.v4.f32")
+    assert all(counts["0"].get(op) for op in scalar), counts["0"]
+    a, b, c = (random_matrix(n, 48, {2: 3}, seed=n) for n in (64, 32, 60))
+    assert kernel.prepare_fused_delta([[a, b]], "cpu").aligned_outputs
+    assert not kernel.prepare_fused_delta([[a, c]], "cpu").aligned_outputs
+    assert not kernel.prepare_fused_delta([[c, a]], "cpu").aligned_outputs
+
+
 # =============================================================================================
 # kernel.py, multi-tenant: batched kernels vs the per-tenant reference, the row plan, and a
 # model carrying N fine-tunes vs each merged fine-tune run on its own. Tolerances as above:
@@ -2317,6 +2359,27 @@ def test_bench_decode_runs_on_cpu(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             bench.main(["--decode", *bad])
         assert e.value.code == 2
+
+
+def test_bench_decode_profile_table(capsys):
+    """The decode profile's table: per-kind µs from the profile, the delta kernels' launches
+    per step, mean µs per launch and read rate (stored GB / their µs); rows without a
+    profile or with a failed one are left out."""
+    import bench
+    top = [dict(kind="delta phase V", calls_per_step=4, us_per_step=20.0),
+           dict(kind="delta phase U", calls_per_step=4, us_per_step=60.0),
+           dict(kind="GEMM (cuBLAS)", calls_per_step=7, us_per_step=500.0)]
+    profile = dict(steps=16, us_per_step=580.0, top=top,
+                   kinds={"delta phase V": 20.0, "delta phase U": 60.0, "GEMM (cuBLAS)": 500.0})
+    rows = [dict(way="served", lever="fuse", batch=1, deltas_gb=0.04, profile=profile),
+            dict(way="merged", lever=None, batch=1, deltas_gb=0.0),
+            dict(way="base", lever=None, batch=1, deltas_gb=0.0, profile=dict(error="x"))]
+    bench.print_profiles(rows)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].split()[:3] == ["served", "fuse", "B=1"]
+    assert lines[2].split()[3:] == ["500", "20", "60", "0", "0", "580", "8", "10.0", "500"]
+    bench.print_profiles(rows[1:])
+    assert capsys.readouterr().out == ""
 
 
 def test_bench_layer_rows_levers(monkeypatch):
