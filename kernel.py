@@ -897,15 +897,19 @@ def _item_span(meta):
 
 
 @triton.jit
-def _item_columns(meta, ALIGNED: tl.constexpr):
-    """A phase-U item's member's first output column in y and its outputs. Read after the
-    main loop, so they hold no register during it. ALIGNED: both are multiples of 16
+def _item_columns(meta, n_out, FUSED: tl.constexpr, ALIGNED: tl.constexpr):
+    """A phase-U item's member's first output column in y and its outputs: 0 and all n_out
+    for a single member; in a fused layout read from the item, after the main loop, so
+    they hold no register during it. ALIGNED: both are multiples of 16
     (KernelDelta.aligned_outputs), which the compiler must be told for the output tile's
     loads, stores and mask to take 16-byte vectors instead of one element each."""
-    out0, n_out = tl.load(meta + _OUT0), tl.load(meta + _N_OUT)
-    if ALIGNED:
-        out0, n_out = tl.multiple_of(out0, 16), tl.multiple_of(n_out, 16)
-    return out0, n_out
+    if FUSED:
+        out0, n_member = tl.load(meta + _OUT0), tl.load(meta + _N_OUT)
+        if ALIGNED:
+            out0, n_member = tl.multiple_of(out0, 16), tl.multiple_of(n_member, 16)
+    else:
+        out0, n_member = 0, n_out
+    return out0, n_member
 
 
 @triton.jit
@@ -971,11 +975,11 @@ def _v_kernel(x_ptr, stride_x, n_in, words_ptr, sz_ptr, S_ptr, items_ptr, n_item
 @triton.jit
 def _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock_ptr,
               y_ptr, stride_y, base_ptr, stride_base, order_ptr, HAS_BASE: tl.constexpr,
-              BLOCK_B: tl.constexpr, ALIGNED: tl.constexpr):
+              BLOCK_B: tl.constexpr, FUSED: tl.constexpr, ALIGNED: tl.constexpr):
     """Sum an output tile's items (_reduce); the last program adds the base output and
     writes each row back to its place in the caller's batch (order). o are outputs of the
     item's member, which lie at columns out0.. of y's n_out (_item_columns)."""
-    out0, n_member = _item_columns(meta, ALIGNED)
+    out0, n_member = _item_columns(meta, n_out, FUSED, ALIGNED)
     if BLOCK_B <= _FMA_ROWS:
         b = tl.arange(0, BLOCK_B)[:, None, None, None]           # val (BLOCK_B, ., ., .)
     else:
@@ -1018,7 +1022,8 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
               stride_base, order_ptr, locks_ptr, n_tiles, HAS_BASE: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
               STAGES: tl.constexpr, WIDTHS: tl.constexpr, PDL: tl.constexpr,
-              EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr, ALIGNED: tl.constexpr):
+              EARLY_NEXT: tl.constexpr, U_FP16: tl.constexpr, FUSED: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """Phase U: y[row] = z[row] Ûᵀ (+ base[row]) for each item of each segment; z already
     holds S, in the z buffer phase V used (_z_turn). One branch per container width, as in
     _v_kernel. n_out: the columns of y (all members'); n_gout: the length of a scale row.
@@ -1027,7 +1032,10 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
         _launch_next(PDL)
     seg, row0, n_rows, meta, c, w_base, ld = _program_item(segs_ptr, items_ptr, n_items)
     lo, hi, s_base, z_col, tile, tile_items = _item_span(meta)
-    u_tile = tl.load(meta + _FIRST)
+    if FUSED:                                 # several members: the tile within its member
+        u_tile = tl.load(meta + _FIRST)
+    else:
+        u_tile = tile
     lock = locks_ptr + _Z_STATE + seg * n_tiles + tile
     _wait_previous(PDL)                       # z, the base output, the workspace
     z_ptr += _z_turn(z_ptr, z_size, locks_ptr)
@@ -1044,7 +1052,7 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                             _launch_next(PDL)
                         _u_finish(val, o, row0, n_rows, n_out, meta, acc_ptr, tile_items,
                                   lock, y_ptr, stride_y, base_ptr, stride_base, order_ptr,
-                                  HAS_BASE, BLOCK_B, ALIGNED)
+                                  HAS_BASE, BLOCK_B, FUSED, ALIGNED)
         else:
             acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
             for i in tl.static_range(4):
@@ -1057,7 +1065,8 @@ def _u_kernel(z_ptr, stride_z, z_size, n_out, n_gout, words_ptr, sz_ptr, items_p
                 _launch_next(PDL)
             o = (u_tile * BLOCK_O + tl.arange(0, BLOCK_O))[None, :]
             _u_finish(acc, o, row0, n_rows, n_out, meta, acc_ptr, tile_items, lock, y_ptr,
-                      stride_y, base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B, ALIGNED)
+                      stride_y, base_ptr, stride_base, order_ptr, HAS_BASE, BLOCK_B, FUSED,
+                      ALIGNED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1288,7 +1297,8 @@ def launch(x: torch.Tensor, kd: KernelDelta, plan: "TenantPlan", base,
                 HAS_BASE=base is not None, GROUP=kd.group_size, BLOCK_B=block_b, BLOCK_O=bo,
                 STAGES=cfg.u_stages, WIDTHS=widths, PDL=pdl, EARLY_NEXT=cfg.early_next,
                 # (only the tl.dot path reads U_FP16: one FMA-path compile for both values)
-                U_FP16=cfg.u_fp16 and block_b > FMA_ROWS, ALIGNED=kd.aligned_outputs,
+                U_FP16=cfg.u_fp16 and block_b > FMA_ROWS, FUSED=len(kd.outputs) > 1,
+                ALIGNED=len(kd.outputs) > 1 and kd.aligned_outputs,
                 num_warps=u_warps,
                 maxnreg=cfg.u_regs if cfg.u_regs and block_b <= FMA_ROWS else None,
                 **launch_opts)

@@ -889,7 +889,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 fn = kernel._u_kernel
 consts = dict(HAS_BASE=True, GROUP=128, BLOCK_B=1, BLOCK_O=512, STAGES=3, WIDTHS=4, PDL=False,
-              EARLY_NEXT=False, U_FP16=False, ALIGNED=sys.argv[1] == "1")
+              EARLY_NEXT=False, U_FP16=False, FUSED=True, ALIGNED=sys.argv[1] == "1")
 floats, halves = ("z_ptr", "acc_ptr"), ("y_ptr", "base_ptr")
 sig = {a: "constexpr" if a in consts else "*fp32" if a in floats else "*fp16" if a in halves
        else "*i32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
