@@ -904,8 +904,8 @@ print(dict(collections.Counter(re.findall(r"(?:st|ld|red)\\.global[.\\w]*", ptx)
 def test_phase_u_output_tile_takes_vectors():
     """Phase U's output tile (the partial sums' atomics, the base output, y) takes 16-byte
     vectors where every member's columns are aligned (KernelDelta.aligned_outputs), and one
-    element an access without the hint: the sm_90 PTX, compiled offline, of both. The hint
-    lost cost the tuned kernels up to 1.6 µs a launch pair, which no numeric test sees."""
+    element an access without the hint: the sm_90 PTX, compiled offline, of both. A lost
+    hint slows every fused launch (docs/PERFORMANCE.md) and no numeric test sees it."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     counts = {}
