@@ -1071,9 +1071,9 @@ PROFILE_KINDS = ("GEMM (cuBLAS)", "delta phase V", "delta phase U", "attention",
 
 
 def print_profiles(rows: list) -> None:
-    """The profiles of decode_model_rows as one table: GPU µs per decode step by kernel kind,
-    the delta kernels' launches per step, mean µs per launch, and the rate at which they read
-    the stored deltas (GB/s)."""
+    """The profiled rows of a decode section as one table: GPU µs per decode step by kernel
+    kind, the delta kernels' launches per step, mean µs per launch, and the rate at which
+    they read the stored deltas (GB/s)."""
     profiled = [r for r in rows if "error" not in r.get("profile", {"error": 1})]
     if not profiled:
         return
