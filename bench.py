@@ -933,7 +933,7 @@ def kernel_kind(name: str) -> str:
 
 def profile_decode(dec: Decoder, steps: int = 16, top: int = 15) -> dict:
     """GPU time per decode step by kernel (torch.profiler over `steps` graph replays): the
-    categories (kernel_kind) and the top kernels."""
+    categories (kernel_kind) with their µs and launches a step, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     dec.prefill()
     synchronize(dec.pos.device)
@@ -950,9 +950,12 @@ def profile_decode(dec: Decoder, steps: int = 16, top: int = 15) -> dict:
                                 us_per_step=us / steps, kind=kernel_kind(e.key)))
     kernels.sort(key=lambda k: -k["us_per_step"])
     kinds: dict = {}
+    launches: dict = {}
     for k in kernels:
         kinds[k["kind"]] = kinds.get(k["kind"], 0.0) + k["us_per_step"]
-    return dict(steps=steps, us_per_step=sum(kinds.values()), kinds=kinds, top=kernels[:top])
+        launches[k["kind"]] = launches.get(k["kind"], 0.0) + k["calls_per_step"]
+    return dict(steps=steps, us_per_step=sum(kinds.values()), kinds=kinds, launches=launches,
+                top=kernels[:top])
 
 
 def model_bytes(model) -> int:
@@ -1083,9 +1086,9 @@ def print_profiles(rows: list) -> None:
           + f"{'total':>9}{'Δ launches':>12}{'µs/launch':>11}{'Δ GB/s':>8}")
     for r in profiled:
         p = r["profile"]
-        delta = [k for k in p["top"] if k["kind"].startswith("delta")]
-        launches = sum(k["calls_per_step"] for k in delta)
-        us = sum(k["us_per_step"] for k in delta)
+        delta = [k for k in p["kinds"] if k.startswith("delta")]
+        launches = sum(p["launches"][k] for k in delta)
+        us = sum(p["kinds"][k] for k in delta)
         per = us / launches if launches else float("nan")
         rate = r["deltas_gb"] * 1e6 / us if us else float("nan")
         what = r["way"] + (f" {r['lever']}" if r.get("lever") else "") + f" B={r['batch']}"

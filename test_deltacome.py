@@ -883,7 +883,7 @@ def test_patch_model_errors(tmp_path):
 
 
 PHASE_U_PTX = """
-import collections, re, sys
+import collections, json, re, sys
 import kernel, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -896,7 +896,7 @@ sig = {a: "constexpr" if a in consts else "*fp32" if a in floats else "*fp16" if
 attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
 ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                      target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ptx"]
-print(dict(collections.Counter(re.findall(r"(?:st|ld|red)\\.global[.\\w]*", ptx))))
+print(json.dumps(collections.Counter(re.findall(r"(?:st|ld|red)\\.global[.\\w]*", ptx))))
 """
 
 
@@ -913,7 +913,7 @@ def test_phase_u_output_tile_takes_vectors():
         out = subprocess.run([sys.executable, "-c", PHASE_U_PTX, aligned], env=env,
                              cwd=Path(__file__).parent, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        counts[aligned] = eval(out.stdout.strip().splitlines()[-1])
+        counts[aligned] = json.loads(out.stdout.strip().splitlines()[-1])
     scalar = ("st.global.b16", "ld.global.b16", "red.global.gpu.relaxed.add.f32")
     assert not any(counts["1"].get(op) for op in scalar), counts["1"]
     assert counts["1"].get("red.global.gpu.relaxed.add.v4.f32")
@@ -2366,11 +2366,9 @@ def test_bench_decode_profile_table(capsys):
     per step, mean µs per launch and read rate (stored GB / their µs); rows without a
     profile or with a failed one are left out."""
     import bench
-    top = [dict(kind="delta phase V", calls_per_step=4, us_per_step=20.0),
-           dict(kind="delta phase U", calls_per_step=4, us_per_step=60.0),
-           dict(kind="GEMM (cuBLAS)", calls_per_step=7, us_per_step=500.0)]
-    profile = dict(steps=16, us_per_step=580.0, top=top,
-                   kinds={"delta phase V": 20.0, "delta phase U": 60.0, "GEMM (cuBLAS)": 500.0})
+    profile = dict(steps=16, us_per_step=580.0, top=[],
+                   kinds={"delta phase V": 20.0, "delta phase U": 60.0, "GEMM (cuBLAS)": 500.0},
+                   launches={"delta phase V": 4, "delta phase U": 4, "GEMM (cuBLAS)": 7})
     rows = [dict(way="served", lever="fuse", batch=1, deltas_gb=0.04, profile=profile),
             dict(way="merged", lever=None, batch=1, deltas_gb=0.0),
             dict(way="base", lever=None, batch=1, deltas_gb=0.0, profile=dict(error="x"))]
