@@ -113,13 +113,13 @@ import triton
 import triton.language as tl
 
 from deltacome import (CompressedMatrix, DeltaComeError, DeltaFile, container_bits,
-                       decompress_matrix, dequantize_vectors, probe, probes_match,
-                       read_delta_file, same_bits)
+                       decompress_matrix, dequantize_vectors, place_rows, probe,
+                       probes_match, read_delta_file, same_bits)
 
 # The tuned kernels' constants (see THE TUNED KERNELS below).
 FMA_ROWS = 2           # batches of up to this many rows can run on CUDA-core FMAs (see
                        # choose_config), larger ones run on tl.dot
-MAX_BATCH = 32         # rows per launch at most; larger batches are cut into chunks (Triton
+MAX_BATCH = 32         # rows of one plan segment at most; larger batches take several (Triton
                        # 3.6 fails to compile the 64-row tl.dot path; see rows_per_launch)
 LIFT_LOG2 = 64         # products of codes (as denormals) are taken 2^64 high: see _code_denormals
 _LIFT = tl.constexpr(2.0**LIFT_LOG2)
@@ -319,7 +319,7 @@ class BandLayout(NamedTuple):
     v_sz: int               #   first scale|zero of its (⌈in/g⌉, rank) block
     u_words: int            # phase U: first word of its (rank padded to 16, ldu) block
     ldu: int                #   words a row: ⌈out/pw⌉ rounded up to 16
-    u_sz: int               #   first scale|zero of its (rank padded to 16, ⌈out/g⌉) block
+    u_sz: int               #   first scale|zero of its (rank padded to 16, u_groups) block
     S: int                  # first singular value
     z_col: int              # first column of z
 
@@ -331,6 +331,7 @@ class WorkItem(NamedTuple):
     ld: int                 # words a row of that layout
     rank: int               # the band's rank
     first: int              # phase V: first vector of the tile; phase U: the output tile
+                            #   within its member
     lo: int                 # the reduction's range lo..hi: groups (phase V) or band-local
     hi: int                 #   vectors (phase U)
     sz: int                 # first scale|zero of the band in this phase's layout
@@ -369,12 +370,14 @@ _TURN, _TURN_READ, _DIRTY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)   
 
 @dataclass
 class KernelDelta:
-    """N ≥ 1 deltas of one matrix shape in the runtime layout above, on one device."""
-    shape: tuple[int, int]          # (out, in)
+    """N ≥ 1 tenants' deltas in the runtime layout above, on one device; each tenant holds
+    one matrix's delta, or the deltas of matrices that read one input side by side
+    (members, prepare_fused_delta)."""
+    shape: tuple[int, int]          # (Σ members' out, in)
     group_size: int
     containers: tuple[int, ...]     # container widths present in any tenant
     ranks: tuple[int, ...]          # Σ band ranks, per tenant
-    nbytes: tuple[int, ...]         # stored bytes of each CompressedMatrix
+    nbytes: tuple[int, ...]         # stored bytes of each tenant's CompressedMatrices
     device_bytes: tuple[int, ...]   # bytes of each tenant's share of the buffers below
     bands: list                     # per tenant, its bands' BandLayout
     S: torch.Tensor                 # fp32, flat
@@ -394,13 +397,13 @@ class KernelDelta:
     def max_rank(self) -> int:
         return max(1, max(self.ranks))
 
-    @property
+    @functools.cached_property
     def aligned_outputs(self) -> bool:
         """Whether every member's columns start and end at multiples of 16 (all LLM shapes):
         then phase U's stores and their masks take 16-byte vectors (_item_columns)."""
         return all(out0 % 16 == 0 and n % 16 == 0 for out0, n in self.outputs)
 
-    @property
+    @functools.cached_property
     def u_groups(self) -> int:
         """Length of a phase-U scale row: the quantization groups of the widest member."""
         return max(-(-n // self.group_size) for _, n in self.outputs)
@@ -1350,9 +1353,10 @@ def resolve_backend(x: torch.Tensor, shape: tuple[int, int], base: torch.Tensor 
 
 
 def rows_per_launch(shape: tuple[int, int]) -> int:
-    """The chunks delta_matmul cuts a batch into: MAX_BATCH rows, or 16 from 14336 outputs
-    up, where phase U's 32-row tiles measured slower than two launches of 16 rows
-    (docs/PERFORMANCE.md). Tenant plans keep MAX_BATCH: one plan serves every layer."""
+    """The chunks delta_matmul cuts a batch of up to 2·MAX_BATCH rows into: MAX_BATCH rows,
+    or 16 from 14336 outputs up, where phase U's 32-row tiles measured slower than two
+    launches of 16 rows (docs/PERFORMANCE.md). Larger batches run as one launch over
+    MAX_BATCH-row segments; tenant plans keep MAX_BATCH: one plan serves every layer."""
     return 16 if shape[0] >= 14336 else MAX_BATCH
 
 
@@ -1389,7 +1393,7 @@ def delta_matmul(x: torch.Tensor, delta: CompressedMatrix | KernelDelta,
     b2 = None if base is None else base.reshape(-1, out_f).contiguous()
     chunks = []
     # A prefill-sized batch runs as one launch over the plan's MAX_BATCH-row segments:
-    # thousands of few-row launches per matrix would cost more than the kernels themselves.
+    # a launch per chunk would cost more than the kernels themselves.
     step = rows_per_launch(kd.shape) if x2.shape[0] <= 2 * MAX_BATCH else x2.shape[0]
     for i in range(0, x2.shape[0], step):
         xc = x2[i:i + step]
@@ -1430,20 +1434,18 @@ class DeltaLinear(torch.nn.Module):
         self.overlap = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ((self.group is not None or self.overlap)
-                and _backend_for(x, self.backend) == "triton"):
-            if self.group is not None:
-                return self.group.output(self, x)
-            kd = self.kernel_delta(x.device)
-            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
-            return serve_layers(x, [self.base], kd, plan, overlap=True)[0]
-        y = self.base(x)
         backend = _backend_for(x, self.backend)
         if backend != "triton":                  # the simple kernel or the reference
             if self.delta.bands and self.delta.bands[0].S.device != x.device:
                 self.delta = self.delta.to(x.device)
-            return delta_matmul(x, self.delta, y, backend=backend)
-        return delta_matmul(x, self.kernel_delta(x.device), y, backend="triton")
+            return delta_matmul(x, self.delta, self.base(x), backend=backend)
+        if self.group is not None:
+            return self.group.output(self, x)
+        kd = self.kernel_delta(x.device)
+        if self.overlap:
+            plan = single_plan(kd, math.prod(x.shape[:-1]), x.device)
+            return serve_layers(x, [self.base], kd, plan, overlap=True)[0]
+        return delta_matmul(x, kd, self.base(x), backend="triton")
 
     def kernel_delta(self, device) -> KernelDelta:
         """The delta in the kernels' layout on `device`, prepared on first use."""
@@ -1526,16 +1528,13 @@ def plan_vocabulary(patch: "ModelPatch", delta: DeltaFile) -> set[str]:
         w = state[name].detach()
         if name in delta.carried:                       # a grown vocabulary, carried whole
             new = delta.carried[name].to(w.device, w.dtype)
-        else:
-            rows = delta.rows.get(name)
-            grow = (rows.shape[0] if rows is not None else w.shape[0]) - w.shape[0]
-            new = torch.cat([w, w.new_zeros(grow, *w.shape[1:])])             # FT's rows
+        else:                                           # as deltacome.apply merges it
+            new = w
             if name in delta.matrices:
-                cm = delta.matrices[name]
-                new[: cm.shape[0]] = (w[: cm.shape[0]].float()
-                                      + decompress_matrix(cm.to(w.device))).to(w.dtype)
-            if rows is not None:
-                new[rows.index.to(w.device)] = rows.values.to(w.device, w.dtype)
+                new = (w.float() + decompress_matrix(delta.matrices[name].to(w.device))
+                       ).to(w.dtype)
+            if name in delta.rows:
+                new = place_rows(new, delta.rows[name])                      # FT's rows
         if new.shape == w.shape:
             patch.copies.append((state[name], new))
         else:
@@ -2335,10 +2334,11 @@ def use_tenants(model: torch.nn.Module, tenant_idx):
     and its decoding steps have one each)."""
     layers = [m for m in model.modules() if isinstance(m, TenantModule)]
     if not layers:
-        raise ValueError("the model has no MultiDeltaLinear layers: patch_model_tenants first")
-    if torch.as_tensor(tenant_idx).ndim != 1:
+        raise ValueError("the model has no tenant layers: patch_model_tenants first")
+    shape = tuple(torch.as_tensor(tenant_idx).shape)
+    if len(shape) != 1:
         raise ValueError(f"tenant_idx must be 1-D (one tenant per sequence), got shape "
-                         f"{tuple(torch.as_tensor(tenant_idx).shape)}")
+                         f"{shape}")
     batch = TenantBatch(tenant_idx, layers[0].n_tenants)
     for m in layers:
         if m.n_tenants != batch.n_tenants:
