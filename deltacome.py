@@ -65,7 +65,7 @@ FORMAT_NAME = "deltacome"
 FORMAT_VERSION = 2              # 2: vocabulary tensors, changed rows, side files, FT's dtypes
 READ_VERSIONS = (1, 2)          # files written before version 2 still load
 VOCAB_CHOICES = ("auto", "compress", "rows", "carry")   # Config.vocab: see "Vocabulary tensors"
-MAX_GROUP_SIZE = 4096      # a group of more elements than this is longer than any vector we see
+MAX_GROUP_SIZE = 4096      # the largest group size --group-size and a file's metadata may hold
 
 # The dtypes a matrix may have to be compressed: Δ is taken in fp32 and W_base + Δ̂ rounded
 # back to them. Integer, bool and float8 tensors are carried exactly instead.
@@ -191,7 +191,8 @@ class CheckpointReader:
 
 
 def check_finite(name: str, t: torch.Tensor, where: str):
-    """Refuse NaN or Inf in a floating-point tensor (float8 through fp32: it has no isfinite)."""
+    """Refuse NaN or Inf in a floating-point tensor (float8 is checked in fp32: isfinite lacks
+    it)."""
     if t.is_floating_point() and not torch.isfinite(
             t if t.dtype in FLOAT_DTYPES else t.float()).all():
         raise DeltaComeError(f"{where}: tensor {name} contains NaN or Inf")
@@ -1083,7 +1084,7 @@ def check_meta(meta, where) -> dict:
         raise DeltaComeError(f"{where}: format version {meta['version']} is not supported "
                              f"(this reader knows {', '.join(map(str, READ_VERSIONS))})")
     g = meta.get("group_size")
-    need(is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0,
+    need(valid_group_size(g),
          f"'group_size' is {short(g)}, not a multiple of 32 in 32..{MAX_GROUP_SIZE}")
     need(isinstance(meta.get("config", {}), dict), "'config' is not a JSON object")
     matrices, carried = meta.get("matrices"), meta.get("carried")
@@ -1275,8 +1276,6 @@ def check_rows(name: str, rows: RowDelta, source) -> None:
         raise DeltaComeError(f"{where}: the index is not ascending inside 0..{n - 1}")
     if int((index >= rows.base_rows).sum()) != n - rows.base_rows:
         raise DeltaComeError(f"{where}: rows {rows.base_rows}..{n - 1} (added) are not all stored")
-
-
 
 
 def checkpoint_layout(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -2534,8 +2533,14 @@ def check_positive(n: int) -> int:
     return n
 
 
+def valid_group_size(g) -> bool:
+    """A multiple of 32 in 32..MAX_GROUP_SIZE: a group's codes fill whole int32 words at
+    every container width."""
+    return is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0
+
+
 def check_group_size(g: int) -> int:
-    if not (is_int(g) and 32 <= g <= MAX_GROUP_SIZE and g % 32 == 0):
+    if not valid_group_size(g):
         raise DeltaComeError(f"group size must be a multiple of 32 in 32..{MAX_GROUP_SIZE}, "
                              f"got {short(g)}")
     return g
