@@ -64,7 +64,7 @@ import deltacome as dc
 #                   1/16 + 2 bytes; it cannot shrink below 1/16 nor use a larger budget. No scale
 #                   distillation (the paper's BitDelta trains the scales; this one does not).
 #   plain low-bit   the rows of Δ itself group-quantized (g = 128, fp16 scale+zero) at the widest
-#                   width whose bytes fit, with deltacome's default (MSE-searched) grid, which
+#                   width whose bytes fit, with the MSE-searched grid of deltacome's `mse`, which
 #                   min-max would only make worse (1-bit min-max rounds every weight to its
 #                   group's min or max); at 1/16 none fits: 1 bit per weight is the whole
 #                   budget and the scales come on top.
