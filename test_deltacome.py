@@ -869,7 +869,8 @@ def test_patch_model_without_projections(tmp_path):
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(model.state_dict()[norm], ft.state_dict()[norm])
     tenants = load(base_dir)
-    kernel.patch_model_tenants(tenants, [delta, delta], backend="reference")
+    replaced = kernel.patch_model_tenants(tenants, [delta, delta], backend="reference")
+    assert sorted(replaced) == ["lm_head.weight", "model.embed_tokens.weight"]  # vocab only
 
 
 def test_patch_model_errors(tmp_path):
@@ -3305,7 +3306,9 @@ def test_outputs_get_the_usual_permissions(applied, tmp_path, monkeypatch):
         os.umask(old)
     assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o750
-    for shard in (tmp_path / "merged").glob("*.safetensors"):
+    shards = list((tmp_path / "merged").glob("*.safetensors"))
+    assert shards
+    for shard in shards:
         assert shard.stat().st_mode & 0o777 == 0o640
 
 
@@ -3368,7 +3371,9 @@ def test_format_version_1_files_apply_as_before(applied, tmp_path):
     for delta in (new, old):
         assert cli("apply", base, delta, tmp_path / delta.stem, "-q")[0] == 0
         assert cli("verify", base, delta, tmp_path / delta.stem, "-q")[0] == 0
-    for shard in (tmp_path / "v1").glob("*.safetensors"):
+    shards = list((tmp_path / "v1").glob("*.safetensors"))
+    assert shards
+    for shard in shards:
         assert same_tensors(shard, tmp_path / "d" / shard.name)
     assert (tmp_path / "v1" / "config.json").read_text() == (base / "config.json").read_text()
 
